@@ -1,0 +1,29 @@
+"""fastlmdb: ImageNet-scale image loading for PyTorch from one LMDB file per split."""
+
+__version__ = "0.1.0"
+
+from fastlmdb.errors import (  # noqa: E402
+    ConversionError,
+    DatabaseError,
+    FastLMDBError,
+    IncompleteDatabaseError,
+)
+
+__all__ = [
+    "ConversionError",
+    "DatabaseError",
+    "FastLMDBError",
+    "IncompleteDatabaseError",
+    "LMDBDataset",
+    "LMDBIterDataset",
+    "__version__",
+]
+
+
+def __getattr__(name):
+    # The datasets import torch; keep `import fastlmdb` (and the converter) torch-free.
+    if name in ("LMDBDataset", "LMDBIterDataset"):
+        from fastlmdb import dataset
+
+        return getattr(dataset, name)
+    raise AttributeError(f"module 'fastlmdb' has no attribute {name!r}")

@@ -1,0 +1,144 @@
+"""The `fastlmdb` command. The only place that prints and draws progress bars."""
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import sys
+
+from fastlmdb import __version__, convert, prepare, store
+from fastlmdb.errors import FastLMDBError
+
+
+def main(argv=None):
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except (FastLMDBError, ValueError) as exc:
+        print(f"fastlmdb {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\nfastlmdb {args.command}: interrupted. Committed work is kept: run the same "
+              "command again to resume.", file=sys.stderr)
+        return 130
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="fastlmdb", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fastlmdb {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_convert(commands)
+    info = commands.add_parser("info", help="describe a database")
+    info.add_argument("db", help="a DST/<split>.lmdb file")
+    info.add_argument("--json", action="store_true", help="print the metadata as JSON")
+    info.set_defaults(run=_info)
+    from fastlmdb import demo
+
+    demo.add_command(commands)
+    for command in commands.choices.values():
+        command.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    return parser
+
+
+def _positive(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_convert(commands):
+    p = commands.add_parser("convert", help="convert ImageFolder splits into LMDB files",
+                            description="Convert SRC/<split>/<class>/<image> into DST/<split>.lmdb.")
+    p.add_argument("--from_dir", "--from-dir", required=True, metavar="SRC",
+                   help="folder holding <split>/<class>/<image>")
+    p.add_argument("--to_dir", "--to-dir", required=True, metavar="DST",
+                   help="where <split>.lmdb is written")
+    p.add_argument("--split", required=True, nargs="+", help="split folder name(s): train val")
+    p.add_argument("--save-as", "--save_as", default="jpeg", choices=("jpeg", "numpy"),
+                   help="store original JPEG bytes (default) or decoded uint8 arrays")
+    p.add_argument("--procs", type=_positive, default=convert.default_procs(),
+                   help="producer processes (default: the CPUs this process may use)")
+    p.add_argument("--on-error", "--on_error", default="raise", choices=convert.ON_ERROR,
+                   help="a file that is not a readable image stops the run (raise, default) "
+                        "or is left out and listed (skip)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing database (kept until the new one is complete)")
+    p.add_argument("--max-pixels", type=_positive, default=prepare.DEFAULT_MAX_PIXELS,
+                   help="refuse images with more pixels (decompression bombs); "
+                        "default %(default)s")
+    p.set_defaults(run=_convert)
+
+
+def _convert(args):
+    for split in args.split:
+        options = convert.Options(
+            from_dir=args.from_dir, to_dir=args.to_dir, split=split, save_as=args.save_as,
+            procs=args.procs, on_error=args.on_error, overwrite=args.overwrite,
+            max_pixels=args.max_pixels)
+        with _ProgressBar(split) as bar:
+            stats = convert.convert(options, on_progress=bar.update)
+        _print_summary(stats)
+    return 0
+
+
+class _ProgressBar:
+    def __init__(self, split):
+        self.split = split
+
+    def __enter__(self):
+        from tqdm import tqdm
+
+        self.bar = tqdm(unit="img", desc=self.split, dynamic_ncols=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+    def update(self, done, total, bytes_in):
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+        elapsed = self.bar.format_dict["elapsed"] or 1e-9
+        self.bar.set_postfix_str(f"{bytes_in / elapsed / 1e6:.0f} MB/s in", refresh=False)
+
+
+def _print_summary(stats):
+    rate = stats.images / max(stats.seconds, 1e-9)
+    resumed = f", resumed after {stats.resumed_at} files" if stats.resumed_at else ""
+    print(f"{stats.path}: {stats.images} images, {stats.bytes_in / 1e6:.1f} MB read, "
+          f"{stats.bytes_out / 1e6:.1f} MB written, {stats.seconds:.1f} s "
+          f"({rate:.0f} img/s){resumed}")
+    for index, path, why in stats.transcoded:
+        print(f"  changed  #{index} {path}: {why}")
+    for path, why in stats.skipped:
+        print(f"  skipped  {path}: {why}")
+    print(f"  {len(stats.transcoded)} changed, {len(stats.skipped)} skipped")
+
+
+def _info(args):
+    info, rows = store.read_catalog(args.db)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    when = datetime.datetime.fromtimestamp(info["finished"]).isoformat(timespec="seconds")
+    print(f"{args.db}: fastlmdb format {info['version']}, made by {info['made_by']} on {when}")
+    print(f"  split {info['split']} from {info['source']}")
+    print(f"  {info['count']} {info['imgtype']} images in {len(info['classes'])} classes, "
+          f"{os.path.getsize(args.db) / 1e6:.1f} MB")
+    if len(rows):
+        print(f"  height {rows['height'].min()}-{rows['height'].max()}, "
+              f"width {rows['width'].min()}-{rows['width'].max()}, "
+              f"mean record {rows['nbytes'].mean() / 1e3:.1f} KB")
+    print(f"  {len(info['transcoded'])} changed at conversion, {len(info['skipped'])} skipped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The on-disk contract: file names, keys, record table, metadata and versions.
+
+A split is one LMDB file, ``DST/<split>.lmdb`` (``subdir=False``), with three named databases:
+
+``images``  key = 8-byte big-endian index, value = the stored image: the original JPEG bytes
+            (``imgtype="jpeg"``) or raw uint8 HxWx3 pixels (``imgtype="numpy"``).
+``rows``    key = 8-byte big-endian index of a transaction's first record, value = that
+            transaction's rows of the record table (``ROW`` dtype, little-endian, no header).
+``meta``    ``plan``: JSON, what the conversion was asked to do (written with the first records);
+            ``progress``: JSON, how far it got (rewritten in every transaction);
+            ``table``: the whole record table as one ``.npy`` (written last);
+            ``info``: JSON, format version, classes, counts (written last: its absence means
+            the conversion did not finish).
+
+Nothing is pickled: JSON and ``.npy`` with ``allow_pickle=False`` only.
+A conversion writes ``<split>.lmdb.partial`` and renames it when complete, so the final name
+only ever holds a finished database.
+"""
+
+import io
+import json
+import os
+import struct
+
+import numpy as np
+
+from fastlmdb.errors import DatabaseError
+
+FORMAT_NAME = "fastlmdb"
+FORMAT_VERSION = 1
+IMGTYPES = ("jpeg", "numpy")
+
+IMAGES_DB = b"images"
+ROWS_DB = b"rows"
+META_DB = b"meta"
+PLAN_KEY = b"plan"
+PROGRESS_KEY = b"progress"
+TABLE_KEY = b"table"
+INFO_KEY = b"info"
+
+# One row per stored record: what loaders and `verify` need without parsing any image.
+ROW = np.dtype(
+    [
+        ("label", "<i4"),
+        ("height", "<u4"),
+        ("width", "<u4"),
+        ("nbytes", "<u4"),
+        ("crc32", "<u4"),
+        ("source", "<u4"),  # position of the file in the ImageFolder scan
+        ("transcoded", "u1"),  # 1: stored bytes are not the source bytes
+    ]
+)
+
+# Records larger than this are refused when read: a guard against crafted databases.
+MAX_PIXELS = 1 << 28
+
+
+def db_path(to_dir, split):
+    """Where the finished database of `split` lives."""
+    return os.path.join(os.fspath(to_dir), f"{split}.lmdb")
+
+
+def partial_path(final_path):
+    """Where a conversion writes before the database is complete."""
+    return os.fspath(final_path) + ".partial"
+
+
+def key(index):
+    return struct.pack(">Q", index)
+
+
+def index_of(key_bytes):
+    return struct.unpack(">Q", bytes(key_bytes))[0]
+
+
+def dump_json(obj):
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def load_json(raw, what, path):
+    try:
+        obj = json.loads(bytes(raw))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise DatabaseError(f"{path}: the {what} record is not valid JSON ({exc}); "
+                            "the database is damaged: convert it again") from None
+    if not isinstance(obj, dict):
+        raise DatabaseError(f"{path}: the {what} record is not a JSON object; "
+                            "the database is damaged: convert it again")
+    return obj
+
+
+def dump_table(rows):
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(rows, dtype=ROW), allow_pickle=False)
+    return buf.getvalue()
+
+
+def load_table(raw, count, path):
+    """The record table, checked against the expected dtype and length."""
+    try:
+        rows = np.load(io.BytesIO(bytes(raw)), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DatabaseError(f"{path}: the record table is unreadable ({exc}); "
+                            "the database is damaged: convert it again") from None
+    if rows.dtype != ROW or rows.shape != (count,):
+        raise DatabaseError(f"{path}: the record table has dtype {rows.dtype} and shape "
+                            f"{rows.shape}, expected {count} rows of {ROW}; "
+                            "the database is damaged: convert it again")
+    return rows
+
+
+def rows_from_bytes(raw):
+    raw = bytes(raw)
+    if len(raw) % ROW.itemsize:
+        raise DatabaseError(f"a chunk of the record table has {len(raw)} bytes, not a multiple "
+                            f"of {ROW.itemsize}; the database is damaged: convert it again")
+    return np.frombuffer(raw, dtype=ROW)
+
+
+def check_info(info, path):
+    """Validate the final metadata record; returns it. Raises DatabaseError with advice."""
+    if info.get("format") != FORMAT_NAME:
+        raise DatabaseError(f"{path} is an LMDB file but not a fastlmdb database")
+    version = info.get("version")
+    if not isinstance(version, int):
+        raise DatabaseError(f"{path}: format version {version!r} is not an integer; "
+                            "the database is damaged: convert it again")
+    if version > FORMAT_VERSION:
+        raise DatabaseError(f"{path} has format version {version}, newer than this fastlmdb "
+                            f"reads ({FORMAT_VERSION}): upgrade with `pip install -U fastlmdb`")
+    _check_fields(info, path)
+    return info
+
+
+def _check_fields(info, path):
+    expected = {"count": int, "classes": list, "class_to_idx": dict, "imgtype": str}
+    for name, kind in expected.items():
+        if not isinstance(info.get(name), kind):
+            raise DatabaseError(f"{path}: metadata field {name!r} is missing or not a "
+                                f"{kind.__name__}; the database is damaged: convert it again")
+    if info["imgtype"] not in IMGTYPES:
+        raise DatabaseError(f"{path}: unknown image type {info['imgtype']!r}; "
+                            f"this fastlmdb reads {IMGTYPES}")
+    if info["count"] < 0:
+        raise DatabaseError(f"{path}: negative record count {info['count']}")

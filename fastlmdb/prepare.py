@@ -1,0 +1,105 @@
+"""A producer's work on one source file: read it, check it, and make the record to store.
+
+JPEG mode keeps the source bytes whenever libjpeg-turbo can decode them to RGB; CMYK/YCCK
+JPEGs and non-JPEG files (PNG bytes named .JPEG, ...) are converted to RGB exactly as
+ImageFolder's loader would (PIL ``convert("RGB")``) and stored as a high-quality JPEG.
+Numpy mode stores the pixels ImageFolder's loader would produce.
+"""
+
+import dataclasses
+import io
+
+import numpy as np
+
+from fastlmdb import jpeg
+from fastlmdb.errors import ImageError
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+JPEG_EOI = b"\xff\xd9"
+TRANSCODE_QUALITY = 95
+DEFAULT_MAX_PIXELS = 1 << 27  # 134 M pixels, ~400 MB decoded: far above any real photo
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    payload: bytes
+    height: int
+    width: int
+    source_bytes: int
+    transcoded: str = ""  # why the stored bytes differ from the source, if they do
+
+
+def prepare(path, imgtype, max_pixels=DEFAULT_MAX_PIXELS):
+    """The Record to store for the file at `path`; ImageError names what is wrong."""
+    data = read(path)
+    if imgtype == "jpeg":
+        return _as_jpeg(data, max_pixels)
+    pixels, _ = _pixels(data, max_pixels)
+    height, width, _ = pixels.shape
+    return Record(pixels.tobytes(), height, width, len(data))
+
+
+def read(path):
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as exc:
+        raise ImageError(f"cannot read the file ({exc.strerror or exc})") from None
+    if not data:
+        raise ImageError("zero-byte file")
+    return data
+
+
+def _as_jpeg(data, max_pixels):
+    if data.startswith(JPEG_MAGIC):
+        height, width, colorspace = jpeg.header(data)
+        _check_pixels(height, width, max_pixels)
+        if colorspace not in ("CMYK", "YCCK"):
+            if not data.rstrip(b"\0\r\n ").endswith(JPEG_EOI):
+                _strict_decode(data)  # rare: no end marker, so make sure it is not truncated
+            return Record(data, height, width, len(data))
+    pixels, why = _pixels(data, max_pixels)
+    payload = _encode(pixels)
+    return Record(payload, pixels.shape[0], pixels.shape[1], len(data), why)
+
+
+def _pixels(data, max_pixels):
+    """RGB pixels as ImageFolder's loader sees them, and why PIL had to be used (or "")."""
+    if data.startswith(JPEG_MAGIC):
+        height, width, colorspace = jpeg.header(data)
+        _check_pixels(height, width, max_pixels)
+        if colorspace not in ("CMYK", "YCCK"):
+            return _strict_decode(data), ""
+    return _pil_rgb(data, max_pixels)
+
+
+def _strict_decode(data):
+    try:
+        return jpeg.decode_simplejpeg(data)
+    except ValueError as exc:
+        raise ImageError(f"truncated or corrupt JPEG ({exc})") from None
+
+
+def _pil_rgb(data, max_pixels):
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            _check_pixels(image.height, image.width, max_pixels)
+            why = f"{image.format} {image.mode} image converted to RGB JPEG"
+            return np.asarray(image.convert("RGB")), why
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"not a readable image ({exc})") from None
+
+
+def _check_pixels(height, width, max_pixels):
+    if height * width > max_pixels:
+        raise ImageError(f"{width}x{height} pixels exceeds the limit of {max_pixels} "
+                         "(raise it with --max-pixels if the image is genuine)")
+
+
+def _encode(pixels):
+    import simplejpeg
+
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(pixels), quality=TRANSCODE_QUALITY,
+                                  colorspace="RGB", colorsubsampling="444")

@@ -1,0 +1,171 @@
+"""The only module that opens LMDB: the flags are written once, here.
+
+Readers open ``readonly=True, lock=False`` (a finished database never changes, so no reader
+table is needed), lazily in the process that reads, and reopen after a fork.
+The converter's writer process alone writes, with batched transactions and append-only keys.
+"""
+
+import logging
+import os
+
+import lmdb
+import numpy as np
+
+from fastlmdb import format as fmt
+from fastlmdb.errors import DatabaseError, IncompleteDatabaseError
+
+log = logging.getLogger(__name__)
+
+MAX_DBS = 3
+
+
+def _open(path, **flags):
+    return lmdb.open(os.fspath(path), subdir=False, max_dbs=MAX_DBS, **flags)
+
+
+def _open_readonly(path, readahead):
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise DatabaseError(f"{path} is a directory; a fastlmdb database is one file, "
+                            "DST/<split>.lmdb, made by `fastlmdb convert`")
+    if not os.path.exists(path):
+        if os.path.exists(fmt.partial_path(path)):
+            raise IncompleteDatabaseError(
+                f"{path} is not finished: its conversion stopped at {fmt.partial_path(path)}; "
+                "run the same `fastlmdb convert` command again to resume it")
+        raise DatabaseError(f"{path} does not exist; make it with `fastlmdb convert`")
+    try:
+        return _open(path, readonly=True, lock=False, readahead=readahead, max_readers=1024)
+    except lmdb.Error as exc:
+        raise DatabaseError(f"{path} is not an LMDB database ({exc})") from None
+
+
+def _open_db(env, name, path):
+    try:
+        return env.open_db(name, create=False)
+    except (lmdb.NotFoundError, lmdb.Error):
+        raise DatabaseError(f"{path} is an LMDB file but not a fastlmdb database "
+                            f"(no {name.decode()!r} table)") from None
+
+
+def read_catalog(path):
+    """(info, rows) of a finished database, read once and closed: no handle is kept."""
+    env = _open_readonly(path, readahead=False)
+    try:
+        meta = _open_db(env, fmt.META_DB, path)
+        with env.begin(db=meta) as txn:
+            raw_info, raw_table = txn.get(fmt.INFO_KEY), txn.get(fmt.TABLE_KEY)
+        if raw_info is None or raw_table is None:
+            raise IncompleteDatabaseError(
+                f"{path} has no final metadata: its conversion did not finish; run the same "
+                "`fastlmdb convert` command again to resume it")
+        info = fmt.check_info(fmt.load_json(raw_info, "info", path), path)
+        rows = fmt.load_table(raw_table, info["count"], path)
+        _open_db(env, fmt.IMAGES_DB, path)
+        return info, rows
+    finally:
+        env.close()
+
+
+class Reader:
+    """Per-process, lazily opened, read-only access to the records of one database.
+
+    Picklable before and after use: handles are dropped on pickling and reopened after a fork.
+    """
+
+    def __init__(self, path, *, readahead=False):
+        self.path = os.fspath(path)
+        self.readahead = readahead
+        self._pid = None
+        self._env = self._txn = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.update(_pid=None, _env=None, _txn=None)
+        return state
+
+    def _ensure_open(self):
+        if self._pid != os.getpid():
+            # After a fork the parent's handles must not be used, nor closed, here.
+            self._env = _open_readonly(self.path, self.readahead)
+            images = _open_db(self._env, fmt.IMAGES_DB, self.path)
+            # One long read transaction: a finished database never changes.
+            self._txn = self._env.begin(db=images, buffers=True)
+            self._pid = os.getpid()
+        return self._txn
+
+    def get(self, index):
+        """The stored value of record `index`, as a zero-copy buffer valid until close()."""
+        value = self._ensure_open().get(fmt.key(index))
+        if value is None:
+            raise DatabaseError(f"{self.path}: record {index} is missing; "
+                                "the database is damaged: run `fastlmdb verify`")
+        return value
+
+    def scan(self, start, stop):
+        """Yield (index, buffer) for records start..stop-1 in key order, with one cursor."""
+        cursor = self._ensure_open().cursor()
+        if not cursor.set_key(fmt.key(start)):
+            return
+        for raw_key, value in cursor:
+            index = fmt.index_of(raw_key)
+            if index >= stop:
+                return
+            yield index, value
+
+    def close(self):
+        if self._env is not None and self._pid == os.getpid():
+            self._txn.abort()
+            self._env.close()
+        self._pid, self._env, self._txn = None, None, None
+
+
+class Writer:
+    """The writer process's handle: append-only batched commits, map growth, metadata last."""
+
+    def __init__(self, path, *, map_size):
+        self.path = os.fspath(path)
+        # lock=False: the converter holds its own exclusive lock on the file (see convert).
+        self.env = _open(self.path, map_size=map_size, lock=False, meminit=False,
+                         readahead=False)
+        self.images = self.env.open_db(fmt.IMAGES_DB)
+        self.rows = self.env.open_db(fmt.ROWS_DB)
+        self.meta = self.env.open_db(fmt.META_DB)
+
+    def read_meta(self, name):
+        with self.env.begin(db=self.meta) as txn:
+            raw = txn.get(name)
+        return None if raw is None else fmt.load_json(raw, name.decode(), self.path)
+
+    def all_rows(self):
+        with self.env.begin(db=self.rows) as txn:
+            chunks = [fmt.rows_from_bytes(value) for _, value in txn.cursor()]
+        return np.concatenate(chunks) if chunks else np.empty(0, dtype=fmt.ROW)
+
+    def commit(self, first, payloads, rows, meta):
+        """Write records first.., their rows and the `meta` JSON entries in one transaction."""
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    self._put(txn, first, payloads, rows, meta)
+                return
+            except lmdb.MapFullError:
+                self._grow()
+
+    def _put(self, txn, first, payloads, rows, meta):
+        items = [(fmt.key(first + k), p) for k, p in enumerate(payloads)]
+        if items:
+            txn.cursor(db=self.images).putmulti(items, append=True)
+            txn.put(fmt.key(first), rows.tobytes(), db=self.rows, append=True)
+        for name, value in meta.items():
+            raw = value if isinstance(value, bytes) else fmt.dump_json(value)
+            txn.put(name, raw, db=self.meta)
+
+    def _grow(self):
+        size = self.env.info()["map_size"] * 2
+        log.info("growing the map of %s to %.1f GB", self.path, size / 1e9)
+        self.env.set_mapsize(size)
+
+    def close(self):
+        self.env.sync(True)
+        self.env.close()

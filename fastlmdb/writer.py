@@ -1,0 +1,142 @@
+"""The writer process: the one owner of the LMDB environment during a conversion.
+
+It receives chunks of prepared records from the producers, puts them back in source order,
+commits them in transactions of about `batch_bytes`, records in the same transaction how far
+it got (so a stopped run resumes exactly there), and writes the final metadata last.
+Everything it has to say travels to the coordinator as messages on `status`.
+"""
+
+import dataclasses
+import signal
+import time
+import traceback
+
+import lmdb
+import numpy as np
+
+from fastlmdb import __version__, store
+from fastlmdb import format as fmt
+
+
+@dataclasses.dataclass
+class Job:
+    partial: str
+    plan: dict
+    labels: np.ndarray
+    classes: list
+    on_error: str
+    batch_bytes: int
+    map_size: int
+
+
+def writer_main(job, results, status):
+    """Process entry point. Never raises: failures are reported on `status`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when to stop
+    try:
+        _Writer(job, status).run(results)
+    except _PlanMismatch as exc:
+        status.put(("mismatch", exc.old_plan))
+    except lmdb.Error as exc:
+        status.put(("fatal", f"writing {job.partial} failed: {exc}"))
+    except Exception:  # noqa: BLE001 - reported to the coordinator, which raises
+        status.put(("fatal", f"the writer process failed:\n{traceback.format_exc()}"))
+
+
+class _Writer:
+    def __init__(self, job, status):
+        self.job, self.status = job, status
+        self.db = store.Writer(job.partial, map_size=job.map_size)
+        self.progress = self._resume_progress()
+        self.rows = [self.db.all_rows()]
+        self.payloads, self.pending_rows, self.batch_bytes = [], [], 0
+        self.first = self.progress["stored"]
+
+    def _resume_progress(self):
+        plan = self.db.read_meta(fmt.PLAN_KEY)
+        self.plan_saved = plan is not None
+        if plan is None:
+            return {"next_source": 0, "stored": 0, "bytes_in": 0, "skipped": [],
+                    "transcoded": [], "started": time.time()}
+        if plan != self.job.plan:
+            raise _PlanMismatch(plan)
+        return self.db.read_meta(fmt.PROGRESS_KEY)
+
+    def run(self, results):
+        p = self.progress
+        self.status.put(("start", p["next_source"], p["stored"]))
+        pending, total = {}, len(self.job.labels)
+        while p["next_source"] < total:
+            kind, start, entries = results.get()
+            pending[start] = entries
+            while p["next_source"] in pending:
+                if not self._take(pending.pop(p["next_source"])):
+                    self._commit()
+                    return
+                self.status.put(("advance", p["next_source"], p["stored"], p["bytes_in"]))
+                if self.batch_bytes >= self.job.batch_bytes:
+                    self._commit()
+        self._commit()
+        self._finish()
+
+    def _take(self, entries):
+        """Add one chunk to the open batch; False if a bad file must stop the run."""
+        p = self.progress
+        for entry in entries:
+            source = p["next_source"]
+            if entry.get("error"):
+                if self.job.on_error == "raise":
+                    self.status.put(("bad", entry["path"], entry["error"]))
+                    return False
+                p["skipped"].append([entry["path"], entry["error"]])
+            else:
+                self._add(source, entry)
+            p["next_source"] = source + 1
+        return True
+
+    def _add(self, source, entry):
+        p, payload = self.progress, entry["payload"]
+        if entry["transcoded"]:
+            p["transcoded"].append([p["stored"], entry["path"], entry["transcoded"]])
+        self.payloads.append(payload)
+        self.pending_rows.append((self.job.labels[source], entry["height"], entry["width"],
+                                  len(payload), entry["crc32"], source,
+                                  bool(entry["transcoded"])))
+        p["stored"] += 1
+        p["bytes_in"] += entry["source_bytes"]
+        self.batch_bytes += len(payload)
+
+    def _commit(self):
+        rows = np.array(self.pending_rows, dtype=fmt.ROW)
+        meta = {fmt.PROGRESS_KEY: self.progress}
+        if not self.plan_saved:
+            meta[fmt.PLAN_KEY] = self.job.plan
+            self.plan_saved = True
+        self.db.commit(self.first, self.payloads, rows, meta)
+        self.rows.append(rows)
+        self.first = self.progress["stored"]
+        self.payloads, self.pending_rows, self.batch_bytes = [], [], 0
+        self.status.put(("committed", self.progress["next_source"], self.first))
+
+    def _finish(self):
+        table = np.concatenate(self.rows)
+        p, job = self.progress, self.job
+        info = {
+            "format": fmt.FORMAT_NAME, "version": fmt.FORMAT_VERSION,
+            "imgtype": job.plan["save_as"], "count": int(len(table)),
+            "classes": job.classes,
+            "class_to_idx": {name: i for i, name in enumerate(job.classes)},
+            "split": job.plan["split"], "source": job.plan["source"],
+            "transcoded": p["transcoded"], "skipped": p["skipped"],
+            "bytes_in": p["bytes_in"], "made_by": f"fastlmdb {__version__}",
+            "started": p["started"], "finished": time.time(),
+        }
+        self.db.commit(self.first, [], table[:0], {fmt.TABLE_KEY: fmt.dump_table(table),
+                                                   fmt.INFO_KEY: info})
+        self.db.close()
+        self.status.put(("done", info))
+
+
+class _PlanMismatch(Exception):
+    def __init__(self, old_plan):
+        super().__init__(old_plan)
+        self.old_plan = old_plan
