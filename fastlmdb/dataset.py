@@ -1,0 +1,245 @@
+"""PyTorch datasets over a fastlmdb database: drop-in replacements for ImageFolder.
+
+``LMDBDataset`` is map-style (random access by key); ``LMDBIterDataset`` reads with a cursor in
+key order, each sample exactly once per epoch across DataLoader workers and distributed ranks.
+The only module that imports torch.
+"""
+
+import logging
+import os
+
+import numpy as np
+import torch
+import torch.utils.data
+
+from fastlmdb import jpeg, order, store
+from fastlmdb import format as fmt
+from fastlmdb.errors import DatabaseError, FastLMDBError
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = ("pil", "tensor", "numpy")
+ON_ERROR = ("raise", "skip")
+
+
+class DecodeError(FastLMDBError):
+    """A stored record could not be decoded."""
+
+
+class _Records:
+    """What both datasets share: the catalog, lazy per-process reads, decode, transforms."""
+
+    def __init__(self, root, split, transform, target_transform, imgtype, *, output,
+                 decoder, min_size, on_error):
+        self.root, self.split = os.fspath(root), split
+        self.path = fmt.db_path(self.root, split)
+        self.transform, self.target_transform = transform, target_transform
+        info, rows = store.read_catalog(self.path)
+        if imgtype is not None and imgtype != info["imgtype"]:
+            raise ValueError(f"imgtype={imgtype!r}, but {self.path} holds {info['imgtype']} "
+                             f"records: pass imgtype={info['imgtype']!r} or leave it out")
+        _check_choice("output", output, OUTPUTS)
+        _check_choice("on_error", on_error, ON_ERROR)
+        self.imgtype, self.output, self.on_error = info["imgtype"], output, on_error
+        self.classes, self.class_to_idx = info["classes"], info["class_to_idx"]
+        self._decode = jpeg.decoder(decoder) if self.imgtype == "jpeg" else None
+        self.decoder, self.min_size = decoder, _pair(min_size)
+        self._labels = rows["label"].astype(np.int64)
+        self._shapes = np.stack([rows["height"], rows["width"]], axis=1).astype(np.int64)
+        self._reader = store.Reader(self.path)
+        self.errors = 0  # records skipped in this process because they failed to decode
+
+    def _record(self, index, value):
+        """(image, target) of record `index` from its stored value."""
+        label = int(self._labels[index])
+        image = self._to_output(self._pixels(index, value))
+        if self.transform is not None:
+            image = self.transform(image)
+        if self.target_transform is not None:
+            label = self.target_transform(label)
+        return image, label
+
+    def _pixels(self, index, value):
+        height, width = self._shapes[index]
+        if self.imgtype == "numpy":
+            if len(value) != height * width * 3:
+                raise self._error(index, f"{len(value)} bytes stored, {height}x{width}x3 expected")
+            return np.frombuffer(value, np.uint8).reshape(height, width, 3).copy()
+        try:
+            return self._decode(value, min_height=self.min_size[0], min_width=self.min_size[1])
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is this record's
+            raise self._error(index, str(exc)) from None
+
+    def _error(self, index, why):
+        name = self.classes[self._labels[index]]
+        return DecodeError(f"{self.split} record {index} (class {name!r}) of {self.path} "
+                           f"could not be decoded: {why}; check the database with "
+                           f"`fastlmdb verify {self.path}`, or pass on_error='skip'")
+
+    def _to_output(self, pixels):
+        if self.output == "numpy":
+            return pixels
+        if self.output == "tensor":
+            return torch.from_numpy(pixels).permute(2, 0, 1)  # CHW view, channels-last memory
+        from PIL import Image
+
+        return Image.fromarray(pixels, "RGB")
+
+    def _skip(self, exc):
+        if self.on_error == "raise":
+            raise exc
+        self.errors += 1
+        log.warning("skipping: %s", exc)
+
+    def _describe(self, kind, count):
+        lines = [f"Dataset {kind}", f"    Number of datapoints: {count}",
+                 f"    Root location: {self.root}",
+                 f"    Split: {self.split} ({self.imgtype} records, output={self.output!r})"]
+        for name in ("transform", "target_transform"):
+            value = getattr(self, name)
+            if value is not None:
+                body = repr(value).replace("\n", "\n" + " " * 4)
+                lines.append(f"    {name.replace('_', ' ').capitalize()}: {body}")
+        return "\n".join(lines)
+
+
+class LMDBDataset(_Records, torch.utils.data.Dataset):
+    """Map-style dataset over ``root/<split>.lmdb``; a drop-in for ``ImageFolder``.
+
+    Args:
+        root: folder holding ``<split>.lmdb``.
+        split: ``"train"``, ``"val"``, ...
+        transform, target_transform: as for ImageFolder. The transform receives a PIL RGB
+            image (``output="pil"``), a uint8 CHW tensor (``"tensor"``) or a uint8 HWC array
+            (``"numpy"``).
+        shuffle: permute the index mapping once, reproducibly from `seed`.
+        imgtype: ``"jpeg"`` or ``"numpy"``; read from the database when None, checked if given.
+        decoder: ``"simplejpeg"`` (default), ``"turbojpeg"`` or ``"pil"``.
+        min_size: decode JPEGs at the smallest scale whose size is at least this (h, w).
+        on_error: ``"raise"`` (default) or ``"skip"``: a record that fails to decode is
+            replaced by the next decodable one and counted in ``errors``.
+    """
+
+    def __init__(self, root, split, transform=None, target_transform=None, shuffle=False,
+                 imgtype=None, *, output="pil", decoder="simplejpeg", min_size=None,
+                 on_error="raise", seed=0):
+        super().__init__(root, split, transform, target_transform, imgtype, output=output,
+                         decoder=decoder, min_size=min_size, on_error=on_error)
+        self.shuffle = shuffle
+        count = len(self._labels)
+        self._index = (np.random.default_rng(seed).permutation(count) if shuffle
+                       else np.arange(count))
+
+    def __len__(self):
+        return len(self._index)
+
+    @property
+    def targets(self):
+        return self._labels[self._index].tolist()
+
+    def __getitem__(self, i):
+        index = int(self._index[i])
+        for attempt in range(len(self._index)):
+            probe = (index + attempt) % len(self._index)
+            try:
+                return self._record(probe, self._reader.get(probe))
+            except DecodeError as exc:
+                self._skip(exc)
+        raise DatabaseError(f"no record of {self.path} could be decoded")
+
+    def __repr__(self):
+        return self._describe(type(self).__name__, len(self))
+
+
+class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
+    """Iterable dataset reading ``root/<split>.lmdb`` in key order.
+
+    Each sample is yielded exactly once per epoch across all DataLoader workers and ranks.
+    Ranks come from torch.distributed when it is initialised, or from `rank`/`world_size`.
+    Every rank gets the same number of samples: where the count does not divide evenly, the
+    first samples of the epoch are repeated (fewer than `world_size` of them), or with
+    ``drop_last=True`` the last ones dropped, exactly as ``DistributedSampler`` does.
+
+    ``shuffle=True`` shuffles the order of blocks of records, then records within a window of
+    blocks (``order.BLOCK * order.WINDOW_BLOCKS`` records), which a worker reads in key order
+    and yields shuffled, so reads stay sequential. The order is a pure function of (seed,
+    epoch): call ``set_epoch(epoch)`` before each epoch (it reaches persistent workers too).
+    """
+
+    def __init__(self, root, split, transform=None, target_transform=None, shuffle=False,
+                 imgtype=None, *, output="pil", decoder="simplejpeg", min_size=None,
+                 on_error="raise", seed=0, rank=None, world_size=None, drop_last=False):
+        super().__init__(root, split, transform, target_transform, imgtype, output=output,
+                         decoder=decoder, min_size=min_size, on_error=on_error)
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self._rank, self._world_size = rank, world_size
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch):
+        self._epoch.fill_(int(epoch))
+
+    @property
+    def epoch(self):
+        return int(self._epoch)
+
+    def _ranks(self):
+        if self._world_size is not None:
+            return self._rank or 0, self._world_size
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def __len__(self):
+        return order.per_rank(len(self._labels), self._ranks()[1], self.drop_last)
+
+    @property
+    def targets(self):
+        return self._labels.tolist()
+
+    def indices(self):
+        """The record indices this process yields this epoch, in order."""
+        rank, world_size = self._ranks()
+        epoch_order = order.epoch_order(len(self._labels), shuffle=self.shuffle,
+                                        seed=self.seed, epoch=self.epoch)
+        share = order.rank_share(epoch_order, rank, world_size, self.drop_last)
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None:
+            share = order.worker_share(share, worker.id, worker.num_workers)
+        return share
+
+    def __iter__(self):
+        for piece in order.windows(self.indices(), order.BLOCK * order.WINDOW_BLOCKS):
+            for index, value in zip(piece.tolist(), self._read(piece)):
+                try:
+                    yield self._record(index, value)
+                except DecodeError as exc:
+                    self._skip(exc)
+
+    def _read(self, piece):
+        """Buffers of `piece`'s records, read in key order (sequential I/O), in piece order."""
+        keys = np.unique(piece)
+        if keys[-1] - keys[0] + 1 == len(keys):
+            values = self._reader.scan(int(keys[0]), int(keys[-1]) + 1)
+        else:
+            values = self._reader.get_many(keys.tolist())
+        return [values[i] for i in np.searchsorted(keys, piece).tolist()]
+
+    def __repr__(self):
+        return self._describe(type(self).__name__, len(self))
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, "
+                         f"got {value!r}")
+
+
+def _pair(size):
+    if size is None:
+        return None, None
+    if isinstance(size, int):
+        return size, size
+    height, width = size
+    return height, width
