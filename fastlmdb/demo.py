@@ -1,13 +1,21 @@
-"""`fastlmdb demo`: make a sample tree, convert it, and time loading it against ImageFolder."""
+"""`fastlmdb demo`: make a sample tree, convert it, and time loading it against ImageFolder.
+
+Needs the `demo` extra (torch, torchvision): ``pip install 'fastlmdb[demo]'``.
+"""
 
 import os
 import tempfile
 
+BATCH = 64
+
 
 def add_command(commands):
-    p = commands.add_parser("demo", help="end to end on a generated sample tree")
-    p.add_argument("--dir", default=None, help="work folder (default: a temporary one)")
-    p.add_argument("--classes", type=int, default=10)
+    p = commands.add_parser("demo", help="end to end on a generated sample tree",
+                            description=__doc__)
+    p.add_argument("--dir", default=None, help="work folder (default: a new temporary one)")
+    p.add_argument("--classes", type=int, default=20, help="classes in the sample tree")
+    p.add_argument("--per-class", type=int, default=24, help="train images per class")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     p.set_defaults(run=run)
 
 
@@ -16,9 +24,59 @@ def run(args):
 
     work = args.dir or tempfile.mkdtemp(prefix="fastlmdb-demo-")
     src, dst = os.path.join(work, "imagenet"), os.path.join(work, "lmdb")
-    sample.make_tree(src, classes=args.classes)
-    print(f"sample tree: {src}")
+    sample.make_tree(src, classes=args.classes,
+                     per_class={"train": args.per_class, "val": max(1, args.per_class // 4)})
+    print(f"sample tree of real JPEGs: {src}")
     for split in ("train", "val"):
         stats = convert.convert(convert.Options(src, dst, split, overwrite=True))
         cli._print_summary(stats)
+    print(f"\nloading {dst}/train.lmdb, batch {BATCH}, {args.workers} workers, "
+          "RandomResizedCrop(224) + flip + Normalize:")
+    _compare(src, dst, args.workers)
     return 0
+
+
+def _compare(src, dst, workers):
+    import torch
+    import torchvision.datasets
+
+    from fastlmdb import LMDBDataset, LMDBIterDataset, benchmark
+
+    pil_tf, tensor_tf = _transforms()
+    candidates = {
+        "ImageFolder + PIL": lambda: torchvision.datasets.ImageFolder(
+            os.path.join(src, "train"), pil_tf),
+        "LMDBDataset (PIL output)": lambda: LMDBDataset(dst, "train", pil_tf),
+        "LMDBDataset (tensor output, v2)": lambda: LMDBDataset(dst, "train", tensor_tf,
+                                                               output="tensor"),
+        "LMDBIterDataset (tensor output, v2)": lambda: LMDBIterDataset(
+            dst, "train", tensor_tf, output="tensor", shuffle=True),
+    }
+    print(f"  {'loader':38} {'img/s':>8} {'img/CPU-s':>10} {'vs ImageFolder':>15}")
+    baseline = None
+    for name, make in candidates.items():
+        dataset = make()
+        shuffle = not isinstance(dataset, torch.utils.data.IterableDataset)
+
+        def loader():
+            return torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=shuffle,
+                                               num_workers=workers)
+
+        benchmark.time_epoch(loader)  # warm the page cache and imports
+        timing = benchmark.time_epoch(loader)
+        baseline = baseline or timing.per_cpu_second
+        print(f"  {name:38} {timing.per_second:8.0f} {timing.per_cpu_second:10.0f} "
+              f"{timing.per_cpu_second / baseline:14.2f}x")
+
+
+def _transforms():
+    import torch
+    from torchvision import transforms as v1
+    from torchvision.transforms import v2
+
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    pil_tf = v1.Compose([v1.RandomResizedCrop(224), v1.RandomHorizontalFlip(), v1.ToTensor(),
+                         v1.Normalize(mean, std)])
+    tensor_tf = v2.Compose([v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip(),
+                            v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    return pil_tf, tensor_tf
