@@ -16,6 +16,8 @@ __all__ = [
     "IncompleteDatabaseError",
     "LMDBDataset",
     "LMDBIterDataset",
+    "RandomResizedCrop",
+    "ResizeCenterCrop",
     "__version__",
 ]
 
@@ -26,4 +28,8 @@ def __getattr__(name):
         from fastlmdb import dataset
 
         return getattr(dataset, name)
+    if name in ("RandomResizedCrop", "ResizeCenterCrop"):
+        from fastlmdb import crops
+
+        return getattr(crops, name)
     raise AttributeError(f"module 'fastlmdb' has no attribute {name!r}")

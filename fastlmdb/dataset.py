@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from fastlmdb import jpeg, order, store
+from fastlmdb import crops, jpeg, order, store
 from fastlmdb import format as fmt
 from fastlmdb.errors import DatabaseError, FastLMDBError
 
@@ -34,6 +34,7 @@ class _Records:
         self.root, self.split = os.fspath(root), split
         self.path = fmt.db_path(self.root, split)
         self.transform, self.target_transform = transform, target_transform
+        self._crop, self._rest = crops.split_pipeline(transform)
         info, rows = store.read_catalog(self.path)
         if imgtype is not None and imgtype != info["imgtype"]:
             raise ValueError(f"imgtype={imgtype!r}, but {self.path} holds {info['imgtype']} "
@@ -53,20 +54,29 @@ class _Records:
         """(image, target) of record `index` from its stored value."""
         label = int(self._labels[index])
         image = self._to_output(self._pixels(index, value))
-        if self.transform is not None:
-            image = self.transform(image)
+        if self._rest is not None:
+            image = self._rest(image)
         if self.target_transform is not None:
             label = self.target_transform(label)
         return image, label
 
     def _pixels(self, index, value):
-        height, width = self._shapes[index]
-        if self.imgtype == "numpy":
-            if len(value) != height * width * 3:
-                raise self._error(index, f"{len(value)} bytes stored, {height}x{width}x3 expected")
-            return np.frombuffer(value, np.uint8).reshape(height, width, 3).copy()
+        """HWC uint8 pixels of a record: whole, or the crop box of a decode-aware head."""
+        height, width = (int(n) for n in self._shapes[index])
+        crop = self._crop
         try:
-            return self._decode(value, min_height=self.min_size[0], min_width=self.min_size[1])
+            if self.imgtype == "numpy":
+                pixels = _stored_pixels(value, height, width)
+                if crop is None:
+                    return pixels.copy()  # detach from the map, writable
+                top, left, h, w = crop.box(height, width)
+                return crops.resize(pixels[top:top + h, left:left + w], crop.size)
+            if crop is None:
+                return self._decode(value, min_height=self.min_size[0],
+                                    min_width=self.min_size[1])
+            box = crop.box(height, width)
+            pixels = crops.decode_box(value, box, crop.size, height, width, self._decode)
+            return crops.resize(pixels, crop.size)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is this record's
             raise self._error(index, str(exc)) from None
 
@@ -228,6 +238,12 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
 
     def __repr__(self):
         return self._describe(type(self).__name__, len(self))
+
+
+def _stored_pixels(value, height, width):
+    if len(value) != height * width * 3:
+        raise ValueError(f"{len(value)} bytes stored, {height}x{width}x3 expected")
+    return np.frombuffer(value, np.uint8).reshape(height, width, 3)
 
 
 def _check_choice(name, value, allowed):
