@@ -32,6 +32,7 @@ def _parser():
     parser.add_argument("--version", action="version", version=f"fastlmdb {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_convert(commands)
+    _add_verify(commands)
     info = commands.add_parser("info", help="describe a database")
     info.add_argument("db", help="a DST/<split>.lmdb file")
     info.add_argument("--json", action="store_true", help="print the metadata as JSON")
@@ -71,10 +72,29 @@ def _add_convert(commands):
                         "or is left out and listed (skip)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing database (kept until the new one is complete)")
-    p.add_argument("--max-pixels", type=_positive, default=prepare.DEFAULT_MAX_PIXELS,
+    p.add_argument("--max-pixels", "--max_pixels", type=_positive,
+                   default=prepare.DEFAULT_MAX_PIXELS,
                    help="refuse images with more pixels (decompression bombs); "
                         "default %(default)s")
+    p.add_argument("--max-size", "--max_size", type=int, default=0, metavar="N",
+                   help="re-encode images whose longer side exceeds N pixels, resized to N; "
+                        "smaller ones keep their bytes (default 0: keep every image)")
+    p.add_argument("--quality", type=int, default=90,
+                   help="JPEG quality of images re-encoded by --max-size (default 90)")
     p.set_defaults(run=_convert)
+
+
+def _add_verify(commands):
+    p = commands.add_parser("verify", help="check every record of a database",
+                            description="Read every record, check its checksum, that it "
+                                        "decodes to its recorded shape, and its label; with "
+                                        "--source, compare with the source tree.")
+    p.add_argument("db", help="a DST/<split>.lmdb file")
+    p.add_argument("--source", metavar="SRC/SPLIT",
+                   help="the split folder it was made from, e.g. /data/imagenet/train")
+    p.add_argument("--procs", type=_positive, default=convert.default_procs(),
+                   help="processes (default: the CPUs this process may use)")
+    p.set_defaults(run=_verify)
 
 
 def _convert(args):
@@ -82,7 +102,7 @@ def _convert(args):
         options = convert.Options(
             from_dir=args.from_dir, to_dir=args.to_dir, split=split, save_as=args.save_as,
             procs=args.procs, on_error=args.on_error, overwrite=args.overwrite,
-            max_pixels=args.max_pixels)
+            max_pixels=args.max_pixels, max_size=args.max_size, quality=args.quality)
         with _ProgressBar(split) as bar:
             stats = convert.convert(options, on_progress=bar.update)
         _print_summary(stats)
@@ -96,7 +116,8 @@ class _ProgressBar:
     def __enter__(self):
         from tqdm import tqdm
 
-        self.bar = tqdm(unit="img", desc=self.split, dynamic_ncols=True)
+        # delay: a run that fails before any progress prints its error line and nothing else.
+        self.bar = tqdm(unit="img", desc=self.split, dynamic_ncols=True, delay=0.5)
         return self
 
     def __exit__(self, *exc):
@@ -122,6 +143,25 @@ def _print_summary(stats):
     print(f"  {len(stats.transcoded)} changed, {len(stats.skipped)} skipped")
 
 
+def _verify(args):
+    from tqdm import tqdm
+
+    from fastlmdb import verify
+
+    with tqdm(unit="img", desc="verify", dynamic_ncols=True, delay=0.5) as bar:
+        def on_progress(done, total):
+            bar.total = total
+            bar.update(done - bar.n)
+
+        report = verify.verify(args.db, source=args.source, procs=args.procs,
+                               on_progress=on_progress)
+    for problem in report.problems:
+        print(f"  {problem}")
+    verdict = "OK" if report.ok else f"{len(report.problems)} problem(s)"
+    print(f"{report.path}: {report.records} records checked: {verdict}")
+    return 0 if report.ok else 1
+
+
 def _info(args):
     info, rows = store.read_catalog(args.db)
     if args.json:
@@ -136,7 +176,8 @@ def _info(args):
         print(f"  height {rows['height'].min()}-{rows['height'].max()}, "
               f"width {rows['width'].min()}-{rows['width'].max()}, "
               f"mean record {rows['nbytes'].mean() / 1e3:.1f} KB")
-    print(f"  {len(info['transcoded'])} changed at conversion, {len(info['skipped'])} skipped")
+    print(f"  {len(info['transcoded'])} changed at conversion, {len(info['skipped'])} skipped, "
+          f"{info.get('resized', 0)} resized to --max-size {info.get('max_size', 0)}")
     return 0
 
 

@@ -46,6 +46,8 @@ class Options:
     on_error: str = "raise"
     overwrite: bool = False
     max_pixels: int = prepare.DEFAULT_MAX_PIXELS
+    max_size: int = 0  # re-encode images whose longer side is larger; 0: keep all as they are
+    quality: int = 90  # JPEG quality of those re-encoded images
     batch_bytes: int = 64 << 20
     map_size: int = 16 << 30  # virtual reservation only; grows by doubling when full
 
@@ -92,6 +94,10 @@ def _validate(o):
         raise ValueError(f"--split must be a folder name such as train or val, got {o.split!r}")
     if o.max_pixels < 1:
         raise ValueError(f"--max-pixels must be >= 1, got {o.max_pixels}")
+    if o.max_size < 0:
+        raise ValueError(f"--max-size must be >= 0 (0 keeps every size), got {o.max_size}")
+    if not 1 <= o.quality <= 100:
+        raise ValueError(f"--quality must be between 1 and 100, got {o.quality}")
 
 
 @contextlib.contextmanager
@@ -115,6 +121,7 @@ def plan_of(options, scan):
         digest.update(b"\0%d\0" % label)
     return {"source": os.path.abspath(scan.root), "split": options.split,
             "save_as": options.save_as, "max_pixels": options.max_pixels,
+            "max_size": options.max_size, "quality": options.quality,
             "files": len(scan), "files_sha256": digest.hexdigest()}
 
 
@@ -134,7 +141,7 @@ class _Pipeline:
                                   name="fastlmdb-writer")
         self.producers = [
             ctx.Process(target=producer_main, name=f"fastlmdb-producer-{i}",
-                        args=(self.tasks, results, options.save_as, options.max_pixels))
+                        args=(self.tasks, results, _settings(options)))
             for i in range(options.procs)]
         self.resumed_at = 0
 
@@ -180,6 +187,8 @@ class _Pipeline:
     def _check_children(self):
         for process in [self.writer, *self.producers]:
             if process.exitcode is not None:
+                if not self.status.empty():
+                    return  # what it said just before exiting ("done", "bad") comes first
                 raise ConversionError(
                     f"{process.name} (pid {process.pid}) died: {_exit_reason(process.exitcode)}. "
                     f"Committed work is kept in {self.partial}: run the same "
@@ -204,22 +213,28 @@ class _Pipeline:
                 process.join()
 
 
-def producer_main(tasks, results, imgtype, max_pixels):
+def _settings(options):
+    return prepare.Settings(options.save_as, options.max_pixels, options.max_size,
+                            options.quality)
+
+
+def producer_main(tasks, results, settings):
     """Process entry point: prepare chunks of files until the None sentinel."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when to stop
     while (task := tasks.get()) is not None:
         start, paths = task
-        results.put(("chunk", start, [_entry(path, imgtype, max_pixels) for path in paths]))
+        results.put(("chunk", start, [_entry(path, settings) for path in paths]))
 
 
-def _entry(path, imgtype, max_pixels):
+def _entry(path, settings):
     try:
-        record = prepare.prepare(path, imgtype, max_pixels)
+        record = prepare.prepare(path, settings)
     except Exception as exc:  # noqa: BLE001 - any failure is this file's, reported as data
         return {"path": path, "error": str(exc) or type(exc).__name__}
     return {"path": path, "payload": record.payload, "height": record.height,
             "width": record.width, "crc32": zlib.crc32(record.payload),
-            "source_bytes": record.source_bytes, "transcoded": record.transcoded}
+            "source_bytes": record.source_bytes, "transcoded": record.transcoded,
+            "resized": record.resized}
 
 
 def _exit_reason(code):
@@ -229,7 +244,7 @@ def _exit_reason(code):
 
 
 _FLAGS = {"source": "--from_dir", "split": "--split", "save_as": "--save-as",
-          "max_pixels": "--max-pixels"}
+          "max_pixels": "--max-pixels", "max_size": "--max-size", "quality": "--quality"}
 
 
 def _mismatch_message(old, new, partial):

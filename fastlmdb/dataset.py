@@ -157,6 +157,17 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):
                 self._skip(exc)
         raise DatabaseError(f"no record of {self.path} could be decoded")
 
+    def __getitems__(self, positions):
+        """A whole batch (the DataLoader calls this): the reads of all records start at once."""
+        indices = [int(self._index[i]) for i in positions]
+        samples = []
+        for i, index, value in zip(positions, indices, self._reader.get_many(indices)):
+            try:
+                samples.append(self._record(index, value))
+            except DecodeError:
+                samples.append(self[i])  # raises, or substitutes and counts, as for one sample
+        return samples
+
     def __repr__(self):
         return self._describe(type(self).__name__, len(self))
 

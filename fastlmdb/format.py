@@ -47,7 +47,7 @@ ROW = np.dtype(
         ("nbytes", "<u4"),
         ("crc32", "<u4"),
         ("source", "<u4"),  # position of the file in the ImageFolder scan
-        ("transcoded", "u1"),  # 1: stored bytes are not the source bytes
+        ("transcoded", "u1"),  # 0: the source bytes, 1: converted to RGB JPEG, 2: resized
     ]
 )
 

@@ -58,7 +58,7 @@ def decode_turbojpeg(data, *, min_height=None, min_width=None):
     jpeg = _turbojpeg()
     factor = None
     if min_height or min_width:
-        height, width, _, _ = jpeg.decode_header(data)
+        width, height, _, _ = jpeg.decode_header(data)  # PyTurboJPEG: (width, height, ...)
         factor = _scale_factor(height, width, min_height, min_width,
                                jpeg.scaling_factors)
     return jpeg.decode(data, pixel_format=turbojpeg.TJPF_RGB, scaling_factor=factor)

@@ -21,22 +21,52 @@ DEFAULT_MAX_PIXELS = 1 << 27  # 134 M pixels, ~400 MB decoded: far above any rea
 
 
 @dataclasses.dataclass(frozen=True)
+class Settings:
+    imgtype: str = "jpeg"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_size: int = 0  # longer side limit; 0 keeps every image at its size
+    quality: int = 90  # JPEG quality of images re-encoded because of max_size
+
+
+@dataclasses.dataclass(frozen=True)
 class Record:
     payload: bytes
     height: int
     width: int
     source_bytes: int
     transcoded: str = ""  # why the stored bytes differ from the source, if they do
+    resized: bool = False  # made smaller because of max_size
 
 
-def prepare(path, imgtype, max_pixels=DEFAULT_MAX_PIXELS):
+def prepare(path, settings=Settings()):
     """The Record to store for the file at `path`; ImageError names what is wrong."""
     data = read(path)
-    if imgtype == "jpeg":
-        return _as_jpeg(data, max_pixels)
-    pixels, _ = _pixels(data, max_pixels)
-    height, width, _ = pixels.shape
-    return Record(pixels.tobytes(), height, width, len(data))
+    if settings.imgtype == "jpeg":
+        record = _as_jpeg(data, settings.max_pixels)
+        if not _too_large(record.height, record.width, settings.max_size):
+            return record
+        pixels = _shrink(_strict_decode(record.payload), settings.max_size)
+        return Record(_encode(pixels, settings.quality, "420"), *pixels.shape[:2], len(data),
+                      record.transcoded, resized=True)
+    pixels, _ = _pixels(data, settings.max_pixels)
+    resized = _too_large(*pixels.shape[:2], settings.max_size)
+    if resized:
+        pixels = _shrink(pixels, settings.max_size)
+    return Record(pixels.tobytes(), *pixels.shape[:2], len(data), resized=resized)
+
+
+def _too_large(height, width, max_size):
+    return bool(max_size) and max(height, width) > max_size
+
+
+def _shrink(pixels, max_size):
+    """Pixels resized (Lanczos) so that the longer side is max_size."""
+    from PIL import Image
+
+    height, width = pixels.shape[:2]
+    scale = max_size / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.LANCZOS))
 
 
 def read(path):
@@ -59,7 +89,7 @@ def _as_jpeg(data, max_pixels):
                 _strict_decode(data)  # rare: no end marker, so make sure it is not truncated
             return Record(data, height, width, len(data))
     pixels, why = _pixels(data, max_pixels)
-    payload = _encode(pixels)
+    payload = _encode(pixels, TRANSCODE_QUALITY, "444")
     return Record(payload, pixels.shape[0], pixels.shape[1], len(data), why)
 
 
@@ -98,8 +128,8 @@ def _check_pixels(height, width, max_pixels):
                          "(raise it with --max-pixels if the image is genuine)")
 
 
-def _encode(pixels):
+def _encode(pixels, quality, subsampling):
     import simplejpeg
 
-    return simplejpeg.encode_jpeg(np.ascontiguousarray(pixels), quality=TRANSCODE_QUALITY,
-                                  colorspace="RGB", colorsubsampling="444")
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(pixels), quality=quality,
+                                  colorspace="RGB", colorsubsampling=subsampling)

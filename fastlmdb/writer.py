@@ -56,7 +56,7 @@ class _Writer:
         self.plan_saved = plan is not None
         if plan is None:
             return {"next_source": 0, "stored": 0, "bytes_in": 0, "skipped": [],
-                    "transcoded": [], "started": time.time()}
+                    "transcoded": [], "resized": 0, "started": time.time()}
         if plan != self.job.plan:
             raise _PlanMismatch(plan)
         return self.db.read_meta(fmt.PROGRESS_KEY)
@@ -71,6 +71,8 @@ class _Writer:
             while p["next_source"] in pending:
                 if not self._take(pending.pop(p["next_source"])):
                     self._commit()
+                    # Only now: the coordinator stops this process soon after reading it.
+                    self.status.put(("bad", *self.bad))
                     return
                 self.status.put(("advance", p["next_source"], p["stored"], p["bytes_in"]))
                 if self.batch_bytes >= self.job.batch_bytes:
@@ -85,7 +87,7 @@ class _Writer:
             source = p["next_source"]
             if entry.get("error"):
                 if self.job.on_error == "raise":
-                    self.status.put(("bad", entry["path"], entry["error"]))
+                    self.bad = (entry["path"], entry["error"])
                     return False
                 p["skipped"].append([entry["path"], entry["error"]])
             else:
@@ -95,12 +97,13 @@ class _Writer:
 
     def _add(self, source, entry):
         p, payload = self.progress, entry["payload"]
+        p["resized"] += entry["resized"]
         if entry["transcoded"]:
             p["transcoded"].append([p["stored"], entry["path"], entry["transcoded"]])
         self.payloads.append(payload)
         self.pending_rows.append((self.job.labels[source], entry["height"], entry["width"],
                                   len(payload), entry["crc32"], source,
-                                  bool(entry["transcoded"])))
+                                  _changed(entry)))
         p["stored"] += 1
         p["bytes_in"] += entry["source_bytes"]
         self.batch_bytes += len(payload)
@@ -126,7 +129,8 @@ class _Writer:
             "classes": job.classes,
             "class_to_idx": {name: i for i, name in enumerate(job.classes)},
             "split": job.plan["split"], "source": job.plan["source"],
-            "transcoded": p["transcoded"], "skipped": p["skipped"],
+            "transcoded": p["transcoded"], "skipped": p["skipped"], "resized": p["resized"],
+            "max_size": job.plan["max_size"], "quality": job.plan["quality"],
             "bytes_in": p["bytes_in"], "made_by": f"fastlmdb {__version__}",
             "started": p["started"], "finished": time.time(),
         }
@@ -134,6 +138,11 @@ class _Writer:
                                                    fmt.INFO_KEY: info})
         self.db.close()
         self.status.put(("done", info))
+
+
+def _changed(entry):
+    """The row's `transcoded` code: 0 source bytes, 1 converted to RGB JPEG, 2 resized."""
+    return 2 if entry["resized"] else int(bool(entry["transcoded"]))
 
 
 class _PlanMismatch(Exception):
