@@ -20,7 +20,7 @@ import signal
 import time
 import zlib
 
-from fastlmdb import folder, prepare
+from fastlmdb import children, folder, prepare
 from fastlmdb import format as fmt
 from fastlmdb.errors import ConversionError
 from fastlmdb.writer import Job, writer_main
@@ -220,7 +220,7 @@ def _settings(options):
 
 def producer_main(tasks, results, settings):
     """Process entry point: prepare chunks of files until the None sentinel."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when to stop
+    children.detach()
     while (task := tasks.get()) is not None:
         start, paths = task
         results.put(("chunk", start, [_entry(path, settings) for path in paths]))

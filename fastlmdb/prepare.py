@@ -8,6 +8,8 @@ Numpy mode stores the pixels ImageFolder's loader would produce.
 
 import dataclasses
 import io
+import os
+import stat
 
 import numpy as np
 
@@ -71,6 +73,8 @@ def _shrink(pixels, max_size):
 
 def read(path):
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block open() forever
+            raise ImageError("not a regular file")
         with open(path, "rb") as file:
             data = file.read()
     except OSError as exc:

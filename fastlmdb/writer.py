@@ -7,14 +7,14 @@ Everything it has to say travels to the coordinator as messages on `status`.
 """
 
 import dataclasses
-import signal
+import os
 import time
 import traceback
 
 import lmdb
 import numpy as np
 
-from fastlmdb import __version__, store
+from fastlmdb import __version__, children, store
 from fastlmdb import format as fmt
 
 
@@ -31,13 +31,13 @@ class Job:
 
 def writer_main(job, results, status):
     """Process entry point. Never raises: failures are reported on `status`."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when to stop
+    children.detach()
     try:
         _Writer(job, status).run(results)
     except _PlanMismatch as exc:
         status.put(("mismatch", exc.old_plan))
-    except lmdb.Error as exc:
-        status.put(("fatal", f"writing {job.partial} failed: {exc}"))
+    except _StorageError as exc:
+        status.put(("fatal", str(exc)))
     except Exception:  # noqa: BLE001 - reported to the coordinator, which raises
         status.put(("fatal", f"the writer process failed:\n{traceback.format_exc()}"))
 
@@ -114,11 +114,28 @@ class _Writer:
         if not self.plan_saved:
             meta[fmt.PLAN_KEY] = self.job.plan
             self.plan_saved = True
-        self.db.commit(self.first, self.payloads, rows, meta)
+        self._write(self.payloads, rows, meta)
         self.rows.append(rows)
         self.first = self.progress["stored"]
         self.payloads, self.pending_rows, self.batch_bytes = [], [], 0
         self.status.put(("committed", self.progress["next_source"], self.first))
+
+    def _write(self, payloads, rows, meta):
+        try:
+            self.db.commit(self.first, payloads, rows, meta)
+        except lmdb.Error as exc:
+            raise _StorageError(self._storage_message(exc)) from None
+
+    def _storage_message(self, exc):
+        p, total = self.progress, len(self.job.labels)
+        written = os.path.getsize(self.job.partial)
+        done = max(1, p["next_source"] - len(self.payloads))
+        more = written / done * (total - done)
+        return (f"writing {self.job.partial} failed: {exc}. The {self.first} records "
+                f"committed ({_megabytes(written)}) are intact; about {_megabytes(more)} "
+                f"more are needed for the remaining {total - done} files. Free space (or "
+                "choose another --to_dir and move the .partial file there), then run the "
+                "same command again to resume")
 
     def _finish(self):
         table = np.concatenate(self.rows)
@@ -134,15 +151,22 @@ class _Writer:
             "bytes_in": p["bytes_in"], "made_by": f"fastlmdb {__version__}",
             "started": p["started"], "finished": time.time(),
         }
-        self.db.commit(self.first, [], table[:0], {fmt.TABLE_KEY: fmt.dump_table(table),
-                                                   fmt.INFO_KEY: info})
+        self._write([], table[:0], {fmt.TABLE_KEY: fmt.dump_table(table), fmt.INFO_KEY: info})
         self.db.close()
         self.status.put(("done", info))
+
+
+def _megabytes(size):
+    return f"{size / 1e6:,.0f} MB"
 
 
 def _changed(entry):
     """The row's `transcoded` code: 0 source bytes, 1 converted to RGB JPEG, 2 resized."""
     return 2 if entry["resized"] else int(bool(entry["transcoded"]))
+
+
+class _StorageError(Exception):
+    """Writing failed (disk full, quota, I/O error); what is committed is intact."""
 
 
 class _PlanMismatch(Exception):
