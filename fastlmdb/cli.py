@@ -21,7 +21,7 @@ def main(argv=None):
                         format="%(name)s: %(message)s")
     try:
         return args.run(args)
-    except (FastLMDBError, ValueError) as exc:
+    except (FastLMDBError, ValueError, OSError) as exc:
         print(f"fastlmdb {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

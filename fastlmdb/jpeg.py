@@ -71,7 +71,7 @@ def decode_pil(data, *, min_height=None, min_width=None):
         if min_height or min_width:
             # draft() picks the smallest scale with both sides >= the request.
             image.draft("RGB", (min_width or 1, min_height or 1))
-        return np.asarray(image.convert("RGB"))
+        return np.array(image.convert("RGB"))  # writable, as the other backends' arrays
 
 
 @functools.lru_cache(maxsize=None)

@@ -60,7 +60,11 @@ _ENVS = {}
 
 
 def _shared_env(path):
-    key = os.path.realpath(path)
+    try:
+        # With the inode: a database replaced since (convert --overwrite) is another file.
+        key = (os.path.realpath(path), os.stat(path).st_ino)
+    except OSError:
+        return _open_readonly(path)  # raises the error that says what is wrong
     env = _ENVS.get(key)
     if env is None:
         env = _ENVS[key] = _open_readonly(path)

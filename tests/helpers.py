@@ -1,0 +1,174 @@
+"""Generic test helpers: synthetic ImageFolder trees (with the awkward files ImageNet really
+has), reading a database back, and image comparison. Import with ``from helpers import ...``
+(pytest puts tests/ on sys.path); conftest.py wraps the common trees as fixtures.
+"""
+
+import io
+import os
+import zlib
+
+import numpy as np
+import simplejpeg
+from PIL import Image
+
+from fastlmdb import convert as _convert
+from fastlmdb import format as fmt
+from fastlmdb import store
+from fastlmdb.sample import synthetic_photo
+
+# Files ImageFolder's loader reads fine but that are not plain baseline RGB JPEGs.
+GOOD_AWKWARD = ("cmyk", "gray", "progressive", "png", "exif")
+# Of those, the ones jpeg mode cannot store as they are (it transcodes them to an RGB JPEG).
+TRANSCODED = ("cmyk", "png")
+# Files no loader can read: conversions must refuse them (on_error="raise") or skip them.
+BAD = ("truncated", "zero", "text")
+KINDS = ("plain", *GOOD_AWKWARD, *BAD)
+
+
+# Good awkward files mixed with plain ones, in every class and in different sort positions.
+AWKWARD_LAYOUT = {
+    "train": {
+        "n00000000": ["a_plain.JPEG", ("b_cmyk.JPEG", "cmyk"), ("c_gray.JPEG", "gray"),
+                      "d_plain.jpg"],
+        "n00000001": [("a_progressive.JPEG", "progressive"), ("b_png.JPEG", "png"),
+                      "c_plain.JPEG"],
+        "n00000002": ["a_plain.JPEG", ("b_exif.JPEG", "exif"), ("c_cmyk.jpeg", "cmyk"),
+                      ("d_gray.JPEG", "gray")],
+    },
+    "val": {"n00000000": 1, "n00000001": 1, "n00000002": [("a_png.JPEG", "png")]},
+}
+
+
+def photo(rng, height=None, width=None):
+    """A small photo-like HxWx3 uint8 array, 40-120 px a side unless given."""
+    height = height or int(rng.integers(40, 121))
+    width = width or int(rng.integers(40, 121))
+    return synthetic_photo(rng, height, width)
+
+
+def _pil_bytes(image, **save):
+    buf = io.BytesIO()
+    image.save(buf, **save)
+    return buf.getvalue()
+
+
+def image_bytes(kind, rng):
+    """The bytes of one file of `kind` (see KINDS)."""
+    if kind == "zero":
+        return b""
+    if kind == "text":
+        return b"this is not an image, whatever its name says\n"
+    pixels = photo(rng)
+    if kind == "plain":
+        return simplejpeg.encode_jpeg(pixels, quality=90, colorsubsampling="420")
+    image = Image.fromarray(pixels)
+    if kind == "cmyk":
+        return _pil_bytes(image.convert("CMYK"), format="JPEG", quality=90)
+    if kind == "gray":
+        return _pil_bytes(image.convert("L"), format="JPEG", quality=90)
+    if kind == "progressive":
+        return _pil_bytes(image, format="JPEG", quality=90, progressive=True)
+    if kind == "png":
+        return _pil_bytes(image, format="PNG")
+    if kind == "exif":
+        exif = Image.Exif()
+        exif[0x0112] = 6  # Orientation: rotate 90 CW to display; ImageFolder ignores it
+        return _pil_bytes(image, format="JPEG", quality=90, exif=exif.tobytes())
+    if kind == "truncated":
+        data = simplejpeg.encode_jpeg(pixels, quality=90)
+        start_of_scan = data.index(b"\xff\xda")
+        # Cut in the middle of the entropy-coded data: the header is intact.
+        cut = start_of_scan + (len(data) - start_of_scan) // 2
+        assert cut > start_of_scan + 100
+        return data[:cut]
+    raise ValueError(f"unknown kind {kind!r}; one of {KINDS}")
+
+
+def write_image(path, kind="plain", rng=None):
+    """Write one file of `kind` at `path` (folders made as needed); returns the path."""
+    if rng is None:
+        rng = np.random.default_rng(zlib.crc32(os.fspath(path).encode()))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as file:
+        file.write(image_bytes(kind, rng))
+    return os.fspath(path)
+
+
+def make_tree(root, layout, seed=0):
+    """Write an ImageFolder tree; returns root as a str.
+
+    layout = {split: {class: files}}: files is a count of plain JPEGs (named
+    ``<class>_<i>.JPEG``) or a list of file names (plain JPEGs) and ``(name, kind)`` pairs.
+    Names may contain "/" for nested folders.
+    """
+    rng = np.random.default_rng(seed)
+    root = os.fspath(root)
+    for split, classes in layout.items():
+        for cls, files in classes.items():
+            folder = os.path.join(root, split, cls)
+            os.makedirs(folder, exist_ok=True)
+            if isinstance(files, int):
+                files = [f"{cls}_{i:03d}.JPEG" for i in range(files)]
+            for spec in files:
+                name, kind = (spec, "plain") if isinstance(spec, str) else spec
+                write_image(os.path.join(folder, name), kind, rng)
+    return root
+
+
+def plain_layout(classes=3, train=4, val=2):
+    return {split: {f"n{c:08d}": count for c in range(classes)}
+            for split, count in (("train", train), ("val", val)) if count}
+
+
+def add_bad_files(class_dir, kinds=BAD, prefix="bad", seed=1):
+    """Write one file of each bad kind into `class_dir`; returns their paths, sorted."""
+    rng = np.random.default_rng(seed)
+    return sorted(write_image(os.path.join(class_dir, f"{prefix}_{kind}.JPEG"), kind, rng)
+                  for kind in kinds)
+
+
+def run_convert(src, dst, split="train", **options):
+    """convert.convert with test-friendly defaults (one producer)."""
+    options.setdefault("procs", 1)
+    return _convert.convert(_convert.Options(os.fspath(src), os.fspath(dst), split, **options))
+
+
+def read_db(path):
+    """(info, rows, values) of a finished database; values[i] is record i as bytes."""
+    info, rows = store.read_catalog(path)
+    reader = store.Reader(path)
+    try:
+        values = [bytes(reader.get(i)) for i in range(info["count"])]
+    finally:
+        reader.close()
+    return info, rows, values
+
+
+def db(dst, split="train"):
+    return fmt.db_path(dst, split)
+
+
+def pil_rgb(path_or_bytes):
+    """What torchvision's ImageFolder loader returns, as an array."""
+    source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
+    with Image.open(source) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def pixels_of(value, row):
+    return np.frombuffer(value, dtype=np.uint8).reshape(int(row["height"]), int(row["width"]), 3)
+
+
+def psnr(a, b):
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def imagefolder(directory):
+    from torchvision.datasets import ImageFolder
+
+    return ImageFolder(os.fspath(directory))
+
+
+def without_times(info):
+    return {k: v for k, v in info.items() if k not in ("started", "finished")}

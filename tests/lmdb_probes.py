@@ -1,0 +1,20 @@
+"""Picklable transforms for the DataLoader tests in test_dataset.py.
+
+Kept out of the test module so that spawned / forkserver workers import only numpy and zlib
+to unpickle them, not pytest and torchvision.
+"""
+
+import zlib
+
+import numpy as np
+
+
+def checksum(image):
+    """CRC32 of an image's RGB pixels (PIL image or uint8 HxWx3 array): identifies a sample."""
+    pixels = np.ascontiguousarray(np.asarray(image), dtype=np.uint8)
+    assert pixels.ndim == 3 and pixels.shape[2] == 3, pixels.shape
+    return zlib.crc32(pixels.tobytes())
+
+
+def plus_hundred(label):
+    return label + 100
