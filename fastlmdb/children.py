@@ -7,14 +7,13 @@ import signal
 _PR_SET_PDEATHSIG = 1
 
 
-def detach():
-    """Leave Ctrl-C to the coordinator, and die with it if it is killed (no orphans)."""
+def detach(coordinator):
+    """Leave Ctrl-C to the coordinator (pid `coordinator`), and die with it (no orphans)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # not Linux: the coordinator still terminates us
         pass
-    if os.getppid() != parent:  # the coordinator died before prctl took effect
+    if os.getppid() != coordinator:  # it died before prctl took effect (we were starting)
         os._exit(1)

@@ -137,11 +137,12 @@ class _Pipeline:
         self.results = results = ctx.Queue(maxsize=2 * options.procs + 2)
         job = Job(partial, self.plan, scan.labels, scan.classes, options.on_error,
                   options.batch_bytes, options.map_size)
-        self.writer = ctx.Process(target=writer_main, args=(job, results, self.status),
+        self.writer = ctx.Process(target=writer_main,
+                                  args=(job, results, self.status, os.getpid()),
                                   name="fastlmdb-writer")
         self.producers = [
             ctx.Process(target=producer_main, name=f"fastlmdb-producer-{i}",
-                        args=(self.tasks, results, _settings(options)))
+                        args=(self.tasks, results, _settings(options), os.getpid()))
             for i in range(options.procs)]
         self.resumed_at = 0
 
@@ -180,14 +181,19 @@ class _Pipeline:
     def _next_message(self):
         while True:
             try:
-                return self.status.get(timeout=POLL_SECONDS)
+                message = self.status.get(timeout=POLL_SECONDS)
             except queue.Empty:
-                self._check_children()
+                self._check_children([self.writer, *self.producers])
+            else:
+                # Producers exit only when told to: a dead one is noticed at once, even while
+                # the others keep the messages coming.
+                self._check_children(self.producers)
+                return message
 
-    def _check_children(self):
-        for process in [self.writer, *self.producers]:
+    def _check_children(self, processes):
+        for process in processes:
             if process.exitcode is not None:
-                if not self.status.empty():
+                if process is self.writer and not self.status.empty():
                     return  # what it said just before exiting ("done", "bad") comes first
                 raise ConversionError(
                     f"{process.name} (pid {process.pid}) died: {_exit_reason(process.exitcode)}. "
@@ -218,9 +224,9 @@ def _settings(options):
                             options.quality)
 
 
-def producer_main(tasks, results, settings):
+def producer_main(tasks, results, settings, coordinator):
     """Process entry point: prepare chunks of files until the None sentinel."""
-    children.detach()
+    children.detach(coordinator)
     while (task := tasks.get()) is not None:
         start, paths = task
         results.put(("chunk", start, [_entry(path, settings) for path in paths]))

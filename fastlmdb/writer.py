@@ -29,9 +29,9 @@ class Job:
     map_size: int
 
 
-def writer_main(job, results, status):
+def writer_main(job, results, status, coordinator):
     """Process entry point. Never raises: failures are reported on `status`."""
-    children.detach()
+    children.detach(coordinator)
     try:
         _Writer(job, status).run(results)
     except _PlanMismatch as exc:
