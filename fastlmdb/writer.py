@@ -10,12 +10,14 @@ import dataclasses
 import os
 import time
 import traceback
+import zlib
 
 import lmdb
 import numpy as np
 
-from fastlmdb import __version__, children, store
+from fastlmdb import __version__, children, prepare, store
 from fastlmdb import format as fmt
+from fastlmdb.errors import ImageError
 
 
 @dataclasses.dataclass
@@ -85,6 +87,8 @@ class _Writer:
         p = self.progress
         for entry in entries:
             source = p["next_source"]
+            if not entry.get("error") and entry["payload"] is None:
+                entry["payload"], entry["error"] = _reread(entry)
             if entry.get("error"):
                 if self.job.on_error == "raise":
                     self.bad = (entry["path"], entry["error"])
@@ -154,6 +158,17 @@ class _Writer:
         self._write([], table[:0], {fmt.TABLE_KEY: fmt.dump_table(table), fmt.INFO_KEY: info})
         self.db.close()
         self.status.put(("done", info))
+
+
+def _reread(entry):
+    """(bytes, "") of a source file a producer checked, or (None, why) if it changed since."""
+    try:
+        data = prepare.read(entry["path"])
+    except ImageError as exc:
+        return None, str(exc)
+    if zlib.crc32(data) != entry["crc32"]:
+        return None, "the file changed while it was being converted"
+    return data, ""
 
 
 def _megabytes(size):
