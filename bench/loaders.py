@@ -1,0 +1,209 @@
+"""How many training samples per CPU-second do the loaders deliver, against ImageFolder?
+
+Whole DataLoader epochs (batch 64, shuffled, workers started and reaped inside each run, so
+their CPU time counts) over the real sample JPEGs: ImageFolder + PIL + torchvision v1 transforms
+(the baseline); LMDBDataset with PIL output and the same transforms; LMDBDataset and
+LMDBIterDataset with uint8 tensor output and v2 transforms, emitting float32 or uint8 batches;
+a numpy-mode database; and, where the library has it, its decode-aware RandomResizedCrop. Each
+with a warm page cache and a cold one (the files a row reads are evicted before each of its
+runs). FFCV gets a row only where `import ffcv` works.
+
+    .venv/bin/python bench/loaders.py                         # 1,000 images, 2 workers
+    .venv/bin/python bench/loaders.py --workers 0 2 --quick   # seconds
+"""
+
+import functools
+import os
+
+import harness
+
+BASELINE = "ImageFolder + PIL, v1"
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def main(argv=None):
+    p = harness.parser(__doc__.split("\n")[0], repeats=3)
+    harness.add_tree_args(p, replicate=1)
+    p.add_argument("--workers", type=int, nargs="+", default=[2],
+                   help="DataLoader num_workers values to run (default 2)")
+    p.add_argument("--cache", nargs="+", choices=("warm", "cold"), default=["warm", "cold"],
+                   help="page-cache states to run (default warm cold)")
+    p.add_argument("--batch-size", type=int, default=64)
+    args = harness.parse(p, argv, quick_limit=128)
+    import torch
+
+    torch.set_num_threads(1)  # as in DataLoader workers; the main process only collates
+    with harness.work_dir(args) as work:
+        files = harness.tree_from_args(args, os.path.join(work, "src"))
+        rows, notes = _rows(work)
+        candidates = [
+            harness.Candidate(label, epoch(workers, args.batch_size),
+                              group=f"{workers} workers, {cache}", cache=cache,
+                              files=tuple(files) if reads is None else reads)
+            for workers in args.workers for cache in args.cache
+            for label, epoch, reads in rows]
+        info = [*harness.machine_info(work), *_describe(work, files, args.batch_size)]
+        results = harness.measure(candidates, repeats=args.repeats, warmup=args.warmup)
+    harness.report(harness.result_name(args, "loaders"), results, baseline=BASELINE,
+                   title=f"Training loaders, batch {args.batch_size}, real ImageNet JPEGs",
+                   info=info, notes=notes + _notes())
+
+
+def _describe(work, files, batch_size):
+    sizes = {kind: os.path.getsize(_db(work, kind)) / 1e6 for kind in ("jpeg", "numpy")}
+    return [f"input: {len(files)} images, {harness.total_bytes(files) / 1e6:.0f} MB of JPEG "
+            f"files; train.lmdb {sizes['jpeg']:.0f} MB (jpeg), {sizes['numpy']:.0f} MB (numpy)",
+            f"DataLoader(batch_size={batch_size}, shuffle=True for map-style, "
+            "persistent_workers=False, fork); torch.set_num_threads(1) in the main process"]
+
+
+def _notes():
+    return ["cold: posix_fadvise(DONTNEED) on the row's own files (the source JPEGs, or the "
+            ".lmdb) before each run; directory entries and inodes stay cached (dropping those "
+            "needs root), so cold ImageFolder rows are a little warmer than a real cold start.",
+            "Each run starts and reaps its workers, as every epoch does with "
+            "persistent_workers=False; with few images that start-up weighs more than in a "
+            "real epoch."]
+
+
+# --- datasets -----------------------------------------------------------------------------
+
+def _db(work, kind):
+    return os.path.join(work, kind, "train.lmdb")
+
+
+def _convert(work, save_as, name=None, **options):
+    from fastlmdb import convert
+
+    name = name or save_as
+    convert.convert(convert.Options(os.path.join(work, "src"), os.path.join(work, name),
+                                    "train", save_as=save_as, **options))
+    return (_db(work, name),)
+
+
+def _transforms():
+    import torch
+    from torchvision import transforms as v1
+    from torchvision.transforms import v2
+
+    pil = v1.Compose([v1.RandomResizedCrop(224), v1.RandomHorizontalFlip(), v1.ToTensor(),
+                      v1.Normalize(MEAN, STD)])
+    uint8 = [v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip()]
+    floats = v2.Compose([*uint8, v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+    return pil, floats, v2.Compose(uint8)
+
+
+def _rows(work):
+    """[(label, epoch(workers, batch_size) -> run, files it reads or None: the source tree)],
+    and notes."""
+    from torchvision.datasets import ImageFolder
+
+    from fastlmdb import LMDBDataset, LMDBIterDataset
+
+    pil, floats, uint8 = _transforms()
+    jpeg_db, numpy_db = _convert(work, "jpeg"), _convert(work, "numpy")
+    root = os.path.join(work, "jpeg")
+    datasets = [
+        (BASELINE, ImageFolder(os.path.join(work, "src", "train"), pil), None),
+        ("LMDBDataset PIL output, v1", LMDBDataset(root, "train", pil), jpeg_db),
+        ("LMDBDataset tensor, v2 float32", LMDBDataset(root, "train", floats,
+                                                      output="tensor"), jpeg_db),
+        ("LMDBDataset tensor, v2 uint8 (normalise on the GPU)",
+         LMDBDataset(root, "train", uint8, output="tensor"), jpeg_db),
+        ("LMDBIterDataset tensor, v2 float32",
+         LMDBIterDataset(root, "train", floats, output="tensor", shuffle=True), jpeg_db),
+        ("LMDBDataset numpy db, tensor, v2 float32",
+         LMDBDataset(os.path.join(work, "numpy"), "train", floats, output="tensor"), numpy_db),
+    ]
+    datasets += _decode_aware(work, jpeg_db)
+    rows = [(label, functools.partial(_epoch, dataset), reads)
+            for label, dataset, reads in datasets]
+    ffcv_rows, note = _ffcv_rows(work)
+    return rows + ffcv_rows, [note]
+
+
+def _decode_aware(work, jpeg_db):
+    """A row for fastlmdb's decode-aware RandomResizedCrop, in versions that have it."""
+    import torch
+    from torchvision.transforms import v2
+
+    import fastlmdb
+    from fastlmdb import LMDBDataset
+
+    if not hasattr(fastlmdb, "RandomResizedCrop"):
+        return []
+    head = [fastlmdb.RandomResizedCrop(224), v2.RandomHorizontalFlip()]
+    tf = v2.Compose([*head, v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+    root = os.path.join(work, "jpeg")
+    small_db = _convert(work, "jpeg", name="max256", max_size=256)
+    return [("LMDBDataset tensor, fastlmdb.RandomResizedCrop + v2 float32",
+             LMDBDataset(root, "train", tf, output="tensor"), jpeg_db),
+            ("LMDBDataset tensor, fastlmdb.RandomResizedCrop + v2 uint8",
+             LMDBDataset(root, "train", v2.Compose(head), output="tensor"), jpeg_db),
+            ("--max-size 256 db (data differs), fastlmdb.RandomResizedCrop + uint8",
+             LMDBDataset(os.path.join(work, "max256"), "train", v2.Compose(head),
+                         output="tensor"), small_db)]
+
+
+def _epoch(dataset, workers, batch_size):
+    import torch
+
+    iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+
+    def run():
+        # fork: workers are this process's children, so getrusage(RUSAGE_CHILDREN) counts them.
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, shuffle=not iterable, num_workers=workers,
+            multiprocessing_context="fork" if workers else None)
+        images = 0
+        for _, labels in loader:
+            images += len(labels)
+        return images  # the exhausted iterator has joined its workers
+    return run
+
+
+def _ffcv_rows(work):
+    """An FFCV row when `import ffcv` works (untried: FFCV was not installable where this was
+    written), and a note."""
+    try:
+        import ffcv  # noqa: F401
+    except ImportError:
+        return [], "FFCV: not installed (`pip install ffcv`), no row"
+    try:
+        path = _ffcv_write(work)
+    except Exception as exc:  # noqa: BLE001 - an unusable FFCV is a note, not a crash
+        return [], f"FFCV: imports but failed here ({type(exc).__name__}: {exc}), no row"
+    return ([("FFCV uint8 (JPEGs re-encoded by FFCV)", functools.partial(_ffcv_epoch, path),
+              (path,))],
+            "FFCV: its workers are threads of this process; uint8 output, like the uint8 row")
+
+
+def _ffcv_write(work):
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+    from torchvision.datasets import ImageFolder
+
+    path = os.path.join(work, "train.beton")
+    DatasetWriter(path, {"image": RGBImageField(write_mode="jpg"), "label": IntField()}
+                  ).from_indexed_dataset(ImageFolder(os.path.join(work, "src", "train")))
+    return path
+
+
+def _ffcv_epoch(path, workers, batch_size):
+    from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
+
+    pipelines = {"image": [RandomResizedCropRGBImageDecoder((224, 224)), RandomHorizontalFlip(),
+                           ToTensor(), ToTorchImage()],
+                 "label": [IntDecoder(), ToTensor()]}
+
+    def run():
+        loader = Loader(path, batch_size=batch_size, num_workers=max(workers, 1),
+                        order=OrderOption.RANDOM, pipelines=pipelines)
+        return sum(len(labels) for _, labels in loader)
+    return run
+
+
+if __name__ == "__main__":
+    main()
