@@ -99,8 +99,8 @@ def load_table(raw, count, path):
     """The record table, checked against the expected dtype and length."""
     try:
         rows = np.load(io.BytesIO(bytes(raw)), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise DatabaseError(f"{path}: the record table is unreadable ({exc}); "
+    except Exception as exc:  # noqa: BLE001 - numpy's header parser raises many kinds
+        raise DatabaseError(f"{path}: the record table is unreadable ({exc!r}); "
                             "the database is damaged: convert it again") from None
     if rows.dtype != ROW or rows.shape != (count,):
         raise DatabaseError(f"{path}: the record table has dtype {rows.dtype} and shape "
