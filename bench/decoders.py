@@ -158,12 +158,56 @@ def _candidates(images, shapes, scales):
                 info = {"mp": mp, "out": _output_fraction(decode, images, shapes)}
                 candidates.append(harness.Candidate(
                     label, _runner(decode, images, shapes), group=_group(scale), info=info))
+    candidates += _crop_rows(images, shapes, mp)
+    notes.append("RandomResizedCrop(224) box: the decode step of a training sample, boxes drawn "
+                 "once per image (seed 0) as torchvision draws them; `full + crop` decodes the "
+                 "whole image then slices the box; `fastlmdb region` decodes only the box's rows "
+                 "and iMCU columns at the coarsest scale covering 224x224 (fastlmdb._jpegcrop), "
+                 "`fastlmdb without extension` the whole image at that scale.")
     notes.append("source MP/CPU-s: megapixels of the JPEGs (not of the reduced output) "
                  "decoded per CPU-second. output/source: pixels decoded over pixels in the "
                  "JPEG (on the first images), which shows that a reduced decode did reduce. "
                  "PIL has no reduced decode without draft(); torchvision.io.decode_jpeg has "
                  "none at all.")
     return candidates, notes
+
+
+def _crop_rows(images, shapes, mp):
+    import simplejpeg
+    import torch
+
+    from fastlmdb import crops, jpeg
+
+    torch.manual_seed(0)
+    op = crops.RandomResizedCrop(224)
+    boxes = [op.box(h, w) for h, w in shapes]
+
+    def full_then_crop(data, shape, box):
+        top, left, h, w = box
+        return simplejpeg.decode_jpeg(data, colorspace="RGB")[top:top + h, left:left + w]
+
+    def region(data, shape, box):
+        return crops.decode_box(data, box, (224, 224), *shape, jpeg.decode_simplejpeg)
+
+    def no_extension(data, shape, box):
+        saved, crops._jpegcrop = crops._jpegcrop, None
+        try:
+            return region(data, shape, box)
+        finally:
+            crops._jpegcrop = saved
+
+    rows = [("simplejpeg full + crop", full_then_crop), ("fastlmdb region", region),
+            ("fastlmdb without extension", no_extension)]
+    triples = list(zip(images, shapes, boxes))
+
+    def runner(decode):
+        def run():
+            for data, shape, box in triples:
+                decode(data, shape, box)
+            return len(triples)
+        return run
+    return [harness.Candidate(label, runner(decode), group="RandomResizedCrop(224) box",
+                              info={"mp": mp, "out": float("nan")}) for label, decode in rows]
 
 
 def _usable():

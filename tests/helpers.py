@@ -21,7 +21,7 @@ GOOD_AWKWARD = ("cmyk", "gray", "progressive", "png", "exif")
 # Of those, the ones jpeg mode cannot store as they are (it transcodes them to an RGB JPEG).
 TRANSCODED = ("cmyk", "png")
 # Files no loader can read: conversions must refuse them (on_error="raise") or skip them.
-BAD = ("truncated", "zero", "text")
+BAD = ("truncated", "header-only", "zero", "text")
 KINDS = ("plain", *GOOD_AWKWARD, *BAD)
 
 
@@ -81,6 +81,9 @@ def image_bytes(kind, rng):
         cut = start_of_scan + (len(data) - start_of_scan) // 2
         assert cut > start_of_scan + 100
         return data[:cut]
+    if kind == "header-only":
+        data = simplejpeg.encode_jpeg(pixels, quality=90)
+        return data[:data.index(b"\xff\xda")]  # every header, no scan data, no end marker
     raise ValueError(f"unknown kind {kind!r}; one of {KINDS}")
 
 

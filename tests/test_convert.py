@@ -27,8 +27,8 @@ from helpers import (AWKWARD_LAYOUT, BAD, TRANSCODED, db, imagefolder, make_tree
 # Every test here starts spawn-context producer and writer processes: none may hang.
 pytestmark = pytest.mark.timeout(60)
 
-REASONS = {"truncated": "truncated or corrupt JPEG", "zero": "zero-byte file",
-           "text": "not a readable image"}
+REASONS = {"truncated": "truncated or corrupt JPEG", "header-only": "unreadable JPEG header",
+           "zero": "zero-byte file", "text": "not a readable image"}
 
 
 def kind_of(path):
@@ -207,7 +207,7 @@ def test_skip_leaves_bad_files_out_and_lists_them(tree, dst, bad_files):
 
     all_paths = [p for p, _ in imagefolder(split_dir).samples]
     kept = [i for i, p in enumerate(all_paths) if p not in bad]
-    assert len(all_paths) == 16 and len(kept) == 12
+    assert len(all_paths) == 13 + len(BAD) and len(kept) == 12
     assert_labels_match_imagefolder(info, rows, split_dir, sources=kept)
     assert values == [open(all_paths[i], "rb").read() for i in kept]
     assert_rows_describe_values(rows, values)
@@ -462,3 +462,16 @@ def test_a_child_exiting_just_after_its_last_message_is_not_called_dead():
     pipeline.status = Status([None])  # nothing was said: it did die
     with pytest.raises(ConversionError, match=r"fastlmdb-writer \(pid 1\) died: exit status 0"):
         pipeline._next_message()
+
+
+def test_broken_links_and_non_utf8_names(tree, dst):
+    class_dir = os.path.join(tree, "train", sorted(os.listdir(os.path.join(tree, "train")))[0])
+    with open(os.path.join(class_dir, sorted(os.listdir(class_dir))[0]), "rb") as good:
+        data = good.read()
+    os.symlink("/nonexistent/target.JPEG", os.path.join(class_dir, "broken.JPEG"))
+    with open(os.path.join(os.fsencode(class_dir), b"odd-\xff\xfe.JPEG"), "wb") as file:
+        file.write(data)
+    stats = run_convert(tree, dst, on_error="skip")
+    assert [os.path.basename(path) for path, _ in stats.skipped] == ["broken.JPEG"]
+    assert "No such file" in stats.skipped[0][1]
+    assert stats.images == len(imagefolder(os.path.join(tree, "train"))) - 1
