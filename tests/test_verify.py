@@ -1,0 +1,109 @@
+"""fastlmdb verify: a sound database passes; every kind of damage is found and listed."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import lmdb
+import pytest
+from helpers import db, make_tree, run_convert
+
+from fastlmdb import cli
+from fastlmdb import format as fmt
+from fastlmdb import verify
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def made(awkward_tree, dst):
+    run_convert(awkward_tree, dst)
+    return db(dst)
+
+
+def _poke(path, index, value):
+    env = lmdb.open(path, subdir=False, max_dbs=3, lock=False)
+    with env.begin(write=True, db=env.open_db(fmt.IMAGES_DB)) as txn:
+        if value is None:
+            txn.delete(fmt.key(index))
+        else:
+            txn.put(fmt.key(index), value)
+    env.close()
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+def test_a_sound_database_passes_against_its_source(made, awkward_tree, procs):
+    report = verify.verify(made, source=os.path.join(awkward_tree, "train"), procs=procs)
+    assert report.ok, report.problems
+    assert report.records > 0
+
+
+def test_changed_bytes_are_found(made):
+    _poke(made, 3, b"\xff\xd8\xff" + b"x" * 100)
+    report = verify.verify(made)
+    assert [p.split(":")[0] for p in report.problems] == ["record 3"]
+    assert "bytes stored" in report.problems[0] or "checksum" in report.problems[0]
+
+
+def test_a_missing_record_is_found(made):
+    _poke(made, 2, None)
+    assert any("not all there" in p for p in verify.verify(made).problems)
+
+
+def test_a_source_file_changed_since_is_found(made, awkward_tree):
+    split = os.path.join(awkward_tree, "train")
+    plain = sorted(p for p in _files(split) if "plain" in os.path.basename(p) or
+                   os.path.basename(p).startswith("n0"))[0]
+    with open(plain, "ab") as file:
+        file.write(b"\0")
+    problems = verify.verify(made, source=split).problems
+    assert len(problems) == 1 and "bytes differ from source" in problems[0]
+
+
+def test_an_incomplete_database_is_a_problem_not_a_crash(made, tmp_path):
+    partial = fmt.partial_path(tmp_path / "train.lmdb")
+    shutil.copy(made, partial)
+    report = verify.verify(tmp_path / "train.lmdb")
+    assert not report.ok and "resume" in report.problems[0]
+
+
+def test_cli_exit_status_and_listing(made, tmp_path, capsys):
+    damaged = str(tmp_path / "damaged.lmdb")
+    shutil.copy(made, damaged)
+    _poke(damaged, 1, b"garbage")
+    assert cli.main(["verify", made, "--procs", "1"]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert cli.main(["verify", damaged, "--procs", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "record 1:" in out and "1 problem(s)" in out
+
+
+def _files(root):
+    return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+
+
+DISK_FULL = """
+import resource, signal, sys
+from fastlmdb import convert
+if __name__ == "__main__":
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, like ENOSPC
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), int(sys.argv[3])))
+    convert.convert(convert.Options(sys.argv[1], sys.argv[2], "train", procs=1,
+                                    batch_bytes=10_000))
+"""
+
+
+def test_a_full_disk_stops_with_advice_and_the_run_resumes(dst, tmp_path):
+    tree = make_tree(tmp_path / "src", {"train": {"a": 40, "b": 40}})
+    script = tmp_path / "full.py"
+    script.write_text(DISK_FULL)
+    limit = 150_000  # bytes the database file may grow to: a few chunks
+    run = subprocess.run([sys.executable, str(script), str(tree), str(dst), str(limit)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0
+    assert "records committed" in run.stderr and "more are needed" in run.stderr, run.stderr
+    assert "run the same command again to resume" in run.stderr
+    stats = run_convert(tree, dst)
+    assert stats.resumed_at > 0
+    assert verify.verify(db(dst), source=os.path.join(tree, "train")).ok
