@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from fastlmdb import convert
 from fastlmdb import format as fmt
 from fastlmdb import store
 from fastlmdb.cli import main
@@ -132,3 +133,14 @@ def test_scripts_convert_py(tree, dst):
     assert done.returncode == 0, done.stderr
     assert f"{db(dst, 'val')}: 6 images" in done.stdout
     assert store.read_catalog(db(dst, "val"))[0]["count"] == 6
+
+
+def test_ctrl_c_says_how_to_resume(tree, dst, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert, "convert", interrupted)
+    code = main(["convert", "--from_dir", str(tree), "--to_dir", str(dst), "--split", "train"])
+    err = capsys.readouterr().err
+    assert code == 130
+    assert "interrupted" in err and "run the same command again to resume" in err
