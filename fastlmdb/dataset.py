@@ -2,7 +2,7 @@
 
 ``LMDBDataset`` is map-style (random access by key); ``LMDBIterDataset`` reads with a cursor in
 key order, each sample exactly once per epoch across DataLoader workers and distributed ranks.
-The only module that imports torch.
+With crops.py, the only modules that import torch.
 """
 
 import logging
@@ -34,7 +34,6 @@ class _Records:
         self.root, self.split = os.fspath(root), split
         self.path = fmt.db_path(self.root, split)
         self.transform, self.target_transform = transform, target_transform
-        self._crop, self._rest = crops.split_pipeline(transform)
         info, rows = store.read_catalog(self.path)
         if imgtype is not None and imgtype != info["imgtype"]:
             raise ValueError(f"imgtype={imgtype!r}, but {self.path} holds {info['imgtype']} "
@@ -49,6 +48,16 @@ class _Records:
         self._shapes = np.stack([rows["height"], rows["width"]], axis=1).astype(np.int64)
         self._reader = store.Reader(self.path)
         self.errors = 0  # records skipped in this process because they failed to decode
+
+    @property
+    def transform(self):
+        return self._transform
+
+    @transform.setter
+    def transform(self, transform):
+        # Code written for ImageFolder reassigns `dataset.transform`: split it again.
+        self._transform = transform
+        self._crop, self._rest = crops.split_pipeline(transform)
 
     def _record(self, index, value):
         """(image, target) of record `index` from its stored value."""

@@ -132,3 +132,13 @@ def test_decode_aware_pipeline_in_dataloader_workers(db):
     batches = list(loader)
     assert sum(len(labels) for _, labels in batches) == len(dataset)
     assert all(images.shape[1:] == (3, 96, 96) for images, _ in batches)
+
+
+def test_reassigning_transform_takes_effect_as_with_imagefolder(db):
+    _, dst, _ = db
+    dataset = fastlmdb.LMDBDataset(dst, "train", output="numpy")
+    assert dataset[0][0].shape[:2] == (int(dataset._shapes[0][0]), int(dataset._shapes[0][1]))
+    dataset.transform = fastlmdb.ResizeCenterCrop(128, 112)
+    assert dataset[0][0].shape == (112, 112, 3)
+    dataset.transform = None
+    assert dataset[0][0].shape[0] != 112
