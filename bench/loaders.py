@@ -163,8 +163,9 @@ def _epoch(dataset, workers, batch_size):
 
 
 def _ffcv_rows(work):
-    """An FFCV row when `import ffcv` works (untried: FFCV was not installable where this was
-    written), and a note."""
+    """An FFCV row when `import ffcv` works, and a note. FFCV builds from PyPI given
+    `apt-get install pkg-config libturbojpeg0-dev libopencv-dev`, in a venv with numpy<2.3
+    (numba's limit)."""
     try:
         import ffcv  # noqa: F401
     except ImportError:
@@ -197,10 +198,13 @@ def _ffcv_epoch(path, workers, batch_size):
     pipelines = {"image": [RandomResizedCropRGBImageDecoder((224, 224)), RandomHorizontalFlip(),
                            ToTensor(), ToTorchImage()],
                  "label": [IntDecoder(), ToTensor()]}
+    # One Loader for all epochs, as in training: it JIT-compiles its pipeline (seconds) when
+    # made, which the warm-up epoch absorbs; FFCV keeps state in the operations, so they
+    # cannot be reused by a second Loader either.
+    loader = Loader(path, batch_size=batch_size, num_workers=max(workers, 1),
+                    order=OrderOption.RANDOM, pipelines=pipelines)
 
     def run():
-        loader = Loader(path, batch_size=batch_size, num_workers=max(workers, 1),
-                        order=OrderOption.RANDOM, pipelines=pipelines)
         return sum(len(labels) for _, labels in loader)
     return run
 
