@@ -194,23 +194,43 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
     blocks (``order.BLOCK * order.WINDOW_BLOCKS`` records), which a worker reads in key order
     and yields shuffled, so reads stay sequential. The order is a pure function of (seed,
     epoch): call ``set_epoch(epoch)`` before each epoch (it reaches persistent workers too).
+
+    Mid-epoch resume: give the DataLoader's `batch_size` here too; workers then take turns by
+    batch, so each rank sees its share of the epoch in order, and
+    ``state_dict(samples_seen=n)`` / ``load_state_dict(state)`` continue after the n samples
+    this rank has consumed, with any number of workers: none twice, none missing.
     """
 
     def __init__(self, root, split, transform=None, target_transform=None, shuffle=False,
                  imgtype=None, *, output="pil", decoder="simplejpeg", min_size=None,
-                 on_error="raise", seed=0, rank=None, world_size=None, drop_last=False):
+                 on_error="raise", seed=0, rank=None, world_size=None, drop_last=False,
+                 batch_size=None):
         super().__init__(root, split, transform, target_transform, imgtype, output=output,
                          decoder=decoder, min_size=min_size, on_error=on_error)
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
-        self._rank, self._world_size = rank, world_size
-        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._rank, self._world_size, self.batch_size = rank, world_size, batch_size
+        # [epoch, samples of it already consumed]: shared, so it reaches persistent workers.
+        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
 
     def set_epoch(self, epoch):
-        self._epoch.fill_(int(epoch))
+        self._position[0], self._position[1] = int(epoch), 0
 
     @property
     def epoch(self):
-        return int(self._epoch)
+        return int(self._position[0])
+
+    def state_dict(self, samples_seen=0):
+        """Where this rank stands after consuming `samples_seen` more samples of the epoch."""
+        return {"seed": self.seed, "shuffle": self.shuffle, "epoch": self.epoch,
+                "samples_seen": int(self._position[1]) + int(samples_seen)}
+
+    def load_state_dict(self, state):
+        if (state["seed"], state["shuffle"]) != (self.seed, self.shuffle):
+            raise ValueError(f"state is for seed={state['seed']}, shuffle={state['shuffle']}; "
+                             f"this dataset has seed={self.seed}, shuffle={self.shuffle}")
+        if self.batch_size is None and state["samples_seen"]:
+            raise ValueError("resuming mid-epoch needs batch_size=<the DataLoader's batch size>")
+        self._position[0], self._position[1] = int(state["epoch"]), int(state["samples_seen"])
 
     def _ranks(self):
         if self._world_size is not None:
@@ -234,10 +254,13 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
         epoch_order = order.epoch_order(len(self._labels), shuffle=self.shuffle,
                                         seed=self.seed, epoch=self.epoch)
         share = order.rank_share(epoch_order, rank, world_size, self.drop_last)
+        share = share[int(self._position[1]):]
         worker = torch.utils.data.get_worker_info()
-        if worker is not None:
-            share = order.worker_share(share, worker.id, worker.num_workers)
-        return share
+        if worker is None:
+            return share
+        if self.batch_size:
+            return order.batch_share(share, worker.id, worker.num_workers, self.batch_size)
+        return order.worker_share(share, worker.id, worker.num_workers)
 
     def __iter__(self):
         for piece in order.windows(self.indices(), order.BLOCK * order.WINDOW_BLOCKS):

@@ -56,6 +56,18 @@ def worker_share(share, worker, num_workers):
     return np.array_split(share, num_workers)[worker]
 
 
+def batch_share(share, worker, num_workers, batch_size):
+    """Worker `worker`'s batches of a share: batches worker, worker + N, worker + 2N, ...
+
+    The DataLoader takes batches from its workers in turn, so the rank then sees its share in
+    order, whatever the number of workers: a job that stops after n samples resumes with
+    exactly share[n:], with as many workers as it likes.
+    """
+    starts = range(worker * batch_size, len(share), num_workers * batch_size)
+    pieces = [share[start:start + batch_size] for start in starts]
+    return np.concatenate(pieces) if pieces else share[:0]
+
+
 def windows(indices, size):
     """Consecutive pieces of `indices`, each at most `size` long."""
     for start in range(0, len(indices), size):
