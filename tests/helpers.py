@@ -173,5 +173,15 @@ def imagefolder(directory):
     return ImageFolder(os.fspath(directory))
 
 
+def assert_same_database(path, reference):
+    """Records, record table and metadata (apart from timestamps) are identical."""
+    info, rows, values = read_db(path)
+    ref_info, ref_rows, ref_values = read_db(reference)
+    assert values == ref_values
+    assert np.array_equal(rows, ref_rows)
+    assert without_times(info) == without_times(ref_info)
+    return len(values)
+
+
 def without_times(info):
     return {k: v for k, v in info.items() if k not in ("started", "finished")}

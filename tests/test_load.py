@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import db, make_tree, run_convert
+from helpers import make_tree, run_convert
 
 from fastlmdb import LMDBDataset
 from lmdb_probes import checksum
