@@ -75,7 +75,7 @@ def convert(options, on_progress=None):
     os.makedirs(options.to_dir, exist_ok=True)
     partial = fmt.partial_path(final)
     started = time.monotonic()
-    with _exclusive(partial, fresh=options.overwrite):
+    with _exclusive(partial):
         pipeline = _Pipeline(options, scan, partial, on_progress)
         info = pipeline.run()
         os.replace(partial, final)
@@ -101,15 +101,13 @@ def _validate(o):
 
 
 @contextlib.contextmanager
-def _exclusive(partial, fresh):
+def _exclusive(partial):
     with open(partial, "ab") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ConversionError(f"another conversion is writing {partial}; "
                                   "wait for it to finish or stop it first") from None
-        if fresh:
-            handle.truncate(0)
         yield
 
 
@@ -136,7 +134,7 @@ class _Pipeline:
         # Kept on self: Process.start() drops its reference to its arguments.
         self.results = results = ctx.Queue(maxsize=2 * options.procs + 2)
         job = Job(partial, self.plan, scan.labels, scan.classes, options.on_error,
-                  options.batch_bytes, options.map_size)
+                  options.batch_bytes, options.map_size, options.overwrite)
         self.writer = ctx.Process(target=writer_main,
                                   args=(job, results, self.status, os.getpid()),
                                   name="fastlmdb-writer")

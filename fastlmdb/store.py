@@ -185,6 +185,12 @@ class Writer:
             raw = value if isinstance(value, bytes) else fmt.dump_json(value)
             txn.put(name, raw, db=self.meta)
 
+    def clear(self):
+        """Empty every table: a partial database is being started again."""
+        with self.env.begin(write=True) as txn:
+            for db in (self.images, self.rows, self.meta):
+                txn.drop(db, delete=False)
+
     def _grow(self):
         size = self.env.info()["map_size"] * 2
         log.info("growing the map of %s to %.1f GB", self.path, size / 1e9)

@@ -29,6 +29,7 @@ class Job:
     on_error: str
     batch_bytes: int
     map_size: int
+    overwrite: bool = False  # a partial database made with other arguments is started again
 
 
 def writer_main(job, results, status, coordinator):
@@ -55,6 +56,9 @@ class _Writer:
 
     def _resume_progress(self):
         plan = self.db.read_meta(fmt.PLAN_KEY)
+        if plan is not None and plan != self.job.plan and self.job.overwrite:
+            self.db.clear()
+            plan = None
         self.plan_saved = plan is not None
         if plan is None:
             return {"next_source": 0, "stored": 0, "bytes_in": 0, "skipped": [],

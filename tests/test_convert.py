@@ -331,6 +331,11 @@ def test_overwrite_starts_a_partial_conversion_again(interrupted, dst):
     assert store.read_catalog(db(dst))[0]["imgtype"] == "numpy"
 
 
+def test_overwrite_with_the_same_arguments_resumes(interrupted, dst):
+    stats = run_convert(interrupted.src, dst, on_error="skip", overwrite=True)
+    assert stats.resumed_at == interrupted.index and stats.images == 36
+
+
 def test_partial_database_is_never_opened_as_complete(interrupted, dst):
     final, partial = db(dst), fmt.partial_path(db(dst))
     assert os.path.exists(partial) and not os.path.exists(final)
