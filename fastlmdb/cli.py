@@ -31,7 +31,9 @@ def main(argv=None):
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="fastlmdb", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="fastlmdb", description="ImageFolder trees into one LMDB file per split, "
+                                     "for fast PyTorch loading.")
     parser.add_argument("--version", action="version", version=f"fastlmdb {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_convert(commands)
