@@ -1,12 +1,14 @@
-"""Convert an ImageFolder split into one LMDB file: producers -> bounded queue -> one writer.
+"""Convert an ImageFolder split into one LMDB file: producers -> pipes -> one writer.
 
 The coordinator (the calling process) scans the tree, hands the producers chunks of files in
 source order, never more than a fixed window ahead of the writer (so memory stays bounded
-whatever the dataset size), relays progress, and watches every child: a producer or writer that
-dies fails the run within a second instead of hanging it. The database is written as
-``<split>.lmdb.partial`` under an exclusive lock and renamed when complete; running the same
-command again after any interruption resumes after the last committed transaction.
-"""
+whatever the dataset size), relays progress, and watches every child. Each producer has its own
+task pipe and chunk pipe (one chunk in flight: a bounded queue per producer), so a producer that
+dies breaks nothing shared: its chunks go to the others and the file it was preparing is blamed.
+A writer that dies, or the last producer, fails the run within a second instead of hanging it.
+The database is written as ``<split>.lmdb.partial`` under an exclusive lock and renamed when
+complete; running the same command again after any interruption resumes after the last
+committed transaction."""
 
 import contextlib
 import dataclasses
@@ -130,23 +132,36 @@ class _Pipeline:
         self.plan = plan_of(options, scan)
         self.window = (2 * options.procs + 2) * CHUNK
         ctx = multiprocessing.get_context("spawn")
-        self.tasks, self.status = ctx.Queue(), ctx.Queue()
-        # Kept on self: Process.start() drops its reference to its arguments.
-        self.results = results = ctx.Queue(maxsize=2 * options.procs + 2)
+        self.status = ctx.Queue()
+        # Two pipes per producer, tasks in and chunks out, nothing shared between producers:
+        # one killed mid-message (or holding a shared queue's lock) would break the others.
+        # A chunk pipe holds at most one chunk in flight, so memory stays bounded.
+        self.pipes = [ctx.Pipe(duplex=False) for _ in range(options.procs)]
+        self.task_pipes = [ctx.Pipe(duplex=False) for _ in range(options.procs)]
+        # Per producer: the chunk it is working on and the file it is preparing (-1: none),
+        # so that a death can be pinned on a file and its chunk given to another producer.
+        self.slots = ctx.RawArray("q", [-1] * (2 * options.procs))
         job = Job(partial, self.plan, scan.labels, scan.classes, options.on_error,
                   options.batch_bytes, options.map_size, options.overwrite)
-        self.writer = ctx.Process(target=writer_main,
-                                  args=(job, results, self.status, os.getpid()),
-                                  name="fastlmdb-writer")
+        self.writer = ctx.Process(
+            target=writer_main, name="fastlmdb-writer",
+            args=(job, [receive for receive, _ in self.pipes], self.status, os.getpid()))
         self.producers = [
             ctx.Process(target=producer_main, name=f"fastlmdb-producer-{i}",
-                        args=(self.tasks, results, _settings(options), os.getpid()))
-            for i in range(options.procs)]
-        self.resumed_at = 0
+                        args=(tasks, send, _settings(options), os.getpid(), self.slots, i))
+            for i, ((_, send), (tasks, _)) in enumerate(zip(self.pipes, self.task_pipes))]
+        self.live = list(self.producers)
+        self.assigned = {producer: [] for producer in self.producers}  # chunk starts
+        self.done = self.resumed_at = 0
 
     def run(self):
         for process in [self.writer, *self.producers]:
             process.start()
+        for receive, send in self.pipes:  # the children hold them now: EOF reaches the writer
+            receive.close()
+            send.close()
+        for receive, _ in self.task_pipes:
+            receive.close()
         try:
             return self._drive()
         finally:
@@ -160,17 +175,17 @@ class _Pipeline:
         if self.resumed_at:
             log.info("resuming %s: %d files done, %d records stored",
                      self.plan["source"], self.resumed_at, stored)
-        done = dispatched = self.resumed_at
+        self.done = dispatched = self.resumed_at
         total = len(self.scan)
         while True:
-            while dispatched < total and dispatched - done < self.window:
-                self.tasks.put((dispatched, self.scan.paths[dispatched:dispatched + CHUNK]))
+            while dispatched < total and dispatched - self.done < self.window:
+                self._dispatch(dispatched)
                 dispatched += CHUNK
             kind, *args = self._next_message()
             if kind == "advance" and self.on_progress:
                 self.on_progress(args[0] - self.resumed_at, total - self.resumed_at, args[2])
             if kind == "advance":
-                done = args[0]
+                self.done = args[0]
             elif kind == "done":
                 return args[0]
             elif kind != "committed":
@@ -181,22 +196,57 @@ class _Pipeline:
             try:
                 message = self.status.get(timeout=POLL_SECONDS)
             except queue.Empty:
-                self._check_children([self.writer, *self.producers])
+                self._check_children([self.writer, *self.live])
             else:
                 # Producers exit only when told to: a dead one is noticed at once, even while
                 # the others keep the messages coming.
-                self._check_children(self.producers)
+                self._check_children(self.live)
                 return message
 
     def _check_children(self, processes):
-        for process in processes:
-            if process.exitcode is not None:
-                if process is self.writer and not self.status.empty():
-                    return  # what it said just before exiting ("done", "bad") comes first
+        for process in list(processes):  # _replace() edits self.live
+            if process.exitcode is None:
+                continue
+            if process is not self.writer:
+                self._replace(process)
+            elif self.status.empty():  # what it said just before exiting comes first
                 raise ConversionError(
                     f"{process.name} (pid {process.pid}) died: {_exit_reason(process.exitcode)}. "
                     f"Committed work is kept in {self.partial}: run the same "
                     "command again to resume")
+
+    def _dispatch(self, start, poison=None):
+        """Give a chunk to the live producer with the fewest chunks not yet taken by the writer."""
+        for starts in self.assigned.values():
+            starts[:] = [s for s in starts if s + CHUNK > self.done]
+        producer = min(self.live, key=lambda p: len(self.assigned[p]))
+        self.assigned[producer].append(start)
+        task = (start, self.scan.paths[start:start + CHUNK], poison or {})
+        try:
+            self.task_pipes[self.producers.index(producer)][1].send(task)
+        except OSError:  # it died since the last look: its chunks, this one too, move on
+            producer.join(timeout=POLL_SECONDS)
+            self._replace(producer)
+
+    def _replace(self, producer):
+        """A producer died (a decoder crash, the OOM killer): blame the file it was preparing
+        and give every chunk the writer has not yet taken to the others."""
+        self.live.remove(producer)
+        reason = _exit_reason(producer.exitcode)
+        i = self.producers.index(producer)
+        chunk, current = self.slots[2 * i], self.slots[2 * i + 1]
+        if not self.live:
+            raise ConversionError(
+                f"every producer process died (the last: {reason}"
+                + (f", while preparing {self.scan.paths[current]}" if current >= 0 else "")
+                + f"). Committed work is kept in {self.partial}: run the same command again "
+                "to resume")
+        log.warning("%s died (%s); its work goes to the others", producer.name, reason)
+        poison = {current: f"the converter's producer process died ({reason}) while preparing "
+                           "this file"} if current >= 0 else {}
+        for start in self.assigned.pop(producer):  # a duplicate of a delivered one is ignored
+            if start + CHUNK > self.done:
+                self._dispatch(start, poison if start == chunk else None)
 
     def _fail(self, kind, args):
         if kind == "bad":
@@ -208,8 +258,11 @@ class _Pipeline:
         raise ConversionError(args[0])
 
     def _stop(self):
-        for _ in self.producers:
-            self.tasks.put(None)
+        for producer in self.live:
+            try:
+                self.task_pipes[self.producers.index(producer)][1].send(None)
+            except OSError:  # it is dying too
+                pass
         for process in [self.writer, *self.producers]:
             process.join(timeout=POLL_SECONDS)
             if process.is_alive():
@@ -222,12 +275,20 @@ def _settings(options):
                             options.quality)
 
 
-def producer_main(tasks, results, settings, coordinator):
+def producer_main(tasks, results, settings, coordinator, slots, i):
     """Process entry point: prepare chunks of files until the None sentinel."""
     children.detach(coordinator)
-    while (task := tasks.get()) is not None:
-        start, paths = task
-        results.put(("chunk", start, [_entry(path, settings) for path in paths]))
+    while (task := tasks.recv()) is not None:
+        start, paths, poison = task
+        slots[2 * i] = start
+        entries = []
+        for k, path in enumerate(paths):
+            slots[2 * i + 1] = start + k
+            entries.append({"path": path, "error": poison[start + k]} if start + k in poison
+                           else _entry(path, settings))
+        slots[2 * i + 1] = -1
+        results.send(("chunk", start, entries))
+        slots[2 * i] = -1
 
 
 def _entry(path, settings):
@@ -245,6 +306,8 @@ def _entry(path, settings):
 
 
 def _exit_reason(code):
+    if code is None:
+        return "gone, exit status unknown"
     if code < 0:
         return f"killed by signal {signal.Signals(-code).name}"
     return f"exit status {code}"

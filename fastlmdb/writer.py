@@ -11,6 +11,7 @@ import os
 import time
 import traceback
 import zlib
+from multiprocessing import connection
 
 import lmdb
 import numpy as np
@@ -70,10 +71,11 @@ class _Writer:
     def run(self, results):
         p = self.progress
         self.status.put(("start", p["next_source"], p["stored"]))
-        pending, total = {}, len(self.job.labels)
+        pending, total, inputs = {}, len(self.job.labels), list(results)
         while p["next_source"] < total:
-            kind, start, entries = results.get()
-            pending[start] = entries
+            for start, entries in _receive(inputs):
+                if start >= p["next_source"]:  # a chunk sent again after a death comes twice
+                    pending.setdefault(start, entries)
             while p["next_source"] in pending:
                 if not self._take(pending.pop(p["next_source"])):
                     self._commit()
@@ -162,6 +164,18 @@ class _Writer:
         self._write([], table[:0], {fmt.TABLE_KEY: fmt.dump_table(table), fmt.INFO_KEY: info})
         self.db.close()
         self.status.put(("done", info))
+
+
+def _receive(inputs):
+    """(start, entries) of the chunks ready on the producers' pipes; a pipe whose producer
+    died is dropped (the coordinator sends its work to the others)."""
+    for pipe in connection.wait(inputs):
+        try:
+            _, start, entries = pipe.recv()
+        except (EOFError, OSError):
+            inputs.remove(pipe)
+            continue
+        yield start, entries
 
 
 def _reread(entry):

@@ -3,7 +3,7 @@
     python interrupt_probe.py SRC DST HOW AT
 
 HOW is main-SIGKILL, main-SIGTERM, main-SIGINT (signals to this coordinator process) or
-writer-SIGKILL / producer-SIGKILL (to a child); AT is how many source files must be done first.
+writer-SIGKILL (to a child); AT is how many source files must be done first.
 Prints the pids of the children before stopping, so the test can check none outlive the run.
 """
 

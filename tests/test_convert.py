@@ -392,18 +392,38 @@ def long_tree(tmp_path):
     return make_tree(tmp_path / "src", plain_layout(classes=4, train=25, val=0))
 
 
-def test_a_producer_that_dies_fails_the_run(long_tree, dst):
+def test_when_every_producer_dies_the_run_fails(long_tree, dst):
     on_progress, killed = kill_child_on_progress("fastlmdb-producer-0", after=16)
     started = time.monotonic()
     with pytest.raises(ConversionError,
-                       match=r"fastlmdb-producer-0 \(pid \d+\) died: killed by signal SIGKILL\. "
-                             r"Committed work is kept in .*train\.lmdb\.partial"):
+                       match=r"every producer process died \(the last: killed by signal SIGKILL"
+                             r".*Committed work is kept in .*train\.lmdb\.partial"):
         convert.convert(convert.Options(long_tree, dst, "train", procs=1, batch_bytes=1),
                         on_progress)
     assert killed == [-signal.SIGKILL]
     assert time.monotonic() - started < 20
     assert_no_children_left()  # the writer, waiting for the dead producer, was stopped
     assert not os.path.exists(db(dst))
+
+
+def test_a_dead_producers_work_goes_to_the_others(long_tree, tmp_path, dst):
+    on_progress, killed = kill_child_on_progress("fastlmdb-producer-0", after=16)
+    stats = convert.convert(convert.Options(long_tree, dst, "train", procs=2, batch_bytes=1,
+                                            on_error="skip"), on_progress)
+    assert killed == [-signal.SIGKILL]
+    assert_no_children_left()
+    # At most the one file it was preparing is blamed, and says why.
+    assert len(stats.skipped) <= 1
+    assert all("producer process died (killed by signal SIGKILL)" in why
+               for _, why in stats.skipped)
+    assert stats.images + len(stats.skipped) == 100
+    fresh = run_convert(long_tree, tmp_path / "fresh")
+    blamed = {path for path, _ in stats.skipped}
+    info, rows, values = read_db(db(dst))
+    _, _, fresh_values = read_db(db(tmp_path / "fresh"))
+    paths = folder.scan(os.path.join(long_tree, "train")).paths
+    assert values == [v for v, p in zip(fresh_values, paths) if p not in blamed]
+    assert fresh.images == 100
 
 
 def test_a_writer_that_dies_fails_the_run_and_the_next_run_resumes(long_tree, tmp_path, dst):
@@ -453,7 +473,7 @@ def test_a_child_exiting_just_after_its_last_message_is_not_called_dead():
 
     pipeline = object.__new__(convert._Pipeline)
     pipeline.writer = types.SimpleNamespace(exitcode=0, name="fastlmdb-writer", pid=1)
-    pipeline.producers, pipeline.partial = [], "x.partial"
+    pipeline.producers, pipeline.live, pipeline.partial = [], [], "x.partial"
     pipeline.status = Status([None, ("done", {"count": 1})])
     assert pipeline._next_message() == ("done", {"count": 1})
     pipeline.status = Status([None])  # nothing was said: it did die
