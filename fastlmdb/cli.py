@@ -110,7 +110,7 @@ def _convert(args):
             max_pixels=args.max_pixels, max_size=args.max_size, quality=args.quality)
         with _ProgressBar(split) as bar:
             stats = convert.convert(options, on_progress=bar.update)
-        _print_summary(stats)
+        print_summary(stats)
     return 0
 
 
@@ -135,7 +135,7 @@ class _ProgressBar:
         self.bar.set_postfix_str(f"{bytes_in / elapsed / 1e6:.0f} MB/s in", refresh=False)
 
 
-def _print_summary(stats):
+def print_summary(stats):
     rate = stats.images / max(stats.seconds, 1e-9)
     resumed = f", resumed after {stats.resumed_at} files" if stats.resumed_at else ""
     print(f"{stats.path}: {stats.images} images, {stats.bytes_in / 1e6:.1f} MB read, "

@@ -188,7 +188,7 @@ class _Pipeline:
                 self.done = args[0]
             elif kind == "done":
                 return args[0]
-            elif kind != "committed":
+            else:
                 self._fail(kind, args)
 
     def _next_message(self):

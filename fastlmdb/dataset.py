@@ -110,8 +110,8 @@ class _Records:
         self.errors += 1
         log.warning("skipping: %s", exc)
 
-    def _describe(self, kind, count):
-        lines = [f"Dataset {kind}", f"    Number of datapoints: {count}",
+    def __repr__(self):
+        lines = [f"Dataset {type(self).__name__}", f"    Number of datapoints: {len(self)}",
                  f"    Root location: {self.root}",
                  f"    Split: {self.split} ({self.imgtype} records, output={self.output!r})"]
         for name in ("transform", "target_transform"):
@@ -167,7 +167,7 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):
         raise DatabaseError(f"no record of {self.path} could be decoded")
 
     def __getitems__(self, positions):
-        """A whole batch (the DataLoader calls this): the reads of all records start at once."""
+        """A whole batch (the DataLoader calls this): all lookups first, then the decodes."""
         indices = [int(self._index[i]) for i in positions]
         samples = []
         for i, index, value in zip(positions, indices, self._reader.get_many(indices)):
@@ -176,9 +176,6 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):
             except DecodeError:
                 samples.append(self[i])  # raises, or substitutes and counts, as for one sample
         return samples
-
-    def __repr__(self):
-        return self._describe(type(self).__name__, len(self))
 
 
 class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
@@ -278,9 +275,6 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
         else:
             values = self._reader.get_many(keys.tolist())
         return [values[i] for i in np.searchsorted(keys, piece).tolist()]
-
-    def __repr__(self):
-        return self._describe(type(self).__name__, len(self))
 
 
 def _stored_pixels(value, height, width):

@@ -29,7 +29,7 @@ def run(args):
     print(f"sample tree of real JPEGs: {src}")
     for split in ("train", "val"):
         stats = convert.convert(convert.Options(src, dst, split, overwrite=True))
-        cli._print_summary(stats)
+        cli.print_summary(stats)
     print(f"\nloading {dst}/train.lmdb, batch {BATCH}, {args.workers} workers, "
           "RandomResizedCrop(224) + flip + Normalize:")
     _compare(src, dst, args.workers)

@@ -1,7 +1,8 @@
 """The only module that opens LMDB: the flags are written once, here.
 
 Readers open ``readonly=True, lock=False`` (a finished database never changes, so no reader
-table is needed), lazily in the process that reads, and reopen after a fork.
+table is needed) once per process and file, share that environment with forked children, and
+begin their own transaction in each process.
 The converter's writer process alone writes, with batched transactions and append-only keys.
 """
 
@@ -47,7 +48,7 @@ def _open_readonly(path):
 def _open_db(env, name, path):
     try:
         return env.open_db(name, create=False)
-    except (lmdb.NotFoundError, lmdb.Error):
+    except lmdb.Error:  # NotFoundError, or a main database that is not ours
         raise DatabaseError(f"{path} is an LMDB file but not a fastlmdb database "
                             f"(no {name.decode()!r} table)") from None
 
@@ -115,7 +116,7 @@ class Reader:
         return self.get_many([index])[0]
 
     def get_many(self, indices):
-        """Zero-copy buffers of several records; their reads are started together."""
+        """Zero-copy buffers of several records, in the order asked."""
         txn = self._ensure_open()
         values = [txn.get(fmt.key(index)) for index in indices]
         for index, value in zip(indices, values):

@@ -128,7 +128,6 @@ class _Writer:
         self.rows.append(rows)
         self.first = self.progress["stored"]
         self.payloads, self.pending_rows, self.batch_bytes = [], [], 0
-        self.status.put(("committed", self.progress["next_source"], self.first))
 
     def _write(self, payloads, rows, meta):
         try:
