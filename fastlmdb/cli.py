@@ -4,10 +4,9 @@ import argparse
 import datetime
 import json
 import logging
-import os
 import sys
 
-from fastlmdb import __version__, convert, prepare, store
+from fastlmdb import __version__, convert, files, prepare, sharded, shards
 from fastlmdb.errors import FastLMDBError
 
 
@@ -42,6 +41,14 @@ def _parser():
     info.add_argument("db", help="a DST/<split>.lmdb file")
     info.add_argument("--json", action="store_true", help="print the metadata as JSON")
     info.set_defaults(run=_info)
+    merge = commands.add_parser("merge", help="join the shards of a database into one file",
+                                description="Join DST/<split>.lmdb's shards into one database "
+                                            "file with the same records, in place by default.")
+    merge.add_argument("db", help="a sharded DST/<split>.lmdb folder")
+    merge.add_argument("--output", metavar="FILE",
+                       help="write the one file here and keep the shards (default: replace "
+                            "the folder by the file, once it is complete)")
+    merge.set_defaults(run=_merge)
     from fastlmdb import demo
 
     demo.add_command(commands)
@@ -86,6 +93,16 @@ def _add_convert(commands):
                         "smaller ones keep their bytes (default 0: keep every image)")
     p.add_argument("--quality", type=int, default=90,
                    help="JPEG quality of images re-encoded by --max-size (default 90)")
+    p.add_argument("--shards", type=_positive, default=1, metavar="K",
+                   help="write each split as K shard files in the folder DST/<split>.lmdb, "
+                        "one writer each (default 1: one file)")
+    p.add_argument("--backend", default="local", choices=sharded.BACKENDS,
+                   help="where shards are made: local (one after another, each with --procs "
+                        "processes; default), loky (shards side by side in local processes), "
+                        "dask (one task per shard on a dask.distributed cluster)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="the dask scheduler, e.g. tcp://10.0.0.1:8786 (--backend dask; "
+                        "default: a local cluster of --procs workers)")
     p.set_defaults(run=_convert)
 
 
@@ -107,7 +124,8 @@ def _convert(args):
         options = convert.Options(
             from_dir=args.from_dir, to_dir=args.to_dir, split=split, save_as=args.save_as,
             procs=args.procs, on_error=args.on_error, overwrite=args.overwrite,
-            max_pixels=args.max_pixels, max_size=args.max_size, quality=args.quality)
+            max_pixels=args.max_pixels, max_size=args.max_size, quality=args.quality,
+            shards=args.shards, backend=args.backend, scheduler=args.scheduler)
         with _ProgressBar(split) as bar:
             stats = convert.convert(options, on_progress=bar.update)
         print_summary(stats)
@@ -167,8 +185,22 @@ def _verify(args):
     return 0 if report.ok else 1
 
 
+def _merge(args):
+    from tqdm import tqdm
+
+    with tqdm(unit="img", desc="merge", dynamic_ncols=True, delay=0.5) as bar:
+        def on_progress(done, total):
+            bar.total = total
+            bar.update(done - bar.n)
+
+        output = shards.merge(args.db, args.output, on_progress=on_progress)
+    info, _ = shards.read_catalog(output)
+    print(f"{output}: {info['count']} records in one file, {files.size(output) / 1e6:.1f} MB")
+    return 0
+
+
 def _info(args):
-    info, rows = store.read_catalog(args.db)
+    info, rows = shards.read_catalog(args.db)
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return 0
@@ -176,7 +208,8 @@ def _info(args):
     print(f"{args.db}: fastlmdb format {info['version']}, made by {info['made_by']} on {when}")
     print(f"  split {info['split']} from {info['source']}")
     print(f"  {info['count']} {info['imgtype']} images in {len(info['classes'])} classes, "
-          f"{os.path.getsize(args.db) / 1e6:.1f} MB")
+          f"{files.size(args.db) / 1e6:.1f} MB"
+          + (f" in {info['shards']} shards" if "shards" in info else ""))
     if len(rows):
         print(f"  height {rows['height'].min()}-{rows['height'].max()}, "
               f"width {rows['width'].min()}-{rows['width'].max()}, "

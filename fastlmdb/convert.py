@@ -1,37 +1,23 @@
-"""Convert an ImageFolder split into one LMDB file: producers -> pipes -> one writer.
+"""Convert an ImageFolder split into one LMDB file, or into K shard files and an index.
 
-The coordinator (the calling process) scans the tree, hands the producers chunks of files in
-source order, never more than a fixed window ahead of the writer (so memory stays bounded
-whatever the dataset size), relays progress, and watches every child. Each producer has its own
-task pipe and chunk pipe (one chunk in flight: a bounded queue per producer), so a producer that
-dies breaks nothing shared: its chunks go to the others and the file it was preparing is blamed.
-A writer that dies, or the last producer, fails the run within a second instead of hanging it.
-The database is written as ``<split>.lmdb.partial`` under an exclusive lock and renamed when
-complete; running the same command again after any interruption resumes after the last
-committed transaction."""
+The database is written as ``<split>.lmdb.partial`` (a file, or a folder of shards) under an
+exclusive lock and renamed when complete; running the same command again after any
+interruption resumes after the last committed transaction (of each shard). How one database
+is made: pipeline.py (local processes) or sharded.py (one task per shard, here or on a cluster).
+"""
 
-import contextlib
 import dataclasses
-import fcntl
-import hashlib
 import logging
-import multiprocessing
 import os
-import queue
-import signal
 import time
-import zlib
 
-from fastlmdb import children, folder, prepare
+from fastlmdb import files, folder, pipeline, prepare, sharded
 from fastlmdb import format as fmt
 from fastlmdb.errors import ConversionError
-from fastlmdb.writer import Job, writer_main
 
 log = logging.getLogger(__name__)
 
 ON_ERROR = ("raise", "skip")
-CHUNK = 16  # files per task: small enough to balance, large enough to amortise messages
-POLL_SECONDS = 0.25
 
 
 def default_procs():
@@ -52,6 +38,9 @@ class Options:
     quality: int = 90  # JPEG quality of those re-encoded images
     batch_bytes: int = 64 << 20
     map_size: int = 16 << 30  # virtual reservation only; grows by doubling when full
+    shards: int = 1  # 1: one file; K: K shard files in a folder, one writer each
+    backend: str = "local"  # how shards are run: see sharded.BACKENDS
+    scheduler: str = None  # the dask scheduler's address (backend "dask"); None: a local one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,13 +65,45 @@ def convert(options, on_progress=None):
                               "(the old one stays until the new one is complete)")
     os.makedirs(options.to_dir, exist_ok=True)
     partial = fmt.partial_path(final)
+    plan = pipeline.plan_of(options, scan)
     started = time.monotonic()
-    with _exclusive(partial):
-        pipeline = _Pipeline(options, scan, partial, on_progress)
-        info = pipeline.run()
-        os.replace(partial, final)
-    return Stats(final, info["count"], info["skipped"], info["transcoded"], info["bytes_in"],
-                 os.path.getsize(final), time.monotonic() - started, pipeline.resumed_at)
+    _check_layout(partial, options)
+    if options.shards > 1:
+        os.makedirs(partial, exist_ok=True)
+    with files.exclusive(partial):
+        if options.shards == 1:
+            results = [pipeline.run(options, scan, partial, plan, settings_of(options),
+                                    on_progress)]
+        else:
+            results = sharded.convert(options, scan, partial, {**plan, "shards": options.shards},
+                                      settings_of(options), on_progress)
+        files.publish(partial, final)
+    return _stats(final, results, time.monotonic() - started)
+
+
+def _check_layout(partial, options):
+    """A partial database of the other layout (one file vs shards) is refused, or removed
+    with --overwrite."""
+    if not os.path.exists(partial) or os.path.isdir(partial) == (options.shards > 1):
+        return
+    if not options.overwrite:
+        was = "as one file (--shards 1)" if os.path.isfile(partial) else "as shards"
+        raise ConversionError(f"{partial} was started {was}, this run asks for --shards "
+                              f"{options.shards}: rerun with the same arguments to resume, or "
+                              "pass --overwrite to start again")
+    files.remove(partial)
+
+
+def _stats(final, results, seconds):
+    infos = [info for info, _ in results]
+    offsets = [0]
+    for info in infos:
+        offsets.append(offsets[-1] + info["count"])
+    transcoded = [[offset + index, path, why] for info, offset in zip(infos, offsets)
+                  for index, path, why in info["transcoded"]]
+    return Stats(final, offsets[-1], [s for info in infos for s in info["skipped"]],
+                 transcoded, sum(info["bytes_in"] for info in infos), files.size(final), seconds,
+                 sum(resumed for _, resumed in results))
 
 
 def _validate(o):
@@ -100,228 +121,16 @@ def _validate(o):
         raise ValueError(f"--max-size must be >= 0 (0 keeps every size), got {o.max_size}")
     if not 1 <= o.quality <= 100:
         raise ValueError(f"--quality must be between 1 and 100, got {o.quality}")
+    if not isinstance(o.shards, int) or o.shards < 1:
+        raise ValueError(f"--shards must be a whole number >= 1, got {o.shards!r}")
+    if o.backend not in sharded.BACKENDS:
+        raise ValueError(f"--backend must be one of {', '.join(sharded.BACKENDS)}, "
+                         f"got {o.backend!r}")
+    if o.backend != "local" and o.shards == 1:
+        raise ValueError(f"--backend {o.backend} runs shards as tasks: pass --shards K "
+                         "(K > 1, e.g. a few per worker)")
 
 
-@contextlib.contextmanager
-def _exclusive(partial):
-    with open(partial, "ab") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConversionError(f"another conversion is writing {partial}; "
-                                  "wait for it to finish or stop it first") from None
-        yield
-
-
-def plan_of(options, scan):
-    """What a resumed run must agree on: everything that changes the stored records."""
-    digest = hashlib.sha256()
-    for path, label in zip(scan.paths, scan.labels.tolist()):
-        digest.update(os.path.relpath(path, scan.root).encode("utf-8", "surrogateescape"))
-        digest.update(b"\0%d\0" % label)
-    return {"source": os.path.abspath(scan.root), "split": options.split,
-            "save_as": options.save_as, "max_pixels": options.max_pixels,
-            "max_size": options.max_size, "quality": options.quality,
-            "files": len(scan), "files_sha256": digest.hexdigest()}
-
-
-class _Pipeline:
-    def __init__(self, options, scan, partial, on_progress):
-        self.options, self.scan, self.on_progress = options, scan, on_progress
-        self.partial = partial
-        self.plan = plan_of(options, scan)
-        self.window = (2 * options.procs + 2) * CHUNK
-        ctx = multiprocessing.get_context("spawn")
-        self.status = ctx.Queue()
-        # Two pipes per producer, tasks in and chunks out, nothing shared between producers:
-        # one killed mid-message (or holding a shared queue's lock) would break the others.
-        # A chunk pipe holds at most one chunk in flight, so memory stays bounded.
-        self.pipes = [ctx.Pipe(duplex=False) for _ in range(options.procs)]
-        self.task_pipes = [ctx.Pipe(duplex=False) for _ in range(options.procs)]
-        # Per producer: the chunk it is working on and the file it is preparing (-1: none),
-        # so that a death can be pinned on a file and its chunk given to another producer.
-        self.slots = ctx.RawArray("q", [-1] * (2 * options.procs))
-        job = Job(partial, self.plan, scan.labels, scan.classes, options.on_error,
-                  options.batch_bytes, options.map_size, options.overwrite)
-        self.writer = ctx.Process(
-            target=writer_main, name="fastlmdb-writer",
-            args=(job, [receive for receive, _ in self.pipes], self.status, os.getpid()))
-        self.producers = [
-            ctx.Process(target=producer_main, name=f"fastlmdb-producer-{i}",
-                        args=(tasks, send, _settings(options), os.getpid(), self.slots, i))
-            for i, ((_, send), (tasks, _)) in enumerate(zip(self.pipes, self.task_pipes))]
-        self.live = list(self.producers)
-        self.assigned = {producer: [] for producer in self.producers}  # chunk starts
-        self.done = self.resumed_at = 0
-
-    def run(self):
-        for process in [self.writer, *self.producers]:
-            process.start()
-        for receive, send in self.pipes:  # the children hold them now: EOF reaches the writer
-            receive.close()
-            send.close()
-        for receive, _ in self.task_pipes:
-            receive.close()
-        try:
-            return self._drive()
-        finally:
-            self._stop()
-
-    def _drive(self):
-        kind, *args = self._next_message()
-        if kind != "start":
-            self._fail(kind, args)
-        self.resumed_at, stored = args
-        if self.resumed_at:
-            log.info("resuming %s: %d files done, %d records stored",
-                     self.plan["source"], self.resumed_at, stored)
-        self.done = dispatched = self.resumed_at
-        total = len(self.scan)
-        while True:
-            while dispatched < total and dispatched - self.done < self.window:
-                self._dispatch(dispatched)
-                dispatched += CHUNK
-            kind, *args = self._next_message()
-            if kind == "advance" and self.on_progress:
-                self.on_progress(args[0] - self.resumed_at, total - self.resumed_at, args[2])
-            if kind == "advance":
-                self.done = args[0]
-            elif kind == "done":
-                return args[0]
-            else:
-                self._fail(kind, args)
-
-    def _next_message(self):
-        while True:
-            try:
-                message = self.status.get(timeout=POLL_SECONDS)
-            except queue.Empty:
-                self._check_children([self.writer, *self.live])
-            else:
-                # Producers exit only when told to: a dead one is noticed at once, even while
-                # the others keep the messages coming.
-                self._check_children(self.live)
-                return message
-
-    def _check_children(self, processes):
-        for process in list(processes):  # _replace() edits self.live
-            if process.exitcode is None:
-                continue
-            if process is not self.writer:
-                self._replace(process)
-            elif self.status.empty():  # what it said just before exiting comes first
-                raise ConversionError(
-                    f"{process.name} (pid {process.pid}) died: {_exit_reason(process.exitcode)}. "
-                    f"Committed work is kept in {self.partial}: run the same "
-                    "command again to resume")
-
-    def _dispatch(self, start, poison=None):
-        """Give a chunk to the live producer with the fewest chunks not yet taken by the writer."""
-        for starts in self.assigned.values():
-            starts[:] = [s for s in starts if s + CHUNK > self.done]
-        producer = min(self.live, key=lambda p: len(self.assigned[p]))
-        self.assigned[producer].append(start)
-        task = (start, self.scan.paths[start:start + CHUNK], poison or {})
-        try:
-            self.task_pipes[self.producers.index(producer)][1].send(task)
-        except OSError:  # it died since the last look: its chunks, this one too, move on
-            producer.join(timeout=POLL_SECONDS)
-            self._replace(producer)
-
-    def _replace(self, producer):
-        """A producer died (a decoder crash, the OOM killer): blame the file it was preparing
-        and give every chunk the writer has not yet taken to the others."""
-        self.live.remove(producer)
-        reason = _exit_reason(producer.exitcode)
-        i = self.producers.index(producer)
-        chunk, current = self.slots[2 * i], self.slots[2 * i + 1]
-        if not self.live:
-            raise ConversionError(
-                f"every producer process died (the last: {reason}"
-                + (f", while preparing {self.scan.paths[current]}" if current >= 0 else "")
-                + f"). Committed work is kept in {self.partial}: run the same command again "
-                "to resume")
-        log.warning("%s died (%s); its work goes to the others", producer.name, reason)
-        poison = {current: f"the converter's producer process died ({reason}) while preparing "
-                           "this file"} if current >= 0 else {}
-        for start in self.assigned.pop(producer):  # a duplicate of a delivered one is ignored
-            if start + CHUNK > self.done:
-                self._dispatch(start, poison if start == chunk else None)
-
-    def _fail(self, kind, args):
-        if kind == "bad":
-            path, reason = args
-            raise ConversionError(f"{path}: {reason}. Pass --on-error skip to leave such files "
-                                  "out; run the same command again to resume")
-        if kind == "mismatch":
-            raise ConversionError(_mismatch_message(args[0], self.plan, self.partial))
-        raise ConversionError(args[0])
-
-    def _stop(self):
-        for producer in self.live:
-            try:
-                self.task_pipes[self.producers.index(producer)][1].send(None)
-            except OSError:  # it is dying too
-                pass
-        for process in [self.writer, *self.producers]:
-            process.join(timeout=POLL_SECONDS)
-            if process.is_alive():
-                process.terminate()
-                process.join()
-
-
-def _settings(options):
+def settings_of(options):
     return prepare.Settings(options.save_as, options.max_pixels, options.max_size,
                             options.quality)
-
-
-def producer_main(tasks, results, settings, coordinator, slots, i):
-    """Process entry point: prepare chunks of files until the None sentinel."""
-    children.detach(coordinator)
-    while (task := tasks.recv()) is not None:
-        start, paths, poison = task
-        slots[2 * i] = start
-        entries = []
-        for k, path in enumerate(paths):
-            slots[2 * i + 1] = start + k
-            entries.append({"path": path, "error": poison[start + k]} if start + k in poison
-                           else _entry(path, settings))
-        slots[2 * i + 1] = -1
-        results.send(("chunk", start, entries))
-        slots[2 * i] = -1
-
-
-def _entry(path, settings):
-    try:
-        record = prepare.prepare(path, settings)
-    except Exception as exc:  # noqa: BLE001 - any failure is this file's, reported as data
-        return {"path": path, "error": str(exc) or type(exc).__name__}
-    # Unchanged source bytes are not sent: the writer reads the file again from the page cache
-    # (measured 3x cheaper than pickling 110 KB through a pipe) and checks the checksum.
-    unchanged = settings.imgtype == "jpeg" and not (record.transcoded or record.resized)
-    return {"path": path, "payload": None if unchanged else record.payload,
-            "height": record.height, "width": record.width, "crc32": zlib.crc32(record.payload),
-            "source_bytes": record.source_bytes, "transcoded": record.transcoded,
-            "resized": record.resized}
-
-
-def _exit_reason(code):
-    if code is None:
-        return "gone, exit status unknown"
-    if code < 0:
-        return f"killed by signal {signal.Signals(-code).name}"
-    return f"exit status {code}"
-
-
-_FLAGS = {"source": "--from_dir", "split": "--split", "save_as": "--save-as",
-          "max_pixels": "--max-pixels", "max_size": "--max-size", "quality": "--quality"}
-
-
-def _mismatch_message(old, new, partial):
-    for name, flag in _FLAGS.items():
-        if old.get(name) != new.get(name):
-            return (f"{partial} was started with {flag} {old.get(name)}, this run asks for "
-                    f"{new.get(name)}: rerun with the same arguments to resume, or pass "
-                    "--overwrite to start again")
-    return (f"the source files changed since {partial} was started ({old.get('files')} files "
-            f"then, {new.get('files')} now): pass --overwrite to start again")

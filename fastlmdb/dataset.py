@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from fastlmdb import crops, jpeg, order, store
+from fastlmdb import crops, jpeg, order, shards
 from fastlmdb import format as fmt
 from fastlmdb.errors import DatabaseError, FastLMDBError
 
@@ -34,7 +34,7 @@ class _Records:
         self.root, self.split = os.fspath(root), split
         self.path = fmt.db_path(self.root, split)
         self.transform, self.target_transform = transform, target_transform
-        info, rows = store.read_catalog(self.path)
+        info, rows = shards.read_catalog(self.path)
         if imgtype is not None and imgtype != info["imgtype"]:
             raise ValueError(f"imgtype={imgtype!r}, but {self.path} holds {info['imgtype']} "
                              f"records: pass imgtype={info['imgtype']!r} or leave it out")
@@ -46,7 +46,7 @@ class _Records:
         self.decoder, self.min_size = decoder, _pair(min_size)
         self._labels = rows["label"].astype(np.int64)
         self._shapes = np.stack([rows["height"], rows["width"]], axis=1).astype(np.int64)
-        self._reader = store.Reader(self.path)
+        self._reader = shards.reader(self.path)
         self.errors = 0  # records skipped in this process because they failed to decode
 
     @property

@@ -143,3 +143,19 @@ def _check_fields(info, path):
                             f"this fastlmdb reads {IMGTYPES}")
     if info["count"] < 0:
         raise DatabaseError(f"{path}: negative record count {info['count']}")
+
+
+# A sharded split: the folder DST/<split>.lmdb holds K complete databases, shard k holding a
+# contiguous range of the split's files in source order (its rows keep their `source`
+# positions in the whole split), and an index written last.
+SHARD_INDEX = "index.json"
+SHARDS_FORMAT = "fastlmdb-shards"
+
+
+def shard_file(split, index, count):
+    return f"{split}-{index:05d}-of-{count:05d}.lmdb"
+
+
+def shard_bounds(files, count, index):
+    """Source positions [start, stop) of shard `index` of `count`: equal ranges of files."""
+    return files * index // count, files * (index + 1) // count

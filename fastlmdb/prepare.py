@@ -122,6 +122,9 @@ def _pil_rgb(data, max_pixels):
             _check_pixels(image.height, image.width, max_pixels)
             why = f"{image.format} {image.mode} image converted to RGB JPEG"
             return np.asarray(image.convert("RGB")), why
+    except Image.UnidentifiedImageError:
+        # Not PIL's message: it names a memory address, and metadata must be reproducible.
+        raise ImageError("not a readable image (no image format recognised)") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageError(f"not a readable image ({exc})") from None
 

@@ -62,8 +62,11 @@ _ENVS = {}
 
 def _shared_env(path):
     try:
-        # With the inode: a database replaced since (convert --overwrite) is another file.
-        key = (os.path.realpath(path), os.stat(path).st_ino)
+        # By file identity, as py-lmdb counts it: a database renamed since it was opened (a
+        # shard moved into its finished folder) is the same file, one replaced since
+        # (convert --overwrite) another; an open env keeps its inode from being reused.
+        stat = os.stat(path)
+        key = (stat.st_dev, stat.st_ino)
     except OSError:
         return _open_readonly(path)  # raises the error that says what is wrong
     env = _ENVS.get(key)
@@ -86,6 +89,14 @@ def read_catalog(path):
     rows = fmt.load_table(raw_table, info["count"], path)
     _open_db(env, fmt.IMAGES_DB, path)
     return info, rows
+
+
+def read_meta(path, name):
+    """The JSON metadata entry `name` (fmt.PLAN_KEY, ...) of a database, or None."""
+    env = _shared_env(path)
+    with env.begin(db=_open_db(env, fmt.META_DB, path)) as txn:
+        raw = txn.get(name)
+    return None if raw is None else fmt.load_json(raw, name.decode(), path)
 
 
 class Reader:
@@ -198,5 +209,7 @@ class Writer:
         self.env.set_mapsize(size)
 
     def close(self):
-        self.env.sync(True)
-        self.env.close()
+        if self.env is not None:
+            self.env.sync(True)
+            self.env.close()
+            self.env = None

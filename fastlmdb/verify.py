@@ -10,7 +10,7 @@ import zlib
 import joblib
 import numpy as np
 
-from fastlmdb import folder, jpeg, store
+from fastlmdb import folder, jpeg, shards
 from fastlmdb.errors import FastLMDBError
 
 CHUNK = 512
@@ -30,7 +30,7 @@ class Report:
 def verify(path, *, source=None, procs=1, on_progress=None):
     """Report on every record of `path`; `source` is the split's folder to compare against."""
     try:
-        info, rows = store.read_catalog(path)
+        info, rows = shards.read_catalog(path)
     except FastLMDBError as exc:
         return Report(os.fspath(path), 0, [str(exc)])
     problems = _check_catalog(info, rows)
@@ -76,7 +76,7 @@ def _source_paths(source, info, rows, problems):
 
 
 def _check_records(path, imgtype, rows, first, paths):
-    reader = store.Reader(path)
+    reader = shards.reader(path)
     problems = []
     try:
         values = reader.scan(first, first + len(rows))

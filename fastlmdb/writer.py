@@ -46,14 +46,53 @@ def writer_main(job, results, status, coordinator):
         status.put(("fatal", f"the writer process failed:\n{traceback.format_exc()}"))
 
 
+def write_inline(job, paths, chunk_entries, chunk):
+    """Prepare and write in this process (a shard converted on a cluster worker): the same
+    records and transactions as the pipeline. `chunk_entries(some_paths)` prepares one chunk.
+    Returns (files done before this run, the last message: done, bad, mismatch or fatal)."""
+    status = _LastWord()
+    try:
+        writer = _Writer(job, status)
+    except _PlanMismatch as exc:
+        return 0, ("mismatch", exc.old_plan)
+    resumed_at = writer.progress["next_source"]
+    try:
+        while not writer.complete:
+            start = writer.progress["next_source"]
+            if not writer.take_chunk(chunk_entries(paths[start:start + chunk])):
+                break
+        else:
+            writer.finish()
+    except _StorageError as exc:
+        return resumed_at, ("fatal", str(exc))
+    finally:
+        writer.close()
+    return resumed_at, status.last
+
+
+class _LastWord:
+    """A status channel that keeps only the last message."""
+
+    last = None
+
+    def put(self, message):
+        self.last = message
+
+
 class _Writer:
     def __init__(self, job, status):
         self.job, self.status = job, status
         self.db = store.Writer(job.partial, map_size=job.map_size)
-        self.progress = self._resume_progress()
+        try:
+            self.progress = self._resume_progress()
+        except _PlanMismatch:
+            self.db.close()  # in-process callers may open this file again
+            raise
         self.rows = [self.db.all_rows()]
         self.payloads, self.pending_rows, self.batch_bytes = [], [], 0
         self.first = self.progress["stored"]
+        # A shard's records keep their positions in the whole split's scan.
+        self.first_source = job.plan.get("shard", {}).get("first_source", 0)
 
     def _resume_progress(self):
         plan = self.db.read_meta(fmt.PLAN_KEY)
@@ -71,22 +110,32 @@ class _Writer:
     def run(self, results):
         p = self.progress
         self.status.put(("start", p["next_source"], p["stored"]))
-        pending, total, inputs = {}, len(self.job.labels), list(results)
-        while p["next_source"] < total:
+        pending, inputs = {}, list(results)
+        while not self.complete:
             for start, entries in _receive(inputs):
                 if start >= p["next_source"]:  # a chunk sent again after a death comes twice
                     pending.setdefault(start, entries)
             while p["next_source"] in pending:
-                if not self._take(pending.pop(p["next_source"])):
-                    self._commit()
-                    # Only now: the coordinator stops this process soon after reading it.
-                    self.status.put(("bad", *self.bad))
+                if not self.take_chunk(pending.pop(p["next_source"])):
                     return
-                self.status.put(("advance", p["next_source"], p["stored"], p["bytes_in"]))
-                if self.batch_bytes >= self.job.batch_bytes:
-                    self._commit()
-        self._commit()
-        self._finish()
+        self.finish()
+
+    @property
+    def complete(self):
+        return self.progress["next_source"] >= len(self.job.labels)
+
+    def take_chunk(self, entries):
+        """Add the next chunk in source order; False if a bad file stopped the run."""
+        p = self.progress
+        if not self._take(entries):
+            self._commit()
+            # Only now: the coordinator stops this process soon after reading it.
+            self.status.put(("bad", *self.bad))
+            return False
+        self.status.put(("advance", p["next_source"], p["stored"], p["bytes_in"]))
+        if self.batch_bytes >= self.job.batch_bytes:
+            self._commit()
+        return True
 
     def _take(self, entries):
         """Add one chunk to the open batch; False if a bad file must stop the run."""
@@ -112,7 +161,7 @@ class _Writer:
             p["transcoded"].append([p["stored"], entry["path"], entry["transcoded"]])
         self.payloads.append(payload)
         self.pending_rows.append((self.job.labels[source], entry["height"], entry["width"],
-                                  len(payload), entry["crc32"], source,
+                                  len(payload), entry["crc32"], self.first_source + source,
                                   _changed(entry)))
         p["stored"] += 1
         p["bytes_in"] += entry["source_bytes"]
@@ -146,7 +195,9 @@ class _Writer:
                 "choose another --to_dir and move the .partial file there), then run the "
                 "same command again to resume")
 
-    def _finish(self):
+    def finish(self):
+        """Commit the open batch, then the record table and `info`: the database is complete."""
+        self._commit()
         table = np.concatenate(self.rows)
         p, job = self.progress, self.job
         info = {
@@ -160,9 +211,14 @@ class _Writer:
             "bytes_in": p["bytes_in"], "made_by": f"fastlmdb {__version__}",
             "started": p["started"], "finished": time.time(),
         }
+        if "shard" in job.plan:
+            info["shard"] = job.plan["shard"]
         self._write([], table[:0], {fmt.TABLE_KEY: fmt.dump_table(table), fmt.INFO_KEY: info})
         self.db.close()
         self.status.put(("done", info))
+
+    def close(self):
+        self.db.close()
 
 
 def _receive(inputs):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from fastlmdb import convert as _convert
 from fastlmdb import format as fmt
-from fastlmdb import store
+from fastlmdb import shards
 from fastlmdb.sample import synthetic_photo
 
 # Files ImageFolder's loader reads fine but that are not plain baseline RGB JPEGs.
@@ -138,8 +138,8 @@ def run_convert(src, dst, split="train", **options):
 
 def read_db(path):
     """(info, rows, values) of a finished database; values[i] is record i as bytes."""
-    info, rows = store.read_catalog(path)
-    reader = store.Reader(path)
+    info, rows = shards.read_catalog(path)
+    reader = shards.reader(path)
     try:
         values = [bytes(reader.get(i)) for i in range(info["count"])]
     finally:

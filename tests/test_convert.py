@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from fastlmdb import convert, folder, store
+from fastlmdb import convert, folder, pipeline, store
 from fastlmdb import format as fmt
 from fastlmdb.errors import ConversionError, DatabaseError, IncompleteDatabaseError
 from helpers import (AWKWARD_LAYOUT, BAD, TRANSCODED, assert_same_database, db, imagefolder,
@@ -353,7 +353,7 @@ def test_a_second_conversion_of_the_same_split_is_refused(tree, dst):
     os.makedirs(dst)
     with open(fmt.partial_path(db(dst)), "ab") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running conversion does
-        with pytest.raises(ConversionError, match="another conversion is writing"):
+        with pytest.raises(ConversionError, match="another fastlmdb process is writing"):
             run_convert(tree, dst)
     assert run_convert(tree, dst).images == 12  # the lock is released: it works now
 
@@ -365,7 +365,7 @@ def test_a_second_conversion_of_the_same_split_is_refused(tree, dst):
 # on its own: with one producer the coordinator hands out at most WINDOW files ahead of the
 # writer, so the files past the window at the time of the kill are never prepared, and
 # without the writer nothing is stored. Only the coordinator's watchdog can end the run.
-WINDOW = (2 * 1 + 2) * convert.CHUNK  # _Pipeline.window with procs=1
+WINDOW = (2 * 1 + 2) * pipeline.CHUNK  # _Pipeline.window with procs=1
 
 
 def kill_child_on_progress(name, after):
@@ -471,14 +471,14 @@ def test_a_child_exiting_just_after_its_last_message_is_not_called_dead():
         def empty(self):
             return not self.late
 
-    pipeline = object.__new__(convert._Pipeline)
-    pipeline.writer = types.SimpleNamespace(exitcode=0, name="fastlmdb-writer", pid=1)
-    pipeline.producers, pipeline.live, pipeline.partial = [], [], "x.partial"
-    pipeline.status = Status([None, ("done", {"count": 1})])
-    assert pipeline._next_message() == ("done", {"count": 1})
-    pipeline.status = Status([None])  # nothing was said: it did die
+    coordinator = object.__new__(pipeline._Pipeline)
+    coordinator.writer = types.SimpleNamespace(exitcode=0, name="fastlmdb-writer", pid=1)
+    coordinator.producers, coordinator.live, coordinator.partial = [], [], "x.partial"
+    coordinator.status = Status([None, ("done", {"count": 1})])
+    assert coordinator._next_message() == ("done", {"count": 1})
+    coordinator.status = Status([None])  # nothing was said: it did die
     with pytest.raises(ConversionError, match=r"fastlmdb-writer \(pid 1\) died: exit status 0"):
-        pipeline._next_message()
+        coordinator._next_message()
 
 
 def test_broken_links_and_non_utf8_names(tree, dst):

@@ -566,13 +566,6 @@ def test_missing_database(tmp_path, cls):
         cls(tmp_path / "nowhere", SPLIT)
 
 
-def test_directory_named_like_a_database(tmp_path):
-    (tmp_path / "train.lmdb").mkdir()
-    with pytest.raises(DatabaseError, match=r"train\.lmdb is a directory; a fastlmdb database "
-                                            r"is one file"):
-        LMDBDataset(tmp_path, SPLIT)
-
-
 @pytest.mark.parametrize("content", [b"", b"not an lmdb file\n" * 500,
                                      bytes(range(256)) * 64])
 def test_file_that_is_not_lmdb(tmp_path, content):

@@ -9,7 +9,7 @@ import psutil
 import pytest
 from helpers import db, make_tree, read_db, run_convert, without_times
 
-from fastlmdb import convert
+from fastlmdb import pipeline
 from fastlmdb import format as fmt
 
 # A producer that dies does not stop the run: its work goes to the others (test_convert.py).
@@ -63,7 +63,7 @@ def test_stopped_conversion_resumes_to_the_same_database(source, reference, tmp_
     info, rows, values = read_db(db(dst))
     ref_info, ref_rows, ref_values = reference
     # Committed work is kept: all but the chunk in flight when the stop came.
-    assert stats.resumed_at >= at - convert.CHUNK
+    assert stats.resumed_at >= at - pipeline.CHUNK
     assert without_times(info) == without_times(ref_info)
     assert (rows == ref_rows).all()
     assert values == ref_values

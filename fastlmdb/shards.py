@@ -1,0 +1,192 @@
+"""Any database path, one file or a folder of shards, read as one database: the catalog, a
+reader of global record indices, and `merge` of shards into one file.
+
+A sharded split is the folder ``DST/<split>.lmdb`` holding ``<split>-0000k-of-0000K.lmdb``
+shard files (each a complete database of its own) and ``index.json``, written last:
+``{"format": "fastlmdb-shards", "version": 1, "count": N, "plan": {...},
+"shards": [{"file": ..., "count": ..., "first_source": ...}, ...]}``.
+Record i of the split is record i - offset of the shard holding it, so indices, labels and
+order are those of a one-file database of the same split.
+"""
+
+import logging
+import os
+
+import numpy as np
+
+from fastlmdb import files, store
+from fastlmdb import format as fmt
+from fastlmdb.errors import DatabaseError, IncompleteDatabaseError
+
+log = logging.getLogger(__name__)
+
+INDEX_VERSION = 1
+MERGE_BATCH_BYTES = 64 << 20
+
+
+def is_sharded(path):
+    return os.path.isdir(path)
+
+
+def write_index(folder, plan, names, infos):
+    """Write the index of a folder whose shards are all finished: the folder is complete."""
+    entries = [{"file": name, "count": info["count"],
+                "first_source": info["shard"]["first_source"]}
+               for name, info in zip(names, infos)]
+    index = {"format": fmt.SHARDS_FORMAT, "version": INDEX_VERSION, "plan": plan,
+             "count": sum(entry["count"] for entry in entries), "shards": entries}
+    files.write_json_atomically(os.path.join(folder, fmt.SHARD_INDEX), index)
+
+
+def read_index(path):
+    """The checked index of the sharded database `path`."""
+    index_path = os.path.join(path, fmt.SHARD_INDEX)
+    try:
+        with open(index_path, "rb") as file:
+            index = fmt.load_json(file.read(), "index", index_path)
+    except FileNotFoundError:
+        raise IncompleteDatabaseError(
+            f"{path} is a folder without {fmt.SHARD_INDEX}: not a finished sharded database; "
+            "if its conversion stopped, run the same `fastlmdb convert` command again") from None
+    if index.get("format") != fmt.SHARDS_FORMAT:
+        raise DatabaseError(f"{index_path} is not a fastlmdb shard index")
+    if not isinstance(index.get("version"), int) or index["version"] > INDEX_VERSION:
+        raise DatabaseError(f"{index_path} has version {index.get('version')!r}, newer than "
+                            "this fastlmdb reads: upgrade with `pip install -U fastlmdb`")
+    _check_entries(index, index_path)
+    return index
+
+
+def _check_entries(index, index_path):
+    entries = index.get("shards")
+    ok = isinstance(entries, list) and entries and all(
+        isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("count"), int)
+        and os.path.basename(e["file"]) == e["file"] and e["count"] >= 0 for e in entries)
+    if not ok or index.get("count") != sum(e["count"] for e in entries):
+        raise DatabaseError(f"{index_path}: the shard list is missing or inconsistent; "
+                            "the database is damaged: convert it again")
+
+
+def shard_paths(path):
+    return [os.path.join(path, entry["file"]) for entry in read_index(path)["shards"]]
+
+
+def read_catalog(path):
+    """(info, rows) of a finished database, one file or sharded."""
+    path = os.fspath(path)
+    if not is_sharded(path):
+        return store.read_catalog(path)
+    index = read_index(path)
+    catalogs = [store.read_catalog(p) for p in shard_paths(path)]
+    for entry, (info, _) in zip(index["shards"], catalogs):
+        if info["count"] != entry["count"]:
+            raise DatabaseError(f"{path}/{entry['file']} holds {info['count']} records, the "
+                                f"index says {entry['count']}: the database is damaged")
+    info = merged_info([info for info, _ in catalogs], path)
+    return {**info, "shards": len(catalogs)}, np.concatenate([rows for _, rows in catalogs])
+
+
+def merged_info(infos, path):
+    """The info of the one database the shards make together (as a one-file conversion's)."""
+    first = infos[0]
+    for info in infos[1:]:
+        for name in ("classes", "imgtype", "split", "source", "max_size", "quality"):
+            if info[name] != first[name]:
+                raise DatabaseError(f"{path}: shards differ in {name!r}; they were not made "
+                                    "by one conversion")
+    merged = {name: value for name, value in first.items() if name != "shard"}
+    offsets = np.cumsum([0] + [info["count"] for info in infos]).tolist()
+    merged.update(
+        count=offsets[-1],
+        transcoded=[[offset + i, p, why] for info, offset in zip(infos, offsets)
+                    for i, p, why in info["transcoded"]],
+        skipped=[s for info in infos for s in info["skipped"]],
+        resized=sum(info["resized"] for info in infos),
+        bytes_in=sum(info["bytes_in"] for info in infos),
+        started=min(info["started"] for info in infos),
+        finished=max(info["finished"] for info in infos))
+    return merged
+
+
+def reader(path):
+    """A picklable reader of records by global index, for one file or a sharded folder."""
+    path = os.fspath(path)
+    return ShardedReader(path) if is_sharded(path) else store.Reader(path)
+
+
+class ShardedReader:
+    """store.Reader's interface over the shards of a folder."""
+
+    def __init__(self, path):
+        self.path = path
+        index = read_index(path)
+        self._readers = [store.Reader(p) for p in shard_paths(path)]
+        self._offsets = np.cumsum([0] + [entry["count"] for entry in index["shards"]])
+
+    def get(self, index):
+        return self.get_many([index])[0]
+
+    def get_many(self, indices):
+        indices = np.asarray(indices, dtype=np.int64)
+        values = [None] * len(indices)
+        shard_of = np.searchsorted(self._offsets, indices, side="right") - 1
+        for shard in np.unique(shard_of).tolist():
+            where = np.flatnonzero(shard_of == shard)
+            if not 0 <= shard < len(self._readers):
+                raise DatabaseError(f"{self.path}: record {int(indices[where[0]])} is out of "
+                                    f"range (0..{self._offsets[-1] - 1})")
+            local = (indices[where] - self._offsets[shard]).tolist()
+            for k, value in zip(where.tolist(), self._readers[shard].get_many(local)):
+                values[k] = value
+        return values
+
+    def scan(self, start, stop):
+        """Records start..stop-1 in key order, one cursor per shard it spans."""
+        values = []
+        for shard, reader in enumerate(self._readers):
+            low, high = self._offsets[shard], self._offsets[shard + 1]
+            if start < high and stop > low:
+                values += reader.scan(int(max(start, low) - low), int(min(stop, high) - low))
+        return values
+
+    def close(self):
+        for reader in self._readers:
+            reader.close()
+
+
+def merge(path, output=None, on_progress=None):
+    """Join the shards of `path` into one database file at `output` (default: replace `path`
+    itself). Returns the output path. An interrupted merge starts again."""
+    path = os.fspath(path)
+    output = os.fspath(output or path)
+    index = read_index(path)
+    info, rows = read_catalog(path)
+    partial = fmt.partial_path(output)
+    if os.path.lexists(partial):
+        log.info("removing %s, left by an interrupted merge", partial)
+        files.remove(partial)
+    with files.exclusive(partial):
+        writer = store.Writer(partial, map_size=max(files.size(path), 1 << 20))
+        _copy_records(reader(path), writer, index, rows, on_progress)
+        info = {name: value for name, value in info.items() if name != "shards"}
+        writer.commit(len(rows), [], rows[:0],
+                      {fmt.TABLE_KEY: fmt.dump_table(rows), fmt.INFO_KEY: info})
+        writer.close()
+        files.publish(partial, output)
+    return output
+
+
+def _copy_records(source, writer, index, rows, on_progress):
+    """Copy every record in transactions of about MERGE_BATCH_BYTES."""
+    # The plan of the whole split, as a one-file conversion of it would have written.
+    meta = {fmt.PLAN_KEY: {k: v for k, v in index["plan"].items() if k != "shards"}}
+    ends = np.cumsum(rows["nbytes"], dtype=np.int64)
+    first = 0
+    while first < len(rows):
+        done = int(ends[first - 1]) if first else 0
+        last = max(first + 1, int(np.searchsorted(ends, done + MERGE_BATCH_BYTES, "right")))
+        writer.commit(first, source.scan(first, last), rows[first:last], meta)
+        first, meta = last, {}
+        if on_progress:
+            on_progress(first, len(rows))
+    source.close()

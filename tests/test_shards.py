@@ -1,0 +1,213 @@
+"""Sharded databases: K shard files and an index read exactly like one file, merged into one
+file, resumed, refused when asked differently, and made on a real dask cluster."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from helpers import (AWKWARD_LAYOUT, assert_same_database, db, make_tree, read_db, run_convert,
+                     without_times)
+
+from fastlmdb import LMDBDataset, LMDBIterDataset, cli, shards
+from fastlmdb import format as fmt
+from fastlmdb.errors import ConversionError, DatabaseError, IncompleteDatabaseError
+
+LAYOUT = {"train": {**AWKWARD_LAYOUT["train"], "n00000003": 9}}  # 22 files, 4 classes
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards-src")
+    make_tree(root, LAYOUT)
+    # A file no loader reads, in the middle of a shard: skipped, and the order still matches.
+    with open(os.path.join(root, "train", "n00000002", "bb_text.JPEG"), "wb") as file:
+        file.write(b"not an image")
+    return os.fspath(root)
+
+
+@pytest.fixture(scope="module")
+def single(source, tmp_path_factory):
+    """The one-file database every sharded one must equal."""
+    dst = tmp_path_factory.mktemp("single")
+    run_convert(source, dst, on_error="skip")
+    return db(dst)
+
+
+def assert_same_as_single(path, single):
+    info, rows, values = read_db(path)
+    ref_info, ref_rows, ref_values = read_db(single)
+    assert values == ref_values
+    assert np.array_equal(rows, ref_rows)
+    assert {k: v for k, v in without_times(info).items() if k != "shards"} == \
+        without_times(ref_info)
+
+
+@pytest.mark.parametrize("count", [2, 3, 30])  # 30 > files: some shards are empty
+def test_sharded_split_reads_as_the_one_file_database(source, single, dst, count):
+    stats = run_convert(source, dst, on_error="skip", shards=count)
+    path = db(dst)
+    assert os.path.isdir(path) and not os.path.exists(fmt.partial_path(path))
+    names = sorted(name for name in os.listdir(path) if name.endswith(".lmdb"))
+    assert names == [fmt.shard_file("train", k, count) for k in range(count)]
+    assert_same_as_single(path, single)
+    assert shards.read_catalog(path)[0]["shards"] == count
+    ref_info = read_db(single)[0]
+    assert (stats.images, stats.skipped, stats.transcoded) == \
+        (ref_info["count"], ref_info["skipped"], ref_info["transcoded"])
+
+
+def test_each_shard_is_a_database_of_its_own(source, dst):
+    run_convert(source, dst, on_error="skip", shards=3)
+    index = shards.read_index(db(dst))
+    first = 0
+    for k, entry in enumerate(index["shards"]):
+        info, rows, values = read_db(os.path.join(db(dst), entry["file"]))
+        assert info["shard"] == {"index": k, "count": 3, "first_source": entry["first_source"]}
+        assert len(values) == info["count"] == entry["count"]
+        assert (rows["source"] >= entry["first_source"]).all()
+        first += entry["count"]
+    assert first == index["count"]
+
+
+def test_numpy_shards_equal_numpy_one_file(source, tmp_path):
+    run_convert(source, tmp_path / "one", on_error="skip", save_as="numpy")
+    run_convert(source, tmp_path / "sharded", on_error="skip", save_as="numpy", shards=2)
+    assert_same_as_single(db(tmp_path / "sharded"), db(tmp_path / "one"))
+
+
+def test_datasets_open_a_sharded_split_like_one_file(source, single, dst):
+    run_convert(source, dst, on_error="skip", shards=3)
+    one = LMDBDataset(os.path.dirname(single), "train", output="numpy")
+    sharded = LMDBDataset(dst, "train", output="numpy")
+    assert (sharded.classes, sharded.class_to_idx, sharded.targets) == \
+        (one.classes, one.class_to_idx, one.targets)
+    for i in range(len(one)):
+        assert np.array_equal(sharded[i][0], one[i][0]) and sharded[i][1] == one[i][1]
+    batch = sharded.__getitems__([len(one) - 1, 0, 7, 16])  # from several shards at once
+    assert [label for _, label in batch] == [one[i][1] for i in (len(one) - 1, 0, 7, 16)]
+    for kwargs in ({}, {"shuffle": True, "seed": 3}):
+        ours = [label for _, label in LMDBIterDataset(dst, "train", output="numpy", **kwargs)]
+        ref = [label for _, label in LMDBIterDataset(os.path.dirname(single), "train",
+                                                     output="numpy", **kwargs)]
+        assert ours == ref
+
+
+@pytest.mark.timeout(120)
+def test_sharded_split_in_dataloader_workers(source, single, dst):
+    run_convert(source, dst, on_error="skip", shards=3)
+    dataset = LMDBIterDataset(dst, "train", output="tensor", transform=lambda t: t.sum())
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2)
+    labels = sorted(int(label) for _, batch in loader for label in batch)
+    assert labels == sorted(LMDBDataset(os.path.dirname(single), "train").targets)
+
+
+def test_merge_in_place_and_to_another_file(source, single, dst, tmp_path):
+    run_convert(source, dst, on_error="skip", shards=3)
+    out = os.fspath(tmp_path / "merged.lmdb")
+    assert shards.merge(db(dst), out) == out
+    assert os.path.isdir(db(dst))  # --output keeps the shards
+    assert_same_database(out, single)
+    shards.merge(db(dst))
+    assert os.path.isfile(db(dst))
+    assert_same_database(db(dst), single)
+
+
+def test_cli_convert_info_verify_merge(source, dst, capsys):
+    assert cli.main(["convert", "--from_dir", source, "--to_dir", dst, "--split", "train",
+                     "--shards", "2", "--on-error", "skip", "--procs", "1"]) == 0
+    assert cli.main(["info", db(dst)]) == 0
+    assert "in 2 shards" in capsys.readouterr().out
+    assert cli.main(["verify", db(dst), "--source", os.path.join(source, "train")]) == 0
+    assert ": OK" in capsys.readouterr().out
+    assert cli.main(["merge", db(dst)]) == 0
+    assert "20 records in one file" in capsys.readouterr().out
+    assert cli.main(["verify", db(dst), "--source", os.path.join(source, "train")]) == 0
+
+
+def test_stopped_sharded_conversion_resumes_finished_shards_untouched(source, single, dst):
+    # The text file stops a run in shard 1; shard 0 is finished by then.
+    with pytest.raises(ConversionError, match="bb_text.JPEG"):
+        run_convert(source, dst, shards=3)
+    partial = fmt.partial_path(db(dst))
+    finished = os.path.join(partial, fmt.shard_file("train", 0, 3))
+    assert os.path.isfile(finished) and not os.path.exists(db(dst))
+    with pytest.raises(IncompleteDatabaseError):
+        shards.read_catalog(partial)  # no index yet: never mistaken for a finished one
+    mtime = os.stat(finished).st_mtime_ns
+    stats = run_convert(source, dst, shards=3, on_error="skip")  # allowed on resume
+    assert stats.resumed_at >= 7  # shard 0 (7 files) and what shard 1 committed
+    assert os.stat(os.path.join(db(dst), fmt.shard_file("train", 0, 3))).st_mtime_ns == mtime
+    assert_same_as_single(db(dst), single)
+
+
+def test_resume_with_other_shards_is_refused_naming_the_flag(source, dst):
+    with pytest.raises(ConversionError):
+        run_convert(source, dst, shards=3)
+    with pytest.raises(ConversionError, match="--shards 3, this run asks for 4"):
+        run_convert(source, dst, shards=4, on_error="skip")
+    with pytest.raises(ConversionError, match="as shards, this run asks for --shards 1"):
+        run_convert(source, dst, on_error="skip")
+    run_convert(source, dst, shards=4, on_error="skip", overwrite=True)
+    assert shards.read_catalog(db(dst))[0]["shards"] == 4
+
+
+def test_overwrite_replaces_one_file_by_shards_and_back(source, single, dst):
+    run_convert(source, dst, on_error="skip")
+    run_convert(source, dst, on_error="skip", shards=2, overwrite=True)
+    assert os.path.isdir(db(dst))
+    run_convert(source, dst, on_error="skip", overwrite=True)
+    assert os.path.isfile(db(dst))
+    assert_same_database(db(dst), single)
+    assert not [name for name in os.listdir(dst) if ".old-" in name]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda index: index.update(version=99), "newer than this fastlmdb reads"),
+    (lambda index: index.update(format="other"), "not a fastlmdb shard index"),
+    (lambda index: index["shards"][0].update(file="../elsewhere.lmdb"), "shard list"),
+    (lambda index: index["shards"][1].update(count=1), "shard list"),
+    (lambda index: index.update(count=5, shards=[{"file": index["shards"][0]["file"],
+                                                  "count": 5}]), "the index says 5"),
+])
+def test_tampered_index_is_a_clear_error(source, dst, change, message):
+    run_convert(source, dst, on_error="skip", shards=2)
+    index_path = os.path.join(db(dst), fmt.SHARD_INDEX)
+    with open(index_path) as file:
+        index = json.load(file)
+    change(index)
+    with open(index_path, "w") as file:
+        json.dump(index, file)
+    with pytest.raises(DatabaseError, match=message):
+        LMDBDataset(dst, "train")
+
+
+def test_folder_without_index_is_not_a_database(tmp_path):
+    os.makedirs(tmp_path / "train.lmdb")
+    with pytest.raises(IncompleteDatabaseError, match="without index.json"):
+        LMDBDataset(tmp_path, "train")
+
+
+@pytest.mark.timeout(120)
+def test_shards_as_loky_tasks_equal_local(source, single, dst):
+    run_convert(source, dst, on_error="skip", shards=3, backend="loky", procs=2)
+    assert_same_as_single(db(dst), single)
+
+
+@pytest.mark.timeout(180)
+def test_shards_on_a_dask_cluster_equal_local(source, single, dst):
+    from dask.distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster:
+        stats = run_convert(source, dst, on_error="skip", shards=3, backend="dask",
+                            scheduler=cluster.scheduler_address)
+        assert len(cluster.workers) == 2
+    assert stats.images == read_db(single)[0]["count"]
+    assert_same_as_single(db(dst), single)
+
+
+def test_backend_needs_shards(source, dst):
+    with pytest.raises(ValueError, match="pass --shards K"):
+        run_convert(source, dst, backend="loky")
