@@ -12,6 +12,7 @@ from fastlmdb.errors import (  # noqa: E402
 __all__ = [
     "ConversionError",
     "DatabaseError",
+    "EpochSampler",
     "FastLMDBError",
     "IncompleteDatabaseError",
     "LMDBDataset",
@@ -28,6 +29,10 @@ def __getattr__(name):
         from fastlmdb import dataset
 
         return getattr(dataset, name)
+    if name == "EpochSampler":
+        from fastlmdb import sampler
+
+        return sampler.EpochSampler
     if name in ("RandomResizedCrop", "ResizeCenterCrop"):
         from fastlmdb import crops
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from fastlmdb import crops, jpeg, order, shards
+from fastlmdb import crops, jpeg, order, sampler, shards
 from fastlmdb import format as fmt
 from fastlmdb.errors import DatabaseError, FastLMDBError
 
@@ -104,7 +104,7 @@ class _Records:
 
         return Image.fromarray(pixels, "RGB")
 
-    def _skip(self, exc):
+    def _skip_or_raise(self, exc):
         if self.on_error == "raise":
             raise exc
         self.errors += 1
@@ -163,7 +163,7 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):
             try:
                 return self._record(probe, self._reader.get(probe))
             except DecodeError as exc:
-                self._skip(exc)
+                self._skip_or_raise(exc)
         raise DatabaseError(f"no record of {self.path} could be decoded")
 
     def __getitems__(self, positions):
@@ -208,6 +208,8 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
         self._rank, self._world_size, self.batch_size = rank, world_size, batch_size
         # [epoch, samples of it already consumed]: shared, so it reaches persistent workers.
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
+        # This process's own: samples its iteration handed out, and a worker's resume point.
+        self._yielded = self._skip = 0
 
     def set_epoch(self, epoch):
         self._position[0], self._position[1] = int(epoch), 0
@@ -216,10 +218,18 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
     def epoch(self):
         return int(self._position[0])
 
-    def state_dict(self, samples_seen=0):
-        """Where this rank stands after consuming `samples_seen` more samples of the epoch."""
-        return {"seed": self.seed, "shuffle": self.shuffle, "epoch": self.epoch,
-                "samples_seen": int(self._position[1]) + int(samples_seen)}
+    def state_dict(self, samples_seen=None):
+        """Where this rank stands after consuming `samples_seen` more samples of the epoch.
+
+        Without `samples_seen`: where this process's iteration is, which is what torchdata's
+        StatefulDataLoader asks each worker (and restores with the same number of workers)."""
+        state = {"seed": self.seed, "shuffle": self.shuffle, "epoch": self.epoch,
+                 "samples_seen": int(self._position[1]) + int(samples_seen or 0)}
+        if samples_seen is None and torch.utils.data.get_worker_info() is not None:
+            state["worker_yielded"] = self._yielded
+        elif samples_seen is None:
+            state["samples_seen"] += self._yielded
+        return state
 
     def load_state_dict(self, state):
         if (state["seed"], state["shuffle"]) != (self.seed, self.shuffle):
@@ -228,15 +238,10 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
         if self.batch_size is None and state["samples_seen"]:
             raise ValueError("resuming mid-epoch needs batch_size=<the DataLoader's batch size>")
         self._position[0], self._position[1] = int(state["epoch"]), int(state["samples_seen"])
+        self._skip = state.get("worker_yielded", 0)
 
     def _ranks(self):
-        if self._world_size is not None:
-            return self._rank or 0, self._world_size
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
+        return sampler.ranks(self._rank, self._world_size)
 
     def __len__(self):
         return order.per_rank(len(self._labels), self._ranks()[1], self.drop_last)
@@ -260,12 +265,15 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
         return order.worker_share(share, worker.id, worker.num_workers)
 
     def __iter__(self):
-        for piece in order.windows(self.indices(), order.BLOCK * order.WINDOW_BLOCKS):
+        self._yielded, self._skip = self._skip, 0
+        indices = self.indices()[self._yielded:]
+        for piece in order.windows(indices, order.BLOCK * order.WINDOW_BLOCKS):
             for index, value in zip(piece.tolist(), self._read(piece)):
+                self._yielded += 1
                 try:
                     yield self._record(index, value)
                 except DecodeError as exc:
-                    self._skip(exc)
+                    self._skip_or_raise(exc)
 
     def _read(self, piece):
         """Buffers of `piece`'s records, read in key order (sequential I/O), in piece order."""

@@ -1,0 +1,77 @@
+"""A map-style sampler for distributed training that resumes mid-epoch.
+
+The epoch's order is a permutation that is a pure function of (seed, epoch), so it does not
+depend on the number of ranks or workers; each rank takes an equal contiguous share, padded
+or cut exactly as ``DistributedSampler`` does. ``state_dict``/``load_state_dict`` follow
+torchdata's ``StatefulDataLoader`` protocol (it calls them at the right moment, in spite of
+prefetching); with a plain DataLoader pass the number of samples consumed.
+"""
+
+import numpy as np
+import torch.utils.data
+
+from fastlmdb import order
+
+
+def ranks(rank=None, world_size=None):
+    """(rank, world_size): as given, else from torch.distributed when initialised, else (0, 1)."""
+    if world_size is not None:
+        return rank or 0, world_size
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Indices of this rank's share of each epoch; ``set_epoch`` before each epoch.
+
+    Args:
+        dataset: anything with a length (an LMDBDataset).
+        shuffle: a new permutation every epoch (default) or the dataset's order.
+        seed, rank, world_size, drop_last: as for ``DistributedSampler``.
+    """
+
+    def __init__(self, dataset, shuffle=True, seed=0, rank=None, world_size=None,
+                 drop_last=False):
+        self.count = len(dataset)
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.rank, self.world_size = ranks(rank, world_size)
+        self.epoch = 0
+        self.start = 0  # where the next iteration starts in this rank's share
+        self.begun = self.yielded = 0  # where the running one started, and where it is now
+
+    def set_epoch(self, epoch):
+        self.epoch, self.start = int(epoch), 0
+
+    def __len__(self):
+        return order.per_rank(self.count, self.world_size, self.drop_last)
+
+    def share(self):
+        """This rank's whole share of the epoch, in order."""
+        if self.shuffle:
+            epoch_order = np.random.default_rng([self.seed, self.epoch]).permutation(self.count)
+        else:
+            epoch_order = np.arange(self.count)
+        return order.rank_share(epoch_order, self.rank, self.world_size, self.drop_last)
+
+    def __iter__(self):
+        share, begun = self.share(), self.start
+        self.start, self.begun, self.yielded = 0, begun, begun
+        for index in share[begun:].tolist():
+            self.yielded += 1
+            yield index
+
+    def state_dict(self, samples_seen=None):
+        """Where this rank stands: after the indices handed out so far (what StatefulDataLoader
+        asks for), or after `samples_seen` samples of the running iteration were consumed."""
+        seen = self.yielded if samples_seen is None else self.begun + samples_seen
+        return {"seed": self.seed, "shuffle": self.shuffle, "epoch": self.epoch,
+                "samples_seen": int(seen)}
+
+    def load_state_dict(self, state):
+        if (state["seed"], state["shuffle"]) != (self.seed, self.shuffle):
+            raise ValueError(f"state is for seed={state['seed']}, shuffle={state['shuffle']}; "
+                             f"this sampler has seed={self.seed}, shuffle={self.shuffle}")
+        self.epoch, self.start = int(state["epoch"]), int(state["samples_seen"])
