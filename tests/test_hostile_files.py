@@ -1,0 +1,109 @@
+"""Rarer hostile files, in both modes: arithmetic-coded JPEGs. The common kinds are in
+test_convert.py."""
+
+import os
+
+import numpy as np
+import pytest
+
+import fastlmdb
+from fastlmdb import LMDBDataset, jpeg
+from helpers import (db, image_bytes, imagefolder, jpegtran, pil_rgb, pixels_of,
+                     psnr, read_db, run_convert, write_image)
+
+# Every test here starts spawn-context producer and writer processes: none may hang.
+pytestmark = pytest.mark.timeout(60)
+
+
+def _usable(backend):
+    try:
+        jpeg.decoder(backend)
+    except ImportError:
+        return False
+    return True
+
+
+DECODERS = [backend for backend in jpeg.BACKENDS if _usable(backend)]
+
+
+def kind_of(path):
+    return os.path.splitext(os.path.basename(path))[0].split("_", 1)[1]
+
+
+def is_arithmetic(data):
+    """Whether the frame header (before the first scan) says arithmetic coding (SOF9/SOF10)."""
+    header = data[:data.index(b"\xff\xda")]
+    return b"\xff\xc9" in header or b"\xff\xca" in header
+
+
+@pytest.fixture
+def arithmetic_tree(tmp_path):
+    """SRC/train, 2 classes of 6: a photo as a baseline Huffman JPEG and the same coefficients
+    arithmetic-coded, sequential and progressive (jpegtran is lossless), then an arithmetic
+    progressive, gray and CMYK JPEG."""
+    rng = np.random.default_rng(5)
+    for c in range(2):
+        class_dir = tmp_path / "src" / "train" / f"n{c:08d}"
+        class_dir.mkdir(parents=True)
+        huffman = image_bytes("plain", rng)
+        (class_dir / "a_huffman.JPEG").write_bytes(huffman)
+        (class_dir / "b_arithmetic.JPEG").write_bytes(jpegtran(huffman, "-arithmetic"))
+        (class_dir / "c_arithmetic-progressive.JPEG").write_bytes(
+            jpegtran(huffman, "-arithmetic", "-progressive"))
+        for kind in ("arithmetic-progressive", "arithmetic-gray", "arithmetic-cmyk"):
+            write_image(class_dir / f"d_{kind}.JPEG", kind, rng)
+    return os.fspath(tmp_path / "src")
+
+
+def test_arithmetic_jpegs_are_kept_and_load_as_pil_decodes_them(arithmetic_tree, dst):
+    stats = run_convert(arithmetic_tree, dst)
+    info, rows, values = read_db(db(dst))
+    paths = [p for p, _ in imagefolder(os.path.join(arithmetic_tree, "train")).samples]
+    assert len(values) == len(paths) == 12 and stats.skipped == []
+    for path, value, row in zip(paths, values, rows):
+        with open(path, "rb") as file:
+            source = file.read()
+        assert is_arithmetic(source) == (kind_of(path) != "huffman"), path
+        if kind_of(path) == "arithmetic-cmyk":  # transcoded as every CMYK JPEG is
+            assert value != source and row["transcoded"] == 1
+        else:
+            assert value == source, f"{path} was not stored byte for byte"
+    assert [t[1] for t in info["transcoded"]] == [p for p in paths if "cmyk" in p]
+
+    for decoder in DECODERS:
+        dataset = LMDBDataset(dst, "train", output="numpy", decoder=decoder)
+        for i, path in enumerate(paths):
+            pixels, expected = dataset[i][0], pil_rgb(path)
+            if kind_of(path) == "arithmetic-cmyk":
+                assert psnr(pixels, expected) > 30, (decoder, path)
+            else:
+                np.testing.assert_array_equal(pixels, expected, err_msg=f"{decoder} {path}")
+
+
+def test_arithmetic_jpegs_crop_as_their_huffman_twins(arithmetic_tree, dst):
+    # The region decoder (or its fallback) gives the same pixels for the same coefficients.
+    run_convert(arithmetic_tree, dst)
+    paths = [p for p, _ in imagefolder(os.path.join(arithmetic_tree, "train")).samples]
+    crop = LMDBDataset(dst, "train", fastlmdb.ResizeCenterCrop(40, 32), output="numpy")
+    for c in range(2):
+        twins = [crop[paths.index(os.path.join(arithmetic_tree, "train", f"n{c:08d}",
+                                                f"{name}.JPEG"))][0]
+                 for name in ("a_huffman", "b_arithmetic", "c_arithmetic-progressive")]
+        assert twins[0].shape == (32, 32, 3)
+        np.testing.assert_array_equal(twins[1], twins[0])
+        np.testing.assert_array_equal(twins[2], twins[0])
+
+
+def test_arithmetic_jpegs_in_numpy_mode_store_imagefolder_pixels(arithmetic_tree, dst):
+    run_convert(arithmetic_tree, dst, save_as="numpy")
+    _, rows, values = read_db(db(dst))
+    reference = imagefolder(os.path.join(arithmetic_tree, "train"))
+    dataset = LMDBDataset(dst, "train", output="numpy")
+    assert len(values) == len(reference) == len(dataset) == 12
+    for i, ((path, label), value, row) in enumerate(zip(reference.samples, values, rows)):
+        expected = np.asarray(reference[i][0])
+        np.testing.assert_array_equal(pixels_of(value, row), expected, err_msg=path)
+        np.testing.assert_array_equal(dataset[i][0], expected, err_msg=path)
+        assert dataset[i][1] == label
+
+
