@@ -1,18 +1,23 @@
-"""Rarer hostile files, in both modes: arithmetic-coded JPEGs. The common kinds are in
-test_convert.py."""
+"""Rarer hostile files, in both modes: arithmetic-coded and 12-bit JPEGs. The common kinds are
+in test_convert.py."""
 
 import os
+import re
 
 import numpy as np
 import pytest
 
 import fastlmdb
-from fastlmdb import LMDBDataset, jpeg
+from fastlmdb import LMDBDataset, folder, jpeg
+from fastlmdb.errors import ConversionError
 from helpers import (db, image_bytes, imagefolder, jpegtran, pil_rgb, pixels_of,
                      psnr, read_db, run_convert, write_image)
 
 # Every test here starts spawn-context producer and writer processes: none may hang.
 pytestmark = pytest.mark.timeout(60)
+
+TWELVE_BIT = ("12-bit JPEG: libjpeg-turbo decodes 8-bit samples only; "
+              "convert it to 8-bit first")
 
 
 def _usable(backend):
@@ -105,5 +110,22 @@ def test_arithmetic_jpegs_in_numpy_mode_store_imagefolder_pixels(arithmetic_tree
         np.testing.assert_array_equal(pixels_of(value, row), expected, err_msg=path)
         np.testing.assert_array_equal(dataset[i][0], expected, err_msg=path)
         assert dataset[i][1] == label
+
+
+@pytest.mark.parametrize("save_as", ["jpeg", "numpy"])
+def test_a_12_bit_jpeg_is_reported_with_what_to_do(tree, dst, save_as):
+    path = write_image(os.path.join(tree, "train", "n00000001", "scan_12bit.JPEG"), "12-bit")
+    with open(path, "rb") as file:
+        data = file.read()
+    sof = data.index(b"\xff\xc1")
+    assert data[sof + 4] == 12  # extended sequential, 12-bit samples
+    with pytest.raises(ConversionError,
+                       match=re.escape(f"{path}: {TWELVE_BIT}.") + " Pass --on-error skip"):
+        run_convert(tree, dst, save_as=save_as)
+    # What the message says to do resumes past it.
+    stats = run_convert(tree, dst, save_as=save_as, on_error="skip")
+    assert stats.skipped == [[path, TWELVE_BIT]]
+    assert stats.images == 12
+    assert stats.resumed_at == folder.scan(os.path.join(tree, "train")).paths.index(path)
 
 
