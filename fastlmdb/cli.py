@@ -86,6 +86,9 @@ def _add_convert(commands):
                         "smaller ones keep their bytes (default 0: keep every image)")
     p.add_argument("--quality", type=int, default=90,
                    help="JPEG quality of images re-encoded by --max-size (default 90)")
+    p.add_argument("--check-decode", "--check_decode", action="store_true",
+                   help="jpeg mode: decode every JPEG while converting, to report files with "
+                        "damaged scan data (slower; numpy mode always decodes)")
     p.set_defaults(run=_convert)
 
 
@@ -107,7 +110,8 @@ def _convert(args):
         options = convert.Options(
             from_dir=args.from_dir, to_dir=args.to_dir, split=split, save_as=args.save_as,
             procs=args.procs, on_error=args.on_error, overwrite=args.overwrite,
-            max_pixels=args.max_pixels, max_size=args.max_size, quality=args.quality)
+            max_pixels=args.max_pixels, max_size=args.max_size, quality=args.quality,
+            check_decode=args.check_decode)
         with _ProgressBar(split) as bar:
             stats = convert.convert(options, on_progress=bar.update)
         print_summary(stats)

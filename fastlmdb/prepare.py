@@ -34,6 +34,7 @@ class Settings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_size: int = 0  # longer side limit; 0 keeps every image at its size
     quality: int = 90  # JPEG quality of images re-encoded because of max_size
+    check_decode: bool = False  # jpeg mode: decode every JPEG, not only headers and end marker
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +51,7 @@ def prepare(path, settings=Settings()):
     """The Record to store for the file at `path`; ImageError names what is wrong."""
     data = read(path)
     if settings.imgtype == "jpeg":
-        record = _as_jpeg(data, settings.max_pixels)
+        record = _as_jpeg(data, settings)
         if not _too_large(record.height, record.width, settings.max_size):
             return record
         pixels = _shrink(_strict_decode(record.payload), settings.max_size)
@@ -90,14 +91,16 @@ def read(path):
     return data
 
 
-def _as_jpeg(data, max_pixels):
+def _as_jpeg(data, settings):
     if data.startswith(JPEG_MAGIC):
-        height, width, colorspace = _jpeg_header(data, max_pixels)
+        height, width, colorspace = _jpeg_header(data, settings.max_pixels)
         if colorspace not in ("CMYK", "YCCK"):
-            if not data.rstrip(b"\0\r\n ").endswith(JPEG_EOI):
-                _strict_decode(data)  # rare: no end marker, so make sure it is not truncated
+            # Without an end marker the file may be truncated; damaged scan data is found only
+            # by decoding, which --check-decode asks for.
+            if settings.check_decode or not data.rstrip(b"\0\r\n ").endswith(JPEG_EOI):
+                _strict_decode(data)
             return Record(data, height, width, len(data))
-    pixels, why = _pixels(data, max_pixels)
+    pixels, why = _pixels(data, settings.max_pixels)
     payload = _encode(pixels, TRANSCODE_QUALITY, "444")
     return Record(payload, pixels.shape[0], pixels.shape[1], len(data), why)
 

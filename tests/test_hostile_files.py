@@ -1,5 +1,5 @@
-"""Rarer hostile files, in both modes: arithmetic-coded and 12-bit JPEGs. The common kinds are
-in test_convert.py."""
+"""Rarer hostile files, in both modes: arithmetic-coded and 12-bit JPEGs, and damaged scan data
+(--check-decode). The common kinds are in test_convert.py."""
 
 import os
 import re
@@ -9,6 +9,7 @@ import pytest
 
 import fastlmdb
 from fastlmdb import LMDBDataset, folder, jpeg
+from fastlmdb.cli import main
 from fastlmdb.errors import ConversionError
 from helpers import (db, image_bytes, imagefolder, jpegtran, pil_rgb, pixels_of,
                      psnr, read_db, run_convert, write_image)
@@ -127,5 +128,42 @@ def test_a_12_bit_jpeg_is_reported_with_what_to_do(tree, dst, save_as):
     assert stats.skipped == [[path, TWELVE_BIT]]
     assert stats.images == 12
     assert stats.resumed_at == folder.scan(os.path.join(tree, "train")).paths.index(path)
+
+
+@pytest.fixture
+def damaged(tree):
+    """A JPEG with damaged scan data (headers and end marker intact) in `tree`'s train split."""
+    path = write_image(os.path.join(tree, "train", "n00000001", "damaged.JPEG"), "damaged-scan")
+    with open(path, "rb") as file:
+        data = file.read()
+    with pytest.raises(ValueError):
+        jpeg.decode_simplejpeg(data)  # really undecodable
+    return path
+
+
+def test_damaged_scan_data_is_stored_unless_check_decode(tree, damaged, dst, tmp_path):
+    stats = run_convert(tree, tmp_path / "unchecked")
+    assert stats.images == 13 and stats.skipped == []  # JPEG mode reads headers only
+
+    reason = r"truncated or corrupt JPEG \(.+\)"
+    with pytest.raises(ConversionError, match=re.escape(damaged) + ": " + reason):
+        run_convert(tree, dst, check_decode=True)
+    with pytest.raises(ConversionError,
+                       match=r"started with --check-decode on, this run asks for off.*"
+                             r"--overwrite"):
+        run_convert(tree, dst, on_error="skip")
+    stats = run_convert(tree, dst, check_decode=True, on_error="skip")
+    assert [path for path, _ in stats.skipped] == [damaged]
+    assert re.fullmatch(reason, stats.skipped[0][1])
+    assert stats.images == 12 and stats.resumed_at > 0
+
+
+def test_check_decode_on_the_command_line(tree, damaged, dst, capsys):
+    args = ["convert", "--from-dir", tree, "--to-dir", dst, "--split", "train", "--procs", "1",
+            "--check-decode", "--on-error", "skip"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"  skipped  {damaged}: truncated or corrupt JPEG (" in out
+    assert "  0 changed, 1 skipped" in out
 
 
