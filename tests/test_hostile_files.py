@@ -1,8 +1,11 @@
-"""Rarer hostile files, in both modes: arithmetic-coded and 12-bit JPEGs, and damaged scan data
-(--check-decode). The common kinds are in test_convert.py."""
+"""Rarer hostile files, in both modes: arithmetic-coded and 12-bit JPEGs, damaged scan data
+(--check-decode), and fuzzed files. The common kinds are in test_convert.py."""
 
+import json
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,12 +14,13 @@ import fastlmdb
 from fastlmdb import LMDBDataset, folder, jpeg
 from fastlmdb.cli import main
 from fastlmdb.errors import ConversionError
-from helpers import (db, image_bytes, imagefolder, jpegtran, pil_rgb, pixels_of,
+from helpers import (db, image_bytes, imagefolder, jpegtran, make_tree, pil_rgb, pixels_of,
                      psnr, read_db, run_convert, write_image)
 
 # Every test here starts spawn-context producer and writer processes: none may hang.
 pytestmark = pytest.mark.timeout(60)
 
+PROBE = os.path.join(os.path.dirname(__file__), "load_probe.py")
 TWELVE_BIT = ("12-bit JPEG: libjpeg-turbo decodes 8-bit samples only; "
               "convert it to 8-bit first")
 
@@ -167,3 +171,74 @@ def test_check_decode_on_the_command_line(tree, damaged, dst, capsys):
     assert "  0 changed, 1 skipped" in out
 
 
+# Fuzzing: real JPEGs with bytes overwritten in the headers or the scan data, cut anywhere, or
+# replaced by garbage after a JPEG magic. Seeded, so a failure reproduces.
+FUZZ_SOURCES = ("plain", "progressive", "gray", "exif", "arithmetic")
+MUTATIONS = ("header", "scan", "truncate", "garbage")
+FUZZ_FILES = 60  # every source kind with every mutation, 3 times
+
+
+def fuzzed(kind, mutation, rng):
+    data = bytearray(image_bytes(kind, rng))
+    scan = data.index(b"\xff\xda")
+    if mutation == "header":
+        for pos in rng.integers(2, scan, size=rng.integers(1, 5)):
+            data[pos] = rng.integers(256)
+    elif mutation == "scan":  # the end marker stays: only decoding finds the damage
+        for pos in rng.integers(scan, len(data) - 2, size=rng.integers(1, 17)):
+            data[pos] = rng.integers(256)
+    elif mutation == "truncate":
+        del data[rng.integers(3, len(data)):]
+    else:
+        data = bytearray(b"\xff\xd8\xff" + rng.bytes(int(rng.integers(0, 2000))))
+    return bytes(data)
+
+
+@pytest.fixture
+def fuzz_tree(tmp_path):
+    rng = np.random.default_rng(20240611)
+    make_tree(tmp_path / "src", {"train": {f"n{c:08d}": 0 for c in range(3)}})
+    for i in range(FUZZ_FILES):
+        kind, mutation = FUZZ_SOURCES[i % 5], MUTATIONS[i % 4]
+        path = tmp_path / "src" / "train" / f"n{i % 3:08d}" / f"{i:02d}_{kind}_{mutation}.JPEG"
+        path.write_bytes(fuzzed(kind, mutation, rng))
+    return os.fspath(tmp_path / "src")
+
+
+def load_in_a_child(root):
+    env = dict(os.environ)
+    package_root = os.path.dirname(os.path.dirname(fastlmdb.__file__))  # this fastlmdb
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(PROBE), package_root, env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, PROBE, root, "train"], capture_output=True,
+                          text=True, env=env, timeout=90)
+    assert done.returncode == 0, f"loading crashed ({done.returncode}):\n{done.stderr[-3000:]}"
+    return json.loads(done.stdout)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("save_as, check_decode",
+                         [("jpeg", False), ("jpeg", True), ("numpy", False)])
+def test_fuzzed_files_are_stored_or_reported_and_stored_ones_load(fuzz_tree, dst, save_as,
+                                                                  check_decode):
+    stats = run_convert(fuzz_tree, dst, save_as=save_as, check_decode=check_decode,
+                        on_error="skip")
+    _, rows, values = read_db(db(dst))
+    paths = folder.scan(os.path.join(fuzz_tree, "train")).paths
+    stored = [paths[source] for source in rows["source"].tolist()]
+    skipped = [path for path, _ in stats.skipped]
+    assert len(paths) == FUZZ_FILES
+    assert sorted(stored + skipped) == sorted(paths)  # each file once: stored or listed
+    assert stats.images == len(values) == FUZZ_FILES - len(skipped)
+    assert 0 < len(skipped) < FUZZ_FILES
+    assert all(isinstance(why, str) and why.strip() for _, why in stats.skipped)
+
+    loaded = load_in_a_child(os.path.dirname(db(dst)))
+    for way, (ok, failed) in loaded["ways"].items():
+        assert ok + failed == len(values), way
+    strict_failures = loaded["ways"]["simplejpeg"][1]
+    assert len(loaded["verify"]) == strict_failures  # verify decodes as strictly
+    if save_as == "numpy" or check_decode:
+        assert strict_failures == 0  # what was checked at conversion loads
+    else:
+        assert strict_failures > 0  # damaged scan data, found only at load without the flag
