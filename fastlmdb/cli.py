@@ -103,6 +103,9 @@ def _add_convert(commands):
     p.add_argument("--scheduler", metavar="ADDRESS",
                    help="the dask scheduler, e.g. tcp://10.0.0.1:8786 (--backend dask; "
                         "default: a local cluster of --procs workers)")
+    p.add_argument("--check-decode", "--check_decode", action="store_true",
+                   help="jpeg mode: decode every JPEG while converting, to report files with "
+                        "damaged scan data (slower; numpy mode always decodes)")
     p.set_defaults(run=_convert)
 
 
@@ -125,7 +128,8 @@ def _convert(args):
             from_dir=args.from_dir, to_dir=args.to_dir, split=split, save_as=args.save_as,
             procs=args.procs, on_error=args.on_error, overwrite=args.overwrite,
             max_pixels=args.max_pixels, max_size=args.max_size, quality=args.quality,
-            shards=args.shards, backend=args.backend, scheduler=args.scheduler)
+            check_decode=args.check_decode, shards=args.shards, backend=args.backend,
+            scheduler=args.scheduler)
         with _ProgressBar(split) as bar:
             stats = convert.convert(options, on_progress=bar.update)
         print_summary(stats)

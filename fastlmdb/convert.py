@@ -36,6 +36,7 @@ class Options:
     max_pixels: int = prepare.DEFAULT_MAX_PIXELS
     max_size: int = 0  # re-encode images whose longer side is larger; 0: keep all as they are
     quality: int = 90  # JPEG quality of those re-encoded images
+    check_decode: bool = False  # jpeg mode: decode every JPEG, so damaged scan data is found
     batch_bytes: int = 64 << 20
     map_size: int = 16 << 30  # virtual reservation only; grows by doubling when full
     shards: int = 1  # 1: one file; K: K shard files in a folder, one writer each
@@ -133,4 +134,4 @@ def _validate(o):
 
 def settings_of(options):
     return prepare.Settings(options.save_as, options.max_pixels, options.max_size,
-                            options.quality)
+                            options.quality, options.check_decode)

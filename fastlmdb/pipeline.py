@@ -38,10 +38,15 @@ def plan_of(options, scan):
     for path, label in zip(scan.paths, scan.labels.tolist()):
         digest.update(os.path.relpath(path, scan.root).encode("utf-8", "surrogateescape"))
         digest.update(b"\0%d\0" % label)
-    return {"source": os.path.abspath(scan.root), "split": options.split,
+    plan = {"source": os.path.abspath(scan.root), "split": options.split,
             "save_as": options.save_as, "max_pixels": options.max_pixels,
             "max_size": options.max_size, "quality": options.quality,
             "files": len(scan), "files_sha256": digest.hexdigest()}
+    # Only when it matters (numpy mode decodes anyway), so partial databases made before the
+    # flag existed still resume.
+    if options.check_decode and options.save_as == "jpeg":
+        plan["check_decode"] = True
+    return plan
 
 
 def writer_job(options, scan, partial, plan):
@@ -239,15 +244,19 @@ def failure(kind, args, plan, partial):
 
 _FLAGS = {"source": "--from_dir", "split": "--split", "save_as": "--save-as",
           "max_pixels": "--max-pixels", "max_size": "--max-size", "quality": "--quality",
-          "shards": "--shards"}
+          "check_decode": "--check-decode", "shards": "--shards"}
+_SWITCHES = {"check_decode"}  # flags without a value: absent from a plan when off
 
 
 def mismatch_message(old, new, partial):
     """Which flag differs between the plan a partial database was started with and this run's."""
     for name, flag in _FLAGS.items():
-        if old.get(name) != new.get(name):
-            return (f"{partial} was started with {flag} {old.get(name)}, this run asks for "
-                    f"{new.get(name)}: rerun with the same arguments to resume, or pass "
+        then, now = old.get(name), new.get(name)
+        if name in _SWITCHES:
+            then, now = ("on" if value else "off" for value in (then, now))
+        if then != now:
+            return (f"{partial} was started with {flag} {then}, this run asks for "
+                    f"{now}: rerun with the same arguments to resume, or pass "
                     "--overwrite to start again")
     return (f"the source files changed since {partial} was started ({old.get('files')} files "
             f"then, {new.get('files')} now): pass --overwrite to start again")

@@ -3,7 +3,8 @@
 JPEG mode keeps the source bytes whenever libjpeg-turbo can decode them to RGB; CMYK/YCCK
 JPEGs and non-JPEG files (PNG bytes named .JPEG, ...) are converted to RGB exactly as
 ImageFolder's loader would (PIL ``convert("RGB")``) and stored as a high-quality JPEG.
-Numpy mode stores the pixels ImageFolder's loader would produce.
+Numpy mode stores the pixels ImageFolder's loader would produce. JPEGs with other than 8-bit
+samples (12-bit medical/scientific files) are refused: no decoder here reads them.
 """
 
 import dataclasses
@@ -18,6 +19,11 @@ from fastlmdb.errors import ImageError
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 JPEG_EOI = b"\xff\xd9"
+# Start-of-frame markers (every coding process); the frame header holds the sample precision.
+JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE,
+                      0xCF})
+JPEG_LOSSLESS_SOF = frozenset({0xC3, 0xC7, 0xCB, 0xCF})
+JPEG_SOS = 0xDA
 TRANSCODE_QUALITY = 95
 DEFAULT_MAX_PIXELS = 1 << 27  # 134 M pixels, ~400 MB decoded: far above any real photo
 
@@ -28,6 +34,7 @@ class Settings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_size: int = 0  # longer side limit; 0 keeps every image at its size
     quality: int = 90  # JPEG quality of images re-encoded because of max_size
+    check_decode: bool = False  # jpeg mode: decode every JPEG, not only headers and end marker
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +51,7 @@ def prepare(path, settings=Settings()):
     """The Record to store for the file at `path`; ImageError names what is wrong."""
     data = read(path)
     if settings.imgtype == "jpeg":
-        record = _as_jpeg(data, settings.max_pixels)
+        record = _as_jpeg(data, settings)
         if not _too_large(record.height, record.width, settings.max_size):
             return record
         pixels = _shrink(_strict_decode(record.payload), settings.max_size)
@@ -84,15 +91,16 @@ def read(path):
     return data
 
 
-def _as_jpeg(data, max_pixels):
+def _as_jpeg(data, settings):
     if data.startswith(JPEG_MAGIC):
-        height, width, colorspace = jpeg.header(data)
-        _check_pixels(height, width, max_pixels)
+        height, width, colorspace = _jpeg_header(data, settings.max_pixels)
         if colorspace not in ("CMYK", "YCCK"):
-            if not data.rstrip(b"\0\r\n ").endswith(JPEG_EOI):
-                _strict_decode(data)  # rare: no end marker, so make sure it is not truncated
+            # Without an end marker the file may be truncated; damaged scan data is found only
+            # by decoding, which --check-decode asks for.
+            if settings.check_decode or not data.rstrip(b"\0\r\n ").endswith(JPEG_EOI):
+                _strict_decode(data)
             return Record(data, height, width, len(data))
-    pixels, why = _pixels(data, max_pixels)
+    pixels, why = _pixels(data, settings.max_pixels)
     payload = _encode(pixels, TRANSCODE_QUALITY, "444")
     return Record(payload, pixels.shape[0], pixels.shape[1], len(data), why)
 
@@ -100,11 +108,54 @@ def _as_jpeg(data, max_pixels):
 def _pixels(data, max_pixels):
     """RGB pixels as ImageFolder's loader sees them, and why PIL had to be used (or "")."""
     if data.startswith(JPEG_MAGIC):
-        height, width, colorspace = jpeg.header(data)
-        _check_pixels(height, width, max_pixels)
+        _, _, colorspace = _jpeg_header(data, max_pixels)
         if colorspace not in ("CMYK", "YCCK"):
             return _strict_decode(data), ""
     return _pil_rgb(data, max_pixels)
+
+
+def _jpeg_header(data, max_pixels):
+    """(height, width, colorspace) of JPEG bytes that the decoders can read; else ImageError."""
+    bits = _sample_precision(data)
+    if bits is not None and bits != 8:
+        # Checked here: libjpeg-turbo 3 (simplejpeg) reads such a header and only refuses to
+        # decode it, so jpeg mode would store a file that no loader decodes.
+        raise ImageError(f"{bits}-bit JPEG: libjpeg-turbo decodes 8-bit samples only; "
+                         "convert it to 8-bit first")
+    height, width, colorspace = jpeg.header(data)
+    _check_pixels(height, width, max_pixels)
+    return height, width, colorspace
+
+
+def _sample_precision(data):
+    """Bits per sample of a JPEG's frame header, or None where there is no sound one (the
+    decoder's header check then says what is wrong)."""
+    pos = 2
+    while pos + 4 < len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+        elif marker in JPEG_SOF:
+            return _frame_precision(data, pos)
+        elif marker in (JPEG_SOS, 0xD9):  # scan data or the end, and no frame header before
+            return None
+        elif 0xD0 <= marker <= 0xD8 or marker == 0x01:  # no length field
+            pos += 2
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return None
+
+
+def _frame_precision(data, pos):
+    """The precision of the frame header at `pos` if the standard allows it (8 or 12; 2 to 16
+    lossless) and the header's length fits its component count, else None (garbage)."""
+    header = data[pos:pos + 10]
+    if len(header) < 10:
+        return None
+    bits, components = header[4], header[9]
+    allowed = range(2, 17) if header[1] in JPEG_LOSSLESS_SOF else (8, 12)
+    length_ok = int.from_bytes(header[2:4], "big") == 8 + 3 * components
+    return bits if bits in allowed and components and length_ok else None
 
 
 def _strict_decode(data):

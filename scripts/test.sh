@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # The test suite, on a fresh machine: makes .venv, installs the package with its test extra,
-# tries to provide libturbojpeg for the optional PyTurboJPEG backend, runs pytest.
+# tries to provide libturbojpeg for the optional PyTurboJPEG backend and jpegtran for the
+# fixtures, runs pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Optional system libraries: libturbojpeg0 for the PyTurboJPEG backend, libjpeg62-turbo-dev to
 # build the region decoder. Without them the tests check the clear "missing" paths instead.
-if ! ldconfig -p 2>/dev/null | grep -q libturbojpeg.so || [ ! -f /usr/include/jpeglib.h ]; then
+# Needed: jpegtran (libjpeg-turbo-progs) makes the arithmetic-coded JPEGs the tests use.
+if ! ldconfig -p 2>/dev/null | grep -q libturbojpeg.so || [ ! -f /usr/include/jpeglib.h ] \
+        || ! command -v jpegtran >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        (apt-get update -qq && apt-get install -y -qq libturbojpeg0 libjpeg62-turbo-dev) \
-            >/dev/null 2>&1 || echo "note: could not install libturbojpeg0/libjpeg62-turbo-dev"
+        (apt-get update -qq && apt-get install -y -qq libturbojpeg0 libjpeg62-turbo-dev \
+            libjpeg-turbo-progs) >/dev/null 2>&1 \
+            || echo "note: could not install libturbojpeg0/libjpeg62-turbo-dev/libjpeg-turbo-progs"
     fi
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv

@@ -5,9 +5,12 @@ has), reading a database back, and image comparison. Import with ``from helpers 
 
 import io
 import os
+import shutil
+import subprocess
 import zlib
 
 import numpy as np
+import pytest
 import simplejpeg
 from PIL import Image
 
@@ -22,7 +25,10 @@ GOOD_AWKWARD = ("cmyk", "gray", "progressive", "png", "exif")
 TRANSCODED = ("cmyk", "png")
 # Files no loader can read: conversions must refuse them (on_error="raise") or skip them.
 BAD = ("truncated", "header-only", "zero", "text")
-KINDS = ("plain", *GOOD_AWKWARD, *BAD)
+# Rarer JPEGs: arithmetic-coded ones decode (made with jpegtran), the others do not.
+ARITHMETIC = ("arithmetic", "arithmetic-progressive", "arithmetic-gray", "arithmetic-cmyk")
+UNDECODABLE = ("12-bit", "damaged-scan")
+KINDS = ("plain", *GOOD_AWKWARD, *BAD, *ARITHMETIC, *UNDECODABLE)
 
 
 # Good awkward files mixed with plain ones, in every class and in different sort positions.
@@ -52,8 +58,42 @@ def _pil_bytes(image, **save):
     return buf.getvalue()
 
 
+def jpegtran(data, *args):
+    """JPEG bytes through `jpegtran ARGS`: lossless, the DCT coefficients stay the same."""
+    if shutil.which("jpegtran") is None:
+        pytest.fail("jpegtran is missing: install libjpeg-turbo-progs "
+                    "(apt-get install libjpeg-turbo-progs; scripts/test.sh does)")
+    return subprocess.run(["jpegtran", *args], input=data, capture_output=True,
+                          check=True).stdout
+
+
+def twelve_bit(data):
+    """A genuine 12-bit JPEG from a baseline 8-bit one: the frame header turned into extended
+    sequential (SOF1) with 12-bit samples. Coded 8-bit coefficients are valid 12-bit ones, so a
+    12-bit decoder reads it (checked with libjpeg-turbo 3's: samples near 2048 of 4095)."""
+    sof = data.index(b"\xff\xc0")
+    patched = bytearray(data)
+    patched[sof + 1], patched[sof + 4] = 0xC1, 12
+    return bytes(patched)
+
+
+def damage_scan(data):
+    """JPEG bytes with 16 bytes of 1 bits (stuffed 0xFF) in the middle of the scan data: longer
+    than any Huffman code, so decoding fails, while headers and end marker stay intact."""
+    middle = data.index(b"\xff\xda") + (len(data) - data.index(b"\xff\xda")) // 2
+    return data[:middle] + b"\xff\x00" * 16 + data[middle + 32:]
+
+
 def image_bytes(kind, rng):
     """The bytes of one file of `kind` (see KINDS)."""
+    if kind.startswith("arithmetic"):  # "arithmetic-gray": a gray JPEG, arithmetic-coded
+        huffman = kind.partition("-")[2] or "plain"
+        progressive = ["-progressive"] if huffman == "progressive" else []
+        return jpegtran(image_bytes(huffman, rng), "-arithmetic", *progressive)
+    if kind == "12-bit":
+        return twelve_bit(image_bytes("plain", rng))
+    if kind == "damaged-scan":
+        return damage_scan(image_bytes("plain", rng))
     if kind == "zero":
         return b""
     if kind == "text":

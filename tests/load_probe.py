@@ -1,0 +1,39 @@
+"""Load every record of a database, for test_hostile_files.py: python load_probe.py ROOT SPLIT.
+
+Runs in a process of its own, so that a decoder crashing on a hostile record fails the test
+with its exit status instead of killing pytest. Prints JSON: for each way of loading (every
+usable decoder, and the decode-aware crop) the records loaded and those skipped
+(``on_error="skip"``), and the problems `fastlmdb verify` finds.
+"""
+
+import json
+import sys
+
+from fastlmdb import LMDBIterDataset, ResizeCenterCrop, jpeg, verify
+from fastlmdb import format as fmt
+
+
+def load(root, split, **kwargs):
+    dataset = LMDBIterDataset(root, split, output="numpy", on_error="skip", **kwargs)
+    loaded = sum(1 for _ in dataset)
+    return [loaded, dataset.errors]
+
+
+def usable(backend):
+    try:
+        jpeg.decoder(backend)
+    except ImportError:
+        return False
+    return True
+
+
+def main(root, split):
+    ways = {backend: load(root, split, decoder=backend)
+            for backend in jpeg.BACKENDS if usable(backend)}
+    ways["crop"] = load(root, split, transform=ResizeCenterCrop(48, 32))
+    problems = verify.verify(fmt.db_path(root, split)).problems
+    print(json.dumps({"ways": ways, "verify": problems}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
