@@ -72,7 +72,7 @@ def _check_plan(partial, plan, overwrite):
 def _job(options, scan, settings, partial, k):
     start, stop = fmt.shard_bounds(len(scan), options.shards, k)
     part = dataclasses.replace(scan, paths=scan.paths[start:stop], labels=scan.labels[start:stop])
-    shard = {"index": k, "count": options.shards, "first_source": start}
+    shard = {"index": k, "count": options.shards, "first_source": start, "files": stop - start}
     name = fmt.shard_file(options.split, k, options.shards)
     return ShardJob(options, settings, part, {**pipeline.plan_of(options, part), "shard": shard},
                     os.path.join(partial, fmt.partial_path(name)), os.path.join(partial, name))

@@ -64,10 +64,11 @@ def _source_paths(source, info, rows, problems):
         problems.append(f"classes differ from {source}: {len(scan.classes)} there, "
                         f"{len(info['classes'])} in the database")
         return None
-    stored = len(rows) + len(info["skipped"])
-    if stored != len(scan):
-        problems.append(f"{source} has {len(scan)} images, the database {len(rows)} "
-                        f"(+{len(info['skipped'])} skipped)")
+    # A shard on its own holds a range of the split's files.
+    files = info["shard"]["files"] if "shard" in info else len(scan)
+    if len(rows) + len(info["skipped"]) != files:
+        problems.append(f"{source} has {files} images for this database, which holds "
+                        f"{len(rows)} (+{len(info['skipped'])} skipped)")
         return None
     labels_match = scan.labels[rows["source"]] == rows["label"]
     problems += [f"record {i}: label differs from {scan.paths[rows['source'][i]]}"

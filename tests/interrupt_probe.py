@@ -1,6 +1,6 @@
 """Run as a script by test_interrupt.py: convert, and stop this run in a chosen way at a point.
 
-    python interrupt_probe.py SRC DST HOW AT
+    python interrupt_probe.py SRC DST HOW AT [SHARDS]
 
 HOW is main-SIGKILL, main-SIGTERM, main-SIGINT (signals to this coordinator process) or
 writer-SIGKILL (to a child); AT is how many source files must be done first.
@@ -15,7 +15,7 @@ import sys
 from fastlmdb import convert
 
 
-def main(src, dst, how, at):
+def main(src, dst, how, at, shards=1):
     who, sig = how.split("-")
     sig = getattr(signal, sig)
     # As in a terminal: a shell may start background jobs with SIGINT ignored.
@@ -35,10 +35,10 @@ def main(src, dst, how, at):
             os.kill(victim.pid, sig)
             victim.join()
 
-    options = convert.Options(src, dst, "train", procs=2, batch_bytes=20_000)
+    options = convert.Options(src, dst, "train", procs=2, batch_bytes=20_000, shards=shards)
     convert.convert(options, on_progress=stop)
     return 0  # not reached when the stop works
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])))
+    sys.exit(main(*sys.argv[1:4], *map(int, sys.argv[4:])))

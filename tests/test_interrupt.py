@@ -32,8 +32,9 @@ def reference(source, tmp_path_factory):
     return read_db(db(dst))
 
 
-def _interrupt(source, dst, how, at):
-    probe = subprocess.run([sys.executable, PROBE, str(source), str(dst), how, str(at)],
+def _interrupt(source, dst, how, at, shards=1):
+    probe = subprocess.run([sys.executable, PROBE, str(source), str(dst), how, str(at),
+                            str(shards)],
                            capture_output=True, text=True, timeout=60)
     assert probe.returncode != 0, probe.stdout + probe.stderr
     assert os.path.exists(fmt.partial_path(db(dst))) and not os.path.exists(db(dst))
@@ -65,5 +66,21 @@ def test_stopped_conversion_resumes_to_the_same_database(source, reference, tmp_
     # Committed work is kept: all but the chunk in flight when the stop came.
     assert stats.resumed_at >= at - pipeline.CHUNK
     assert without_times(info) == without_times(ref_info)
+    assert (rows == ref_rows).all()
+    assert values == ref_values
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["main-SIGKILL", "writer-SIGKILL"])
+def test_stopped_sharded_conversion_resumes_to_the_same_database(source, reference, tmp_path,
+                                                                 how):
+    dst = tmp_path / "dst"
+    _assert_all_gone(_interrupt(source, dst, how, 50, shards=3))  # in the second shard
+    stats = run_convert(source, dst, procs=2, shards=3)
+    assert stats.resumed_at >= 50 - pipeline.CHUNK
+    info, rows, values = read_db(db(dst))
+    ref_info, ref_rows, ref_values = reference
+    assert without_times({k: v for k, v in info.items() if k != "shards"}) == \
+        without_times(ref_info)
     assert (rows == ref_rows).all()
     assert values == ref_values

@@ -10,7 +10,7 @@ import torch
 from helpers import (AWKWARD_LAYOUT, assert_same_database, db, make_tree, read_db, run_convert,
                      without_times)
 
-from fastlmdb import LMDBDataset, LMDBIterDataset, cli, shards
+from fastlmdb import LMDBDataset, LMDBIterDataset, cli, shards, verify
 from fastlmdb import format as fmt
 from fastlmdb.errors import ConversionError, DatabaseError, IncompleteDatabaseError
 
@@ -64,8 +64,12 @@ def test_each_shard_is_a_database_of_its_own(source, dst):
     first = 0
     for k, entry in enumerate(index["shards"]):
         info, rows, values = read_db(os.path.join(db(dst), entry["file"]))
-        assert info["shard"] == {"index": k, "count": 3, "first_source": entry["first_source"]}
+        assert info["shard"] == {"index": k, "count": 3, "first_source": entry["first_source"],
+                                 "files": info["count"] + len(info["skipped"])}
         assert len(values) == info["count"] == entry["count"]
+        report = verify.verify(os.path.join(db(dst), entry["file"]),
+                               source=os.path.join(source, "train"))
+        assert report.ok and report.records == entry["count"], report.problems
         assert (rows["source"] >= entry["first_source"]).all()
         first += entry["count"]
     assert first == index["count"]
