@@ -37,6 +37,7 @@ def _parser():
     commands = parser.add_subparsers(dest="command", required=True)
     _add_convert(commands)
     _add_verify(commands)
+    _add_stage(commands)
     info = commands.add_parser("info", help="describe a database")
     info.add_argument("db", help="a DST/<split>.lmdb file")
     info.add_argument("--json", action="store_true", help="print the metadata as JSON")
@@ -119,7 +120,22 @@ def _add_verify(commands):
                    help="the split folder it was made from, e.g. /data/imagenet/train")
     p.add_argument("--procs", type=_positive, default=convert.default_procs(),
                    help="processes (default: the CPUs this process may use)")
+    p.add_argument("--no-decode", "--no_decode", dest="decode", action="store_false",
+                   help="check sizes and checksums only, not that every image decodes")
     p.set_defaults(run=_verify)
+
+
+def _add_stage(commands):
+    p = commands.add_parser("stage", help="copy a database to node-local disk, checked, once",
+                            description="Copy DB (a file or a sharded folder) into LOCAL_DIR "
+                                        "unless an up-to-date copy is there, check every "
+                                        "record's checksum, and print the local path. Ranks "
+                                        "of one node may run it together: one copies.")
+    p.add_argument("db", help="a DST/<split>.lmdb file or folder, e.g. on NFS")
+    p.add_argument("local_dir", help="a folder on node-local disk")
+    p.add_argument("--procs", type=_positive, default=convert.default_procs(),
+                   help="processes checking the copy (default: the CPUs this process may use)")
+    p.set_defaults(run=_stage)
 
 
 def _convert(args):
@@ -181,7 +197,7 @@ def _verify(args):
             bar.update(done - bar.n)
 
         report = verify.verify(args.db, source=args.source, procs=args.procs,
-                               on_progress=on_progress)
+                               decode=args.decode, on_progress=on_progress)
     for problem in report.problems:
         print(f"  {problem}")
     verdict = "OK" if report.ok else f"{len(report.problems)} problem(s)"
@@ -200,6 +216,13 @@ def _merge(args):
         output = shards.merge(args.db, args.output, on_progress=on_progress)
     info, _ = shards.read_catalog(output)
     print(f"{output}: {info['count']} records in one file, {files.size(output) / 1e6:.1f} MB")
+    return 0
+
+
+def _stage(args):
+    from fastlmdb import stage
+
+    print(stage.stage(args.db, args.local_dir, procs=args.procs))
     return 0
 
 
