@@ -10,8 +10,14 @@ are reaped children and their CPU time counts. Its fixed cost per run (starting 
 processes, the final fsync) is measured on a one-image tree, and the table shows its rate net
 of that too.
 
+With --backends, the rows are the ways to run a sharded conversion instead: one file (the
+default), 4 shards made one after another by the local pipeline, and 4 shards as joblib tasks on
+loky and on a dask LocalCluster of 2 worker processes that the command starts and stops (all
+counted: they are this process's children).
+
     .venv/bin/python bench/convert.py             # 1,000 samples x2 = 2,000 files, 3 repeats
     .venv/bin/python bench/convert.py --quick     # seconds
+    .venv/bin/python bench/convert.py --backends  # one file vs shards: local, loky, dask
 """
 
 import contextlib
@@ -24,6 +30,7 @@ import sys
 import harness
 
 NAIVE = "naive: 1 put + commit per image"
+ONE_FILE = "one file (default)"
 BATCHED = "1 process: putmulti + commit per 64 MB"
 FLOOR = "read every file once (I/O floor)"
 TARGET = 0.7  # jpeg-mode conversion speed over the I/O floor that the design asks for
@@ -35,7 +42,11 @@ def main(argv=None):
     p.add_argument("--cache", choices=("warm", "cold"), default="warm",
                    help="page-cache state of the source files before each run "
                         "(default %(default)s)")
+    p.add_argument("--backends", action="store_true",
+                   help="compare the sharded backends instead (needs dask[distributed])")
     args = harness.parse(p, argv, quick_limit=48)
+    if args.backends:
+        return _backends(args)
     with harness.work_dir(args) as work:
         src, out = os.path.join(work, "src"), os.path.join(work, "out")
         files = harness.tree_from_args(args, src)
@@ -50,6 +61,28 @@ def main(argv=None):
                    title="Converting an ImageFolder tree of real ImageNet JPEGs to LMDB",
                    info=info, columns=_columns(results, mb, fixed),
                    notes=_notes(results, fixed))
+
+
+def _backends(args):
+    with harness.work_dir(args) as work:
+        src, out = os.path.join(work, "src"), os.path.join(work, "out")
+        files = harness.tree_from_args(args, src)
+        ways = {ONE_FILE: [], "--shards 4 (local: one after another)": ["--shards", "4"],
+                "--shards 4 --backend loky": ["--shards", "4", "--backend", "loky"],
+                "--shards 4 --backend dask (local cluster)": ["--shards", "4",
+                                                              "--backend", "dask"]}
+        candidates = [harness.Candidate(label, _convert(src, out, "jpeg", 2, extra),
+                                        files=tuple(files), cache="warm", setup=_fresh(out))
+                      for label, extra in ways.items()]
+        results = harness.measure(candidates, repeats=args.repeats, warmup=args.warmup)
+        info = [*harness.machine_info(work), f"input: {len(files)} files, --save-as jpeg, "
+                                             "--procs 2 (dask: 2 workers x 1 thread)"]
+    harness.report(harness.result_name(args, "convert-backends"), results, baseline=ONE_FILE,
+                   title="One file vs shards on each backend", info=info,
+                   notes=["Each run starts its own processes (and the dask cluster), as a "
+                          "command does. On a real cluster the dask workers run on other "
+                          "machines, reading --from_dir and writing --to_dir on a shared "
+                          "filesystem; here the 2 cores are shared by all of them."])
 
 
 def _fresh(out):
@@ -107,13 +140,13 @@ def _read_write(files, out):
     return run
 
 
-def _convert(src, out, save_as, procs):
+def _convert(src, out, save_as, procs, extra=()):
     """`fastlmdb convert` in this process; the images it converted (every file, or it fails)."""
     from fastlmdb import cli
 
     count = sum(len(files) for _, _, files in os.walk(os.path.join(src, "train")))
     argv = ["convert", "--from-dir", src, "--to-dir", out, "--split", "train",
-            "--save-as", save_as, "--procs", str(procs)]
+            "--save-as", save_as, "--procs", str(procs), *extra]
 
     def run():
         with contextlib.redirect_stdout(io.StringIO()), \

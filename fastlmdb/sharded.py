@@ -16,6 +16,7 @@ import logging
 import os
 
 import joblib
+from joblib.externals.loky import get_reusable_executor
 
 from fastlmdb import files, pipeline, prepare, shards, store, writer
 from fastlmdb import format as fmt
@@ -127,8 +128,11 @@ def _make_as_tasks(jobs, options, progress):
 def _backend(options):
     """The joblib backend to run shard tasks on; yields the n_jobs to ask for."""
     if options.backend == "loky":
-        with joblib.parallel_config(backend="loky"):
-            yield options.procs
+        try:
+            with joblib.parallel_config(backend="loky"):
+                yield options.procs
+        finally:  # no worker processes left waiting once the conversion is over
+            get_reusable_executor().shutdown(wait=True)
         return
     try:
         from dask.distributed import Client
