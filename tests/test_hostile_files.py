@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -242,3 +243,36 @@ def test_fuzzed_files_are_stored_or_reported_and_stored_ones_load(fuzz_tree, dst
         assert strict_failures == 0  # what was checked at conversion loads
     else:
         assert strict_failures > 0  # damaged scan data, found only at load without the flag
+
+
+def _claiming(data, marker, height, width):
+    """JPEG `data` whose frame header (after `marker`) claims height x width pixels."""
+    at = data.index(marker)
+    return data[:at + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + data[at + 9:]
+
+
+def _png_claiming(data, height, width):
+    """PNG `data` whose IHDR claims width x height pixels, with a valid chunk CRC."""
+    body = b"IHDR" + width.to_bytes(4, "big") + height.to_bytes(4, "big") + data[24:29]
+    return data[:12] + body + zlib.crc32(body).to_bytes(4, "big") + data[33:]
+
+
+@pytest.mark.parametrize("save_as", ["jpeg", "numpy"])
+def test_decompression_bombs_are_refused_before_decoding(tree, dst, save_as):
+    """Headers that claim 4 G and 2.5 G pixels in a file of a few KB: refused from the header
+    alone (decoding would need gigabytes), named, and skipped on request."""
+    rng = np.random.default_rng(3)
+    class_dir = os.path.join(tree, "train", "n00000002")
+    bombs = sorted([os.path.join(class_dir, "bomb_jpeg.JPEG"),
+                    os.path.join(class_dir, "bomb_png.JPEG")])
+    with open(bombs[0], "wb") as file:
+        file.write(_claiming(image_bytes("plain", rng), b"\xff\xc0", 65000, 65000))
+    with open(bombs[1], "wb") as file:
+        file.write(_png_claiming(image_bytes("png", rng), 50000, 50000))
+    with pytest.raises(ConversionError, match=re.escape(bombs[0]) + ".*exceeds the limit"):
+        run_convert(tree, dst, save_as=save_as)
+    stats = run_convert(tree, dst, save_as=save_as, on_error="skip")
+    assert [path for path, _ in stats.skipped] == bombs
+    for _, why in stats.skipped:
+        assert "exceeds the limit of 134217728" in why or "decompression bomb" in why, why
+    assert stats.images == 12
