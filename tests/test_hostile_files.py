@@ -2,19 +2,21 @@
 (--check-decode), and fuzzed files. The common kinds are in test_convert.py."""
 
 import json
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import zlib
 
 import numpy as np
 import pytest
 
 import fastlmdb
-from fastlmdb import LMDBDataset, folder, jpeg
+from fastlmdb import LMDBDataset, folder, jpeg, prepare
 from fastlmdb.cli import main
-from fastlmdb.errors import ConversionError
+from fastlmdb.errors import ConversionError, ImageError
 from helpers import (db, image_bytes, imagefolder, jpegtran, make_tree, pil_rgb, pixels_of,
                      psnr, read_db, run_convert, write_image)
 
@@ -276,3 +278,31 @@ def test_decompression_bombs_are_refused_before_decoding(tree, dst, save_as):
     for _, why in stats.skipped:
         assert "exceeds the limit of 134217728" in why or "decompression bomb" in why, why
     assert stats.images == 12
+
+
+def _prepare_as(uid, path, answers):
+    if uid is not None:
+        os.setgid(uid)
+        os.setuid(uid)
+    try:
+        prepare.prepare(path)
+        answers.put("read")
+    except ImageError as exc:
+        answers.put(str(exc))
+
+
+@pytest.mark.timeout(30)
+def test_a_file_we_may_not_read_is_reported():
+    """A real EACCES from the kernel on open(): as root, the producer's work runs in a child
+    that gives up root first (root may read anything); the folder is open to all."""
+    with tempfile.TemporaryDirectory() as folder_:  # in /tmp: every user may enter it
+        os.chmod(folder_, 0o755)
+        path = write_image(os.path.join(folder_, "secret.JPEG"))
+        os.chmod(path, 0)
+        context = multiprocessing.get_context("fork")
+        answers = context.Queue()
+        child = context.Process(target=_prepare_as,
+                                args=(65534 if os.geteuid() == 0 else None, path, answers))
+        child.start()
+        child.join()
+        assert answers.get(timeout=5) == "cannot read the file (Permission denied)"
