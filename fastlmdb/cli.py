@@ -97,6 +97,8 @@ def _add_convert(commands):
     p.add_argument("--shards", type=_positive, default=1, metavar="K",
                    help="write each split as K shard files in the folder DST/<split>.lmdb, "
                         "one writer each (default 1: one file)")
+    p.add_argument("--shard-size", "--shard_size", type=_positive, default=0, metavar="N",
+                   help="instead of --shards: as many shards as give about N images each")
     p.add_argument("--backend", default="local", choices=sharded.BACKENDS,
                    help="where shards are made: local (one after another, each with --procs "
                         "processes; default), loky (shards side by side in local processes), "
@@ -144,8 +146,8 @@ def _convert(args):
             from_dir=args.from_dir, to_dir=args.to_dir, split=split, save_as=args.save_as,
             procs=args.procs, on_error=args.on_error, overwrite=args.overwrite,
             max_pixels=args.max_pixels, max_size=args.max_size, quality=args.quality,
-            check_decode=args.check_decode, shards=args.shards, backend=args.backend,
-            scheduler=args.scheduler)
+            check_decode=args.check_decode, shards=args.shards, shard_size=args.shard_size,
+            backend=args.backend, scheduler=args.scheduler)
         with _ProgressBar(split) as bar:
             stats = convert.convert(options, on_progress=bar.update)
         print_summary(stats)

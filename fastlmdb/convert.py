@@ -40,6 +40,7 @@ class Options:
     batch_bytes: int = 64 << 20
     map_size: int = 16 << 30  # virtual reservation only; grows by doubling when full
     shards: int = 1  # 1: one file; K: K shard files in a folder, one writer each
+    shard_size: int = 0  # if set, as many shards as make about this many files each
     backend: str = "local"  # how shards are run: see sharded.BACKENDS
     scheduler: str = None  # the dask scheduler's address (backend "dask"); None: a local one
 
@@ -60,6 +61,8 @@ def convert(options, on_progress=None):
     """Convert one split; returns Stats. `on_progress(done, total, bytes_in)` is optional."""
     _validate(options)
     scan = folder.scan(os.path.join(options.from_dir, options.split))
+    if options.shard_size:
+        options = dataclasses.replace(options, shards=max(1, -(-len(scan) // options.shard_size)))
     final = fmt.db_path(options.to_dir, options.split)
     if os.path.exists(final) and not options.overwrite:
         raise ConversionError(f"{final} already exists; pass --overwrite to replace it "
@@ -124,10 +127,12 @@ def _validate(o):
         raise ValueError(f"--quality must be between 1 and 100, got {o.quality}")
     if not isinstance(o.shards, int) or o.shards < 1:
         raise ValueError(f"--shards must be a whole number >= 1, got {o.shards!r}")
+    if o.shard_size < 0 or (o.shard_size and o.shards != 1):
+        raise ValueError("give --shards K or --shard-size N (files per shard, >= 1), not both")
     if o.backend not in sharded.BACKENDS:
         raise ValueError(f"--backend must be one of {', '.join(sharded.BACKENDS)}, "
                          f"got {o.backend!r}")
-    if o.backend != "local" and o.shards == 1:
+    if o.backend != "local" and o.shards == 1 and not o.shard_size:
         raise ValueError(f"--backend {o.backend} runs shards as tasks: pass --shards K "
                          "(K > 1, e.g. a few per worker)")
 

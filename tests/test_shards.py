@@ -215,3 +215,11 @@ def test_shards_on_a_dask_cluster_equal_local(source, single, dst):
 def test_backend_needs_shards(source, dst):
     with pytest.raises(ValueError, match="pass --shards K"):
         run_convert(source, dst, backend="loky")
+    with pytest.raises(ValueError, match="not both"):
+        run_convert(source, dst, shards=2, shard_size=5)
+
+
+def test_shard_size_sets_the_number_of_shards(source, single, dst):
+    run_convert(source, dst, on_error="skip", shard_size=5)  # 21 files: 5 shards
+    assert shards.read_catalog(db(dst))[0]["shards"] == 5
+    assert_same_as_single(db(dst), single)
