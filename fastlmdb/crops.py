@@ -126,11 +126,18 @@ def decode_box(data, box, size, height, width, decode):
     return pixels[y0:y0 + max(1, round(h * fy)), x0:x0 + max(1, round(w * fx))]
 
 
-def resize(pixels, size):
-    """Antialiased bilinear resize of HWC uint8 pixels to `size` (h, w); HWC uint8 out."""
+def resize(pixels, size, out=None):
+    """Antialiased bilinear resize of HWC uint8 pixels to `size` (h, w); HWC uint8 out, or
+    written into `out`, a 3xHxW uint8 tensor (then returns None)."""
     if pixels.shape[:2] == tuple(size):
-        return pixels.copy()
+        if out is None:
+            return pixels.copy()
+        np.copyto(out.numpy(), pixels.transpose(2, 0, 1))
+        return None
     # A contiguous HWC array is a channels-last CHW tensor: the fast uint8 antialias path.
     chw = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).unsqueeze(0)
-    out = torch.nn.functional.interpolate(chw, size=size, mode="bilinear", antialias=True)
-    return out[0].permute(1, 2, 0).numpy()
+    resized = torch.nn.functional.interpolate(chw, size=size, mode="bilinear", antialias=True)
+    if out is None:
+        return resized[0].permute(1, 2, 0).numpy()
+    out.copy_(resized[0])
+    return None
