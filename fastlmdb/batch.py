@@ -3,10 +3,10 @@
 When a map-style dataset's pipeline ends in a fixed-size uint8 image (a decode-aware crop head,
 then at most flips), ``LMDBDataset.__getitems__`` decodes every sample of a batch straight into
 its slot of one preallocated ``[B, 3, H, W]`` uint8 tensor, and the labels into one int64
-tensor. Inside a DataLoader worker the images live in shared memory from the start, so handing
-them to the main process moves no pixels; torch's own collate would instead stack per-sample
-tensors into a new shared tensor (a copy of every image, and an allocation per sample before
-that).
+tensor. Inside a DataLoader worker the images live in shared memory from the start, reused from
+batch to batch (fastlmdb.handover), so handing them to the main process moves no pixels and
+allocates nothing; torch's own collate would instead stack per-sample tensors into a new shared
+tensor (a copy of every image, and an allocation per sample before that).
 
 ``__getitems__`` returns the samples as ``Sample`` tuples, ``(image view, label)``, so any
 collate function works; ``default_collate`` (where torch lets us register the type) and
@@ -20,6 +20,8 @@ import sys
 
 import torch
 import torch.utils.data
+
+from fastlmdb import handover
 
 
 class Sample(tuple):
@@ -54,10 +56,12 @@ def _types(*names):
 
 def empty(count, size):
     """(images, labels): uninitialised [count, 3, h, w] uint8 and [count] int64 tensors; in a
-    DataLoader worker the images are in shared memory."""
+    DataLoader worker the images are in shared memory, reused where it can be (handover)."""
     shape = (count, 3, *size)
-    images = _shared(shape) if torch.utils.data.get_worker_info() else torch.empty(
-        shape, dtype=torch.uint8)
+    images = handover.images(shape)
+    if images is None:
+        images = _shared(shape) if torch.utils.data.get_worker_info() else torch.empty(
+            shape, dtype=torch.uint8)
     return images, torch.empty(count, dtype=torch.int64)
 
 
@@ -87,7 +91,7 @@ def collate(batch):
     """
     whole = _whole_batch(batch)
     if whole is not None:
-        return list(whole)
+        return handover.batch(*whole)
     return torch.utils.data.default_collate(batch)
 
 
@@ -106,7 +110,7 @@ def _whole_batch(batch):
 def _collate_samples(batch, *, collate_fn_map=None):
     whole = _whole_batch(batch)
     if whole is not None:
-        return list(whole)
+        return handover.batch(*whole)
     # Part of a batch, or a mix: collate them as the plain tuples they are (stacking copies).
     return torch.utils.data.default_collate([tuple(sample) for sample in batch])
 

@@ -1,6 +1,6 @@
-"""Batches decoded in place (fastlmdb.batch): the same pixels, labels and random draws as the
-per-sample path, in the main process and in DataLoader workers; other pipelines keep the
-per-sample path.
+"""Batches decoded in place (fastlmdb.batch) and handed over through reused shared memory
+(fastlmdb.handover): the same pixels, labels and random draws as the per-sample path, in the
+main process and in DataLoader workers; other pipelines keep the per-sample path.
 """
 
 import os
@@ -16,7 +16,7 @@ from torchvision import transforms as v1
 from torchvision.transforms import v2
 
 import fastlmdb
-from fastlmdb import batch, convert, sample
+from fastlmdb import batch, convert, handover, sample
 from fastlmdb import format as fmt
 from fastlmdb.dataset import DecodeError, LMDBDataset
 
@@ -150,6 +150,70 @@ def test_skipped_record_as_on_the_per_sample_path(dbs, tmp_path):
         raising.__getitems__(positions)
 
 
+# --------------------------------------------------------------------------- handover
+
+
+@pytest.fixture
+def as_worker(monkeypatch):
+    """This process acting as a DataLoader worker: batches go in reused segments."""
+    if not hasattr(os, "memfd_create"):
+        pytest.skip("no memfd_create: batches go in torch's shared memory")
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
+    monkeypatch.setattr(handover, "_SEGMENTS", {"pid": None, "list": []})
+
+
+def _send(built):
+    """What the main process receives of a collated batch from a worker."""
+    from multiprocessing.reduction import ForkingPickler
+
+    return pickle.loads(ForkingPickler.dumps(default_collate(built)))
+
+
+def test_segments_are_reused_only_once_released(dbs, as_worker):
+    dataset = LMDBDataset(dbs["jpeg"], "train", PIPELINES["v2 flips"](), output="tensor")
+    built = dataset.__getitems__(list(range(8)))
+    expected = built[0].batch[0].clone()
+    received = _send(built)
+    assert type(received) is list and torch.equal(received[0], expected)
+    assert received[1].dtype == torch.int64 and received[1].tolist() == [s[1] for s in built]
+    (segment,) = handover._segments()
+    del built
+    assert not segment.free()  # the main process holds the batch
+    held_view = received[0][3:5]
+    del received
+    assert not segment.free()  # ... a view of it still
+    other = dataset.__getitems__(list(range(8, 16)))
+    assert len(handover._segments()) == 2  # not written over
+    assert torch.equal(held_view, expected[3:5])
+    del held_view
+    assert segment.free()
+    del other
+    again = dataset.__getitems__(list(range(8)))
+    assert len(handover._segments()) == 2  # reused
+    assert again[0].batch[0].data_ptr() in {s.address for s in handover._segments()}
+
+
+def test_segments_are_bounded_then_torch_shared_memory(dbs, as_worker):
+    dataset = LMDBDataset(dbs["jpeg"], "train", _crop(), output="tensor")
+    held = [_send(dataset.__getitems__([i, i + 1])) for i in range(handover.MAX_SEGMENTS + 2)]
+    assert len(handover._segments()) == handover.MAX_SEGMENTS
+    last = dataset.__getitems__([0, 1])
+    assert last[0].batch[0].is_shared()  # torch's fresh shared memory
+    assert all(images.shape == (2, 3, SIZE, SIZE) for images, _ in held)
+
+
+def test_a_sample_pickled_alone_copies_and_frees_its_segment(dbs, as_worker):
+    from multiprocessing.reduction import ForkingPickler
+
+    dataset = LMDBDataset(dbs["jpeg"], "train", _crop(), output="tensor")
+    built = dataset.__getitems__([0, 1, 2])
+    image = built[1][0].clone()
+    received = pickle.loads(ForkingPickler.dumps(built[1]))  # a custom collate_fn's way
+    assert type(received) is tuple and torch.equal(received[0], image)
+    del built
+    assert handover._segments()[0].free()
+
+
 # --------------------------------------------------------------------------- workers
 
 
@@ -169,7 +233,10 @@ def test_workers_give_the_per_sample_pixels(dbs, context, persistent):
                    context, persistent)
     slow = _epochs(LMDBDataset(dbs["jpeg"], "train", _same_pipeline_per_sample(transform),
                                output="tensor"), context, persistent)
-    assert len(fast) == len(slow) == 2 * -(-COUNT // 4)
+    # 12 batches held, more than two workers' segments: none was written over.
+    assert len(fast) == len(slow) == 2 * -(-COUNT // 4) > 2 * handover.MAX_SEGMENTS
+    if hasattr(os, "memfd_create"):  # the first batches came through segments, not torch's
+        assert not fast[0][0].is_shared() and slow[0][0].is_shared()
     for (images, labels), (expected_images, expected_labels) in zip(fast, slow):
         assert images.shape[1:] == (3, SIZE, SIZE) and images.is_contiguous()
         assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)
