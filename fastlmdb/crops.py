@@ -43,13 +43,14 @@ class RandomResizedCrop(DecodeCrop):
     def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
         self.size = _pair(size)
         self.scale, self.ratio = tuple(scale), tuple(ratio)
+        # torchvision takes the log in float32 on every call; the same values, once.
+        self._log_ratio = tuple(float(x) for x in torch.log(torch.tensor(self.ratio)))
 
     def box(self, height, width):
         area = height * width
-        log_ratio = torch.log(torch.tensor(self.ratio))
         for _ in range(10):
             target_area = area * torch.empty(1).uniform_(*self.scale).item()
-            aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+            aspect = torch.empty(1).uniform_(*self._log_ratio).exp_().item()  # float32 exp
             w = int(round(math.sqrt(target_area * aspect)))
             h = int(round(math.sqrt(target_area / aspect)))
             if 0 < w <= width and 0 < h <= height:
