@@ -63,9 +63,21 @@ def main(argv=None):
         info = [*harness.machine_info(work),
                 *_describe(work, files, args.batch_size, args.restart_workers)]
         results = harness.measure(candidates, repeats=args.repeats, warmup=args.warmup)
+    columns = [_vs_in_process(results)] if 0 in args.workers and len(args.workers) > 1 else []
     harness.report(harness.result_name(args, "loaders"), results, baseline=BASELINE,
                    title=f"Training loaders, batch {args.batch_size}, real ImageNet JPEGs",
-                   info=info, notes=[ffcv_note, *_notes()])
+                   info=info, columns=columns, notes=[ffcv_note, *_notes()])
+
+
+def _vs_in_process(results):
+    """A column: img/CPU-s over that of the same row with 0 workers (same cache state): what
+    handing samples between processes costs."""
+    def value(result):
+        cache = result.candidate.cache
+        same = [r for r in results if r.candidate.label == result.candidate.label
+                and r.candidate.group == f"0 workers, {cache}"]
+        return f"{result.per_cpu_second / same[0].per_cpu_second:.2f}x" if same else "-"
+    return harness.Column("vs 0 workers", value)
 
 
 def _describe(work, files, batch_size, restart_workers):
