@@ -138,6 +138,10 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):
         min_size: decode JPEGs at the smallest scale whose size is at least this (h, w).
         on_error: ``"raise"`` (default) or ``"skip"``: a record that fails to decode is
             replaced by the next decodable one and counted in ``errors``.
+
+    With ``output="tensor"`` and a transform that is a decode-aware crop (fastlmdb.crops)
+    followed at most by torchvision flips, the DataLoader's batches are decoded in place into
+    one uint8 tensor each and handed over without stacking (fastlmdb.batch).
     """
 
     def __init__(self, root, split, transform=None, target_transform=None, shuffle=False,
