@@ -20,6 +20,7 @@ __all__ = [
     "RandomResizedCrop",
     "ResizeCenterCrop",
     "__version__",
+    "collate",
 ]
 
 
@@ -37,4 +38,8 @@ def __getattr__(name):
         from fastlmdb import crops
 
         return getattr(crops, name)
+    if name == "collate":
+        from fastlmdb import batch
+
+        return batch.collate
     raise AttributeError(f"module 'fastlmdb' has no attribute {name!r}")

@@ -43,13 +43,14 @@ class RandomResizedCrop(DecodeCrop):
     def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
         self.size = _pair(size)
         self.scale, self.ratio = tuple(scale), tuple(ratio)
+        # torchvision takes the log in float32 on every call; the same values, once.
+        self._log_ratio = tuple(float(x) for x in torch.log(torch.tensor(self.ratio)))
 
     def box(self, height, width):
         area = height * width
-        log_ratio = torch.log(torch.tensor(self.ratio))
         for _ in range(10):
             target_area = area * torch.empty(1).uniform_(*self.scale).item()
-            aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+            aspect = torch.empty(1).uniform_(*self._log_ratio).exp_().item()  # float32 exp
             w = int(round(math.sqrt(target_area * aspect)))
             h = int(round(math.sqrt(target_area / aspect)))
             if 0 < w <= width and 0 < h <= height:
@@ -126,11 +127,18 @@ def decode_box(data, box, size, height, width, decode):
     return pixels[y0:y0 + max(1, round(h * fy)), x0:x0 + max(1, round(w * fx))]
 
 
-def resize(pixels, size):
-    """Antialiased bilinear resize of HWC uint8 pixels to `size` (h, w); HWC uint8 out."""
+def resize(pixels, size, out=None):
+    """Antialiased bilinear resize of HWC uint8 pixels to `size` (h, w); HWC uint8 out, or
+    written into `out`, a 3xHxW uint8 tensor (then returns None)."""
     if pixels.shape[:2] == tuple(size):
-        return pixels.copy()
+        if out is None:
+            return pixels.copy()
+        np.copyto(out.numpy(), pixels.transpose(2, 0, 1))
+        return None
     # A contiguous HWC array is a channels-last CHW tensor: the fast uint8 antialias path.
     chw = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).unsqueeze(0)
-    out = torch.nn.functional.interpolate(chw, size=size, mode="bilinear", antialias=True)
-    return out[0].permute(1, 2, 0).numpy()
+    resized = torch.nn.functional.interpolate(chw, size=size, mode="bilinear", antialias=True)
+    if out is None:
+        return resized[0].permute(1, 2, 0).numpy()
+    out.copy_(resized[0])
+    return None

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from fastlmdb import crops, jpeg, order, sampler, shards
+from fastlmdb import batch, crops, jpeg, order, sampler, shards
 from fastlmdb import format as fmt
 from fastlmdb.errors import DatabaseError, FastLMDBError
 
@@ -69,8 +69,9 @@ class _Records:
             label = self.target_transform(label)
         return image, label
 
-    def _pixels(self, index, value):
-        """HWC uint8 pixels of a record: whole, or the crop box of a decode-aware head."""
+    def _pixels(self, index, value, out=None):
+        """HWC uint8 pixels of a record: whole, or the crop box of a decode-aware head
+        (resized into `out`, a 3xHxW uint8 tensor, when given)."""
         height, width = (int(n) for n in self._shapes[index])
         crop = self._crop
         try:
@@ -79,13 +80,13 @@ class _Records:
                 if crop is None:
                     return pixels.copy()  # detach from the map, writable
                 top, left, h, w = crop.box(height, width)
-                return crops.resize(pixels[top:top + h, left:left + w], crop.size)
+                return crops.resize(pixels[top:top + h, left:left + w], crop.size, out)
             if crop is None:
                 return self._decode(value, min_height=self.min_size[0],
                                     min_width=self.min_size[1])
             box = crop.box(height, width)
             pixels = crops.decode_box(value, box, crop.size, height, width, self._decode)
-            return crops.resize(pixels, crop.size)
+            return crops.resize(pixels, crop.size, out)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is this record's
             raise self._error(index, str(exc)) from None
 
@@ -137,6 +138,10 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):
         min_size: decode JPEGs at the smallest scale whose size is at least this (h, w).
         on_error: ``"raise"`` (default) or ``"skip"``: a record that fails to decode is
             replaced by the next decodable one and counted in ``errors``.
+
+    With ``output="tensor"`` and a transform that is a decode-aware crop (fastlmdb.crops)
+    followed at most by torchvision flips, the DataLoader's batches are decoded in place into
+    one uint8 tensor each and handed over without stacking (fastlmdb.batch).
     """
 
     def __init__(self, root, split, transform=None, target_transform=None, shuffle=False,
@@ -167,15 +172,47 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):
         raise DatabaseError(f"no record of {self.path} could be decoded")
 
     def __getitems__(self, positions):
-        """A whole batch (the DataLoader calls this): all lookups first, then the decodes."""
+        """A whole batch (the DataLoader calls this): all lookups first, then the decodes;
+        in place into one batch tensor where the pipeline allows (see fastlmdb.batch)."""
         indices = [int(self._index[i]) for i in positions]
+        values = self._reader.get_many(indices)
+        if self._decodes_in_place():
+            return self._batch_in_place(positions, indices, values)
         samples = []
-        for i, index, value in zip(positions, indices, self._reader.get_many(indices)):
+        for i, index, value in zip(positions, indices, values):
             try:
                 samples.append(self._record(index, value))
             except DecodeError:
                 samples.append(self[i])  # raises, or substitutes and counts, as for one sample
         return samples
+
+    def _decodes_in_place(self):
+        """Whether every image of a batch is a 3xHxW uint8 tensor of the crop head's size."""
+        return (self._crop is not None and self.output == "tensor"
+                and self.target_transform is None and batch.only_flips(self._rest))
+
+    def _batch_in_place(self, positions, indices, values):
+        """The samples of one batch, decoded into one images tensor (batch.Sample views)."""
+        images, labels = batch.empty(len(positions), self._crop.size)
+        label_list = []
+        for slot, (i, index, value) in enumerate(zip(positions, indices, values)):
+            try:
+                label_list.append(self._record_into(index, value, images[slot]))
+            except DecodeError:
+                image, label = self[i]  # raises, or substitutes and counts, as for one sample
+                images[slot].copy_(image)
+                label_list.append(label)
+        labels.numpy()[:] = label_list
+        return batch.samples(images, labels, label_list)
+
+    def _record_into(self, index, value, image):
+        """_record, the image written into `image`, a 3xHxW uint8 tensor; returns the label."""
+        self._pixels(index, value, out=image)
+        if self._rest is not None:
+            flipped = self._rest(image)  # the same transform objects and random draws
+            if flipped is not image:
+                image.copy_(flipped)
+        return int(self._labels[index])
 
 
 class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):

@@ -1,0 +1,126 @@
+"""Whole batches decoded in place: one uint8 image tensor per batch, handed over once.
+
+When a map-style dataset's pipeline ends in a fixed-size uint8 image (a decode-aware crop head,
+then at most flips), ``LMDBDataset.__getitems__`` decodes every sample of a batch straight into
+its slot of one preallocated ``[B, 3, H, W]`` uint8 tensor, and the labels into one int64
+tensor. Inside a DataLoader worker the images live in shared memory from the start, reused from
+batch to batch (fastlmdb.handover), so handing them to the main process moves no pixels and
+allocates nothing; torch's own collate would instead stack per-sample tensors into a new shared
+tensor (a copy of every image, and an allocation per sample before that).
+
+``__getitems__`` returns the samples as ``Sample`` tuples, ``(image view, label)``, so any
+collate function works; ``default_collate`` (where torch lets us register the type) and
+``collate`` below return the prebuilt ``[images, labels]`` without stacking. The images tensor
+is a contiguous ``[B, 3, H, W]`` tensor, as ``default_collate`` would stack, and its pixels are
+those of the per-sample path (same transform objects, same random draws, in the same order).
+"""
+
+import math
+import sys
+
+import torch
+import torch.utils.data
+
+from fastlmdb import handover
+
+
+class Sample(tuple):
+    """(image, label) of sample `position` of a batch decoded in place: the image a view of
+    ``batch[0]``, the label an int, as the per-sample path gives it; `batch` is the whole
+    (images, labels)."""
+
+    def __new__(cls, image, label, batch, position):
+        sample = super().__new__(cls, (image, label))
+        sample.batch, sample.position = batch, position
+        return sample
+
+    def __reduce__(self):
+        return tuple, (tuple(self),)  # pickled, it is the plain (image, label) it stands for
+
+
+def only_flips(transform):
+    """Whether `transform` keeps a uint8 CHW tensor's size and type: None, a torchvision flip,
+    or a torchvision Compose of flips. Exact types: a subclass may do anything."""
+    steps = list(transform.transforms) if type(transform) in _types("Compose") else [transform]
+    flips = _types("RandomHorizontalFlip", "RandomVerticalFlip")
+    return all(step is None or type(step) in flips for step in steps)
+
+
+def _types(*names):
+    """Those classes of torchvision.transforms and .v2, of the ones already imported (a
+    transform of theirs exists only once they are)."""
+    modules = [sys.modules.get(name) for name in ("torchvision.transforms",
+                                                  "torchvision.transforms.v2")]
+    return tuple(getattr(m, name) for m in modules if m is not None for name in names)
+
+
+def empty(count, size):
+    """(images, labels): uninitialised [count, 3, h, w] uint8 and [count] int64 tensors; in a
+    DataLoader worker the images are in shared memory, reused where it can be (handover)."""
+    shape = (count, 3, *size)
+    images = handover.images(shape)
+    if images is None:
+        images = _shared(shape) if torch.utils.data.get_worker_info() else torch.empty(
+            shape, dtype=torch.uint8)
+    return images, torch.empty(count, dtype=torch.int64)
+
+
+def _shared(shape):
+    try:
+        # What torch's collate does for the batches it stacks; share_memory_() on an ordinary
+        # tensor would allocate it twice and copy.
+        storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    except AttributeError:  # not in this torch version
+        return torch.empty(shape, dtype=torch.uint8).share_memory_()
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)
+
+
+def samples(images, labels, label_list):
+    """The batch as a list of Sample views (labels as ints, as the per-sample path gives them),
+    for any collate function."""
+    batch = (images, labels)
+    return [Sample(images[k], label, batch, k) for k, label in enumerate(label_list)]
+
+
+def collate(batch):
+    """`collate_fn` for a DataLoader over LMDBDataset: a batch decoded in place is returned as
+    it is, ``[images, labels]``; anything else goes to torch's ``default_collate``.
+
+    ``default_collate`` does the same where torch lets fastlmdb register its sample type (torch
+    2.x); pass ``collate_fn=fastlmdb.collate`` not to depend on that.
+    """
+    whole = _whole_batch(batch)
+    if whole is not None:
+        return handover.batch(*whole)
+    return torch.utils.data.default_collate(batch)
+
+
+def _whole_batch(batch):
+    """The (images, labels) that `batch` is, sample for sample, in order; else None."""
+    first = batch[0] if len(batch) else None
+    if not isinstance(first, Sample) or len(batch) != len(first.batch[1]):
+        return None
+    for k, sample in enumerate(batch):
+        if not isinstance(sample, Sample) or sample.batch is not first.batch or \
+                sample.position != k:
+            return None
+    return first.batch
+
+
+def _collate_samples(batch, *, collate_fn_map=None):
+    whole = _whole_batch(batch)
+    if whole is not None:
+        return handover.batch(*whole)
+    # Part of a batch, or a mix: collate them as the plain tuples they are (stacking copies).
+    return torch.utils.data.default_collate([tuple(sample) for sample in batch])
+
+
+def _register_with_default_collate():
+    try:
+        from torch.utils.data._utils.collate import default_collate_fn_map
+    except ImportError:  # then default_collate stacks the samples like any tuples: same values
+        return
+    default_collate_fn_map[Sample] = _collate_samples
+
+
+_register_with_default_collate()
