@@ -69,8 +69,9 @@ def _positive(text):
 
 
 def _add_convert(commands):
-    p = commands.add_parser("convert", help="convert ImageFolder splits into LMDB files",
-                            description="Convert SRC/<split>/<class>/<image> into DST/<split>.lmdb.")
+    p = commands.add_parser(
+        "convert", help="convert ImageFolder splits into LMDB files",
+        description="Convert SRC/<split>/<class>/<image> into DST/<split>.lmdb.")
     p.add_argument("--from_dir", "--from-dir", required=True, metavar="SRC",
                    help="folder holding <split>/<class>/<image>")
     p.add_argument("--to_dir", "--to-dir", required=True, metavar="DST",

@@ -60,7 +60,8 @@ class RandomResizedCrop(DecodeCrop):
         return _central_box(height, width, self.ratio)
 
     def __repr__(self):
-        return f"fastlmdb.RandomResizedCrop(size={self.size}, scale={self.scale}, ratio={self.ratio})"
+        return (f"fastlmdb.RandomResizedCrop(size={self.size}, scale={self.scale}, "
+                f"ratio={self.ratio})")
 
 
 class ResizeCenterCrop(DecodeCrop):
