@@ -144,3 +144,14 @@ def test_ctrl_c_says_how_to_resume(tree, dst, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert code == 130
     assert "interrupted" in err and "run the same command again to resume" in err
+
+
+@pytest.mark.timeout(120)
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--dir", os.fspath(tmp_path), "--classes", "2", "--per-class", "4",
+                 "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    for row in ("ImageFolder + PIL", "LMDBDataset (PIL output)",
+                "LMDBDataset (decode-aware crop, uint8)"):
+        assert re.search(re.escape(row) + r"\s+\d+\s+\d+\s+\d+\.\d\dx", out), out
+    assert "train.lmdb: 8 images" in out
