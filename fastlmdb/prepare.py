@@ -25,6 +25,9 @@ JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB
 JPEG_LOSSLESS_SOF = frozenset({0xC3, 0xC7, 0xCB, 0xCF})
 JPEG_SOS = 0xDA
 TRANSCODE_QUALITY = 95
+# libjpeg-turbo 2.x (the system libturbojpeg of Debian 12/13, our region decoder) reads only
+# DCT JPEGs; simplejpeg and PIL read lossless ones: store what every decoder reads.
+LOSSLESS_WHY = "lossless JPEG (SOF3) re-encoded: libjpeg-turbo 2.x decoders cannot read it"
 DEFAULT_MAX_PIXELS = 1 << 27  # 134 M pixels, ~400 MB decoded: far above any real photo
 
 
@@ -94,6 +97,8 @@ def read(path):
 def _as_jpeg(data, settings):
     if data.startswith(JPEG_MAGIC):
         height, width, colorspace = _jpeg_header(data, settings.max_pixels)
+        if _lossless(data):
+            return _transcoded(_strict_decode(data), len(data), LOSSLESS_WHY)
         if colorspace not in ("CMYK", "YCCK"):
             # Without an end marker the file may be truncated; damaged scan data is found only
             # by decoding, which --check-decode asks for.
@@ -101,8 +106,12 @@ def _as_jpeg(data, settings):
                 _strict_decode(data)
             return Record(data, height, width, len(data))
     pixels, why = _pixels(data, settings.max_pixels)
+    return _transcoded(pixels, len(data), why)
+
+
+def _transcoded(pixels, source_bytes, why):
     payload = _encode(pixels, TRANSCODE_QUALITY, "444")
-    return Record(payload, pixels.shape[0], pixels.shape[1], len(data), why)
+    return Record(payload, pixels.shape[0], pixels.shape[1], source_bytes, why)
 
 
 def _pixels(data, max_pixels):
@@ -116,7 +125,8 @@ def _pixels(data, max_pixels):
 
 def _jpeg_header(data, max_pixels):
     """(height, width, colorspace) of JPEG bytes that the decoders can read; else ImageError."""
-    bits = _sample_precision(data)
+    frame = _frame(data)
+    bits = frame and frame[1]
     if bits is not None and bits != 8:
         # Checked here: libjpeg-turbo 3 (simplejpeg) reads such a header and only refuses to
         # decode it, so jpeg mode would store a file that no loader decodes.
@@ -127,16 +137,22 @@ def _jpeg_header(data, max_pixels):
     return height, width, colorspace
 
 
-def _sample_precision(data):
-    """Bits per sample of a JPEG's frame header, or None where there is no sound one (the
-    decoder's header check then says what is wrong)."""
+def _lossless(data):
+    frame = _frame(data)
+    return frame is not None and frame[0] in JPEG_LOSSLESS_SOF
+
+
+def _frame(data):
+    """(marker, bits per sample) of a JPEG's frame header, or None where there is no sound one
+    (the decoder's header check then says what is wrong)."""
     pos = 2
     while pos + 4 < len(data) and data[pos] == 0xFF:
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte before a marker
             pos += 1
         elif marker in JPEG_SOF:
-            return _frame_precision(data, pos)
+            bits = _frame_precision(data, pos)
+            return None if bits is None else (marker, bits)
         elif marker in (JPEG_SOS, 0xD9):  # scan data or the end, and no frame header before
             return None
         elif 0xD0 <= marker <= 0xD8 or marker == 0x01:  # no length field

@@ -110,6 +110,10 @@ def image_bytes(kind, rng):
         return _pil_bytes(image, format="JPEG", quality=90, progressive=True)
     if kind == "png":
         return _pil_bytes(image, format="PNG")
+    if kind == "lossless":  # SOF3, 8-bit RGB; Pillow cannot write one, imagecodecs can
+        import imagecodecs
+
+        return imagecodecs.jpeg8_encode(pixels, lossless=True)
     if kind == "exif":
         exif = Image.Exif()
         exif[0x0112] = 6  # Orientation: rotate 90 CW to display; ImageFolder ignores it

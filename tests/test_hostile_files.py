@@ -306,3 +306,22 @@ def test_a_file_we_may_not_read_is_reported():
         child.start()
         child.join()
         assert answers.get(timeout=5) == "cannot read the file (Permission denied)"
+
+
+@pytest.mark.parametrize("save_as", ["jpeg", "numpy"])
+def test_lossless_jpegs_become_what_every_decoder_reads(tree, dst, save_as):
+    path = write_image(os.path.join(tree, "train", "n00000001", "lossless.JPEG"), "lossless")
+    with open(path, "rb") as file:
+        assert b"\xff\xc3" in file.read(200)  # SOF3: lossless
+    stats = run_convert(tree, dst, save_as=save_as)
+    index = folder.scan(os.path.join(tree, "train")).paths.index(path)
+    _, rows, values = read_db(db(dst))
+    if save_as == "numpy":  # lossless: PIL and simplejpeg give the same exact pixels
+        np.testing.assert_array_equal(pixels_of(values[index], rows[index]), pil_rgb(path))
+        return
+    assert stats.transcoded == [[index, path, prepare.LOSSLESS_WHY]]
+    for decoder in DECODERS:
+        dataset = LMDBDataset(dst, "train", output="numpy", decoder=decoder)
+        assert psnr(dataset[index][0], pil_rgb(path)) > 30, decoder  # q95 4:4:4, as CMYK
+    crop = LMDBDataset(dst, "train", fastlmdb.RandomResizedCrop(32), output="numpy")
+    assert crop[index][0].shape == (32, 32, 3)
