@@ -159,6 +159,9 @@ def merge(path, output=None, on_progress=None):
     itself). Returns the output path. An interrupted merge starts again."""
     path = os.fspath(path)
     output = os.fspath(output or path)
+    if not is_sharded(path):
+        raise DatabaseError(f"{path} is not a folder of shards (one file already?): "
+                            "`fastlmdb merge` joins the shards that --shards made")
     index = read_index(path)
     info, rows = read_catalog(path)
     partial = fmt.partial_path(output)
@@ -167,26 +170,26 @@ def merge(path, output=None, on_progress=None):
         files.remove(partial)
     with files.exclusive(partial):
         writer = store.Writer(partial, map_size=max(files.size(path), 1 << 20))
-        _copy_records(reader(path), writer, index, rows, on_progress)
+        _copy_records(reader(path), writer, rows, on_progress)
+        # The plan and info of the whole split, as a one-file conversion of it writes them.
+        plan = {name: value for name, value in index["plan"].items() if name != "shards"}
         info = {name: value for name, value in info.items() if name != "shards"}
-        writer.commit(len(rows), [], rows[:0],
-                      {fmt.TABLE_KEY: fmt.dump_table(rows), fmt.INFO_KEY: info})
+        writer.commit(len(rows), [], rows[:0], {fmt.PLAN_KEY: plan, fmt.INFO_KEY: info,
+                                                fmt.TABLE_KEY: fmt.dump_table(rows)})
         writer.close()
         files.publish(partial, output)
     return output
 
 
-def _copy_records(source, writer, index, rows, on_progress):
+def _copy_records(source, writer, rows, on_progress):
     """Copy every record in transactions of about MERGE_BATCH_BYTES."""
-    # The plan of the whole split, as a one-file conversion of it would have written.
-    meta = {fmt.PLAN_KEY: {k: v for k, v in index["plan"].items() if k != "shards"}}
     ends = np.cumsum(rows["nbytes"], dtype=np.int64)
     first = 0
     while first < len(rows):
         done = int(ends[first - 1]) if first else 0
         last = max(first + 1, int(np.searchsorted(ends, done + MERGE_BATCH_BYTES, "right")))
-        writer.commit(first, source.scan(first, last), rows[first:last], meta)
-        first, meta = last, {}
+        writer.commit(first, source.scan(first, last), rows[first:last], {})
+        first = last
         if on_progress:
             on_progress(first, len(rows))
     source.close()

@@ -10,7 +10,7 @@ import torch
 from helpers import (AWKWARD_LAYOUT, assert_same_database, db, make_tree, read_db, run_convert,
                      without_times)
 
-from fastlmdb import LMDBDataset, LMDBIterDataset, cli, shards, verify
+from fastlmdb import LMDBDataset, LMDBIterDataset, cli, shards, store, verify
 from fastlmdb import format as fmt
 from fastlmdb.errors import ConversionError, DatabaseError, IncompleteDatabaseError
 
@@ -223,3 +223,14 @@ def test_shard_size_sets_the_number_of_shards(source, single, dst):
     run_convert(source, dst, on_error="skip", shard_size=5)  # 21 files: 5 shards
     assert shards.read_catalog(db(dst))[0]["shards"] == 5
     assert_same_as_single(db(dst), single)
+
+
+def test_merge_of_one_file_says_so(single):
+    with pytest.raises(DatabaseError, match="not a folder of shards"):
+        shards.merge(single, single + ".out")
+
+
+def test_merged_plan_is_the_one_file_plan(source, single, dst):
+    run_convert(source, dst, on_error="skip", shards=3)
+    shards.merge(db(dst))
+    assert store.read_meta(db(dst), fmt.PLAN_KEY) == store.read_meta(single, fmt.PLAN_KEY)
