@@ -51,7 +51,8 @@ def main(argv=None):
         # Cold rows read copies of the databases: a persistent worker of a warm row keeps the
         # pages it read mapped, and mapped pages cannot be evicted.
         rows = {cache: _rows(work, databases if cache == "warm" else
-                             _copies(databases, os.path.join(work, "cold"))) + ffcv_rows
+                             _copies(databases, os.path.join(work, "cold")),
+                             args.batch_size) + ffcv_rows
                 for cache in args.cache}
         candidates = [
             harness.Candidate(label, epoch(workers, args.batch_size,
@@ -148,7 +149,7 @@ def _transforms():
     return pil, floats, v2.Compose(uint8)
 
 
-def _rows(work, databases):
+def _rows(work, databases, batch_size):
     """[(label, epoch(workers, batch_size, persistent) -> run, files it reads or None: the
     source tree)] over `databases` ({name: DST})."""
     from torchvision.datasets import ImageFolder
@@ -172,18 +173,18 @@ def _rows(work, databases):
          LMDBDataset(numpy_root, "train", floats, output="tensor"), numpy_db),
     ]
     if "max256" in databases:
-        datasets += _decode_aware(root, databases["max256"])
+        datasets += _decode_aware(root, databases["max256"], batch_size)
     return [(label, functools.partial(_epoch, dataset), reads)
             for label, dataset, reads in datasets]
 
 
-def _decode_aware(root, small_root):
+def _decode_aware(root, small_root, batch_size):
     """Rows for fastlmdb's decode-aware RandomResizedCrop."""
     import torch
     from torchvision.transforms import v2
 
     import fastlmdb
-    from fastlmdb import LMDBDataset
+    from fastlmdb import LMDBDataset, LMDBIterDataset
 
     head = [fastlmdb.RandomResizedCrop(224), v2.RandomHorizontalFlip()]
     tf = v2.Compose([*head, v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
@@ -197,6 +198,9 @@ def _decode_aware(root, small_root):
             ("same, per sample (no in-place batch)",
              LMDBDataset(root, "train", v2.Compose([*head, v2.Identity()]), output="tensor"),
              jpeg_db),
+            ("LMDBIterDataset tensor, fastlmdb.RandomResizedCrop + v2 uint8",
+             LMDBIterDataset(root, "train", v2.Compose(head), output="tensor", shuffle=True,
+                             batch_size=batch_size), jpeg_db),
             ("--max-size 256 db (data differs), fastlmdb.RandomResizedCrop + uint8",
              LMDBDataset(small_root, "train", v2.Compose(head), output="tensor"), small_db)]
 

@@ -90,6 +90,20 @@ class _Records:
         except Exception as exc:  # noqa: BLE001 - any decoder failure is this record's
             raise self._error(index, str(exc)) from None
 
+    def _decodes_in_place(self):
+        """Whether every image of a batch is a 3xHxW uint8 tensor of the crop head's size."""
+        return (self._crop is not None and self.output == "tensor"
+                and self.target_transform is None and batch.only_flips(self._rest))
+
+    def _record_into(self, index, value, image):
+        """_record, the image written into `image`, a 3xHxW uint8 tensor; returns the label."""
+        self._pixels(index, value, out=image)
+        if self._rest is not None:
+            flipped = self._rest(image)  # the same transform objects and random draws
+            if flipped is not image:
+                image.copy_(flipped)
+        return int(self._labels[index])
+
     def _error(self, index, why):
         name = self.classes[self._labels[index]]
         return DecodeError(f"{self.split} record {index} (class {name!r}) of {self.path} "
@@ -186,11 +200,6 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):
                 samples.append(self[i])  # raises, or substitutes and counts, as for one sample
         return samples
 
-    def _decodes_in_place(self):
-        """Whether every image of a batch is a 3xHxW uint8 tensor of the crop head's size."""
-        return (self._crop is not None and self.output == "tensor"
-                and self.target_transform is None and batch.only_flips(self._rest))
-
     def _batch_in_place(self, positions, indices, values):
         """The samples of one batch, decoded into one images tensor (batch.Sample views)."""
         images, labels = batch.empty(len(positions), self._crop.size)
@@ -204,16 +213,6 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):
                 label_list.append(label)
         labels.numpy()[:] = label_list
         return batch.samples(images, labels, label_list)
-
-    def _record_into(self, index, value, image):
-        """_record, the image written into `image`, a 3xHxW uint8 tensor; returns the label."""
-        self._pixels(index, value, out=image)
-        if self._rest is not None:
-            flipped = self._rest(image)  # the same transform objects and random draws
-            if flipped is not image:
-                image.copy_(flipped)
-        return int(self._labels[index])
-
 
 class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
     """Iterable dataset reading ``root/<split>.lmdb`` in key order.
@@ -304,6 +303,9 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
     def __iter__(self):
         self._yielded, self._skip = self._skip, 0
         indices = self.indices()[self._yielded:]
+        if self.batch_size and self._decodes_in_place():
+            yield from self._batches_in_place(indices)
+            return
         for piece in order.windows(indices, order.BLOCK * order.WINDOW_BLOCKS):
             for index, value in zip(piece.tolist(), self._read(piece)):
                 self._yielded += 1
@@ -311,6 +313,26 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
                     yield self._record(index, value)
                 except DecodeError as exc:
                     self._skip_or_raise(exc)
+
+    def _batches_in_place(self, indices):
+        """The samples of `indices`, each `batch_size` of them decoded into one images tensor
+        (batch.Sample views, as LMDBDataset's batches); a skipped record shortens its batch."""
+        for piece in order.windows(indices, self.batch_size):
+            images, labels = batch.empty(len(piece), self._crop.size)
+            kept, consumed = [], []  # labels, and records consumed up to each of them
+            for n, (index, value) in enumerate(zip(piece.tolist(), self._read(piece)), 1):
+                try:
+                    kept.append(self._record_into(index, value, images[len(kept)]))
+                    consumed.append(n)
+                except DecodeError as exc:
+                    self._skip_or_raise(exc)
+            images, labels = images[:len(kept)], labels[:len(kept)]
+            labels.numpy()[:] = kept
+            start = self._yielded
+            for sample, n in zip(batch.samples(images, labels, kept), consumed):
+                self._yielded = start + n  # what StatefulDataLoader asks a worker
+                yield sample
+            self._yielded = start + len(piece)
 
     def _read(self, piece):
         """Buffers of `piece`'s records, read in key order (sequential I/O), in piece order."""

@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 import fastlmdb
 from fastlmdb import batch, convert, handover, sample
 from fastlmdb import format as fmt
-from fastlmdb.dataset import DecodeError, LMDBDataset
+from fastlmdb.dataset import DecodeError, LMDBDataset, LMDBIterDataset
 
 SIZE = 48
 COUNT = 21  # 3 classes x 7: batches of 4 and 8 leave a partial one
@@ -242,3 +242,71 @@ def test_workers_give_the_per_sample_pixels(dbs, context, persistent):
         assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)
     assert sorted(np.concatenate([labels.numpy() for _, labels in fast[:6]])) == sorted(
         LMDBDataset(dbs["jpeg"], "train").targets)
+
+
+# --------------------------------------------------------------------------- iterable
+
+
+def _stream_batches(db, transform, workers, batch_size=4, seed=0):
+    stream = LMDBIterDataset(db, "train", transform, output="tensor", shuffle=True, seed=2,
+                             batch_size=batch_size)
+    torch.manual_seed(seed)  # the workers' seeds come from it
+    loader = DataLoader(stream, batch_size=batch_size, num_workers=workers)
+    return [batch_ for batch_ in loader]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("kind", ["jpeg", "numpy"])
+def test_iterable_batches_equal_the_per_sample_path(dbs, workers, kind):
+    transform = PIPELINES["v2 flips"]()
+    fast = _stream_batches(dbs[kind], transform, workers)
+    slow = _stream_batches(dbs[kind], _same_pipeline_per_sample(transform), workers)
+    assert len(fast) == len(slow) == -(-COUNT // 4)  # workers take turns by whole batches
+    for (images, labels), (expected_images, expected_labels) in zip(fast, slow):
+        assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)
+    if workers and hasattr(os, "memfd_create"):
+        assert not fast[0][0].is_shared() and slow[0][0].is_shared()
+
+
+def test_iterable_batch_is_handed_over_not_stacked(dbs):
+    stream = LMDBIterDataset(dbs["jpeg"], "train", PIPELINES["crop"](), output="tensor",
+                             batch_size=8)
+    samples = list(stream)
+    assert len(samples) == COUNT and all(isinstance(s, batch.Sample) for s in samples)
+    images, labels = default_collate(samples[8:16])
+    assert images is samples[8].batch[0] and labels.tolist() == [s[1] for s in samples[8:16]]
+    assert images.shape == (8, 3, SIZE, SIZE)
+
+
+def test_iterable_skips_a_bad_record_from_its_batch(dbs, tmp_path):
+    db = _corrupt(dbs["jpeg"], tmp_path, 6)
+    stream = LMDBIterDataset(db, "train", PIPELINES["crop"](), output="tensor", batch_size=4,
+                             on_error="skip")
+    samples = list(stream)
+    assert len(samples) == COUNT - 1 and stream.errors == 1
+    assert len(samples[4].batch[1]) == 3  # the batch of records 4..7 lost record 6
+    with pytest.raises(DecodeError, match="record 6"):
+        list(LMDBIterDataset(db, "train", PIPELINES["crop"](), output="tensor", batch_size=4))
+
+
+@pytest.mark.timeout(120)
+def test_iterable_batches_resume_under_stateful_dataloader(dbs):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def loader():
+        stream = LMDBIterDataset(dbs["jpeg"], "train", PIPELINES["crop"](), output="tensor",
+                                 shuffle=True, batch_size=4)
+        return StatefulDataLoader(stream, batch_size=4, num_workers=2)
+
+    def labels(batches):
+        return [label for _, batch_labels in batches for label in batch_labels.tolist()]
+
+    whole = labels(loader())
+    first = loader()
+    iterator = iter(first)
+    seen = labels([next(iterator) for _ in range(3)])
+    state = first.state_dict()
+    again = loader()
+    again.load_state_dict(state)
+    assert seen + labels(again) == whole
