@@ -232,6 +232,8 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
     batch, so each rank sees its share of the epoch in order, and
     ``state_dict(samples_seen=n)`` / ``load_state_dict(state)`` continue after the n samples
     this rank has consumed, with any number of workers: none twice, none missing.
+    With `batch_size` and a decode-aware crop head (then at most flips), each batch is decoded
+    in place into one uint8 tensor, as LMDBDataset does (fastlmdb.batch).
     """
 
     def __init__(self, root, split, transform=None, target_transform=None, shuffle=False,
