@@ -291,6 +291,7 @@ def test_iterable_skips_a_bad_record_from_its_batch(dbs, tmp_path):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.filterwarnings("ignore:.set_vital. is deprecated")
 def test_iterable_batches_resume_under_stateful_dataloader(dbs):
     from torchdata.stateful_dataloader import StatefulDataLoader
 
