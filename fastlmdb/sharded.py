@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 
 import joblib
 from joblib.externals.loky import get_reusable_executor
@@ -101,6 +102,11 @@ def _make_here(job, progress):
 def make_shard(job):
     """A task, in whatever process runs it: prepare and write one shard in this process.
     Returns (shard path, (info, files done before this run))."""
+    for needed in (job.scan.root, os.path.dirname(job.partial)):
+        if not os.path.isdir(needed):  # a cluster worker without the shared filesystem
+            raise ConversionError(f"{socket.gethostname()} cannot see {needed}: every worker "
+                                  "must see --from_dir and --to_dir at the same paths (a "
+                                  "shared filesystem)")
     if os.path.exists(job.final):
         return job.final, _finished(job)
     with files.exclusive(job.partial):

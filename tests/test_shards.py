@@ -234,3 +234,13 @@ def test_merged_plan_is_the_one_file_plan(source, single, dst):
     run_convert(source, dst, on_error="skip", shards=3)
     shards.merge(db(dst))
     assert store.read_meta(db(dst), fmt.PLAN_KEY) == store.read_meta(single, fmt.PLAN_KEY)
+
+
+def test_a_worker_that_cannot_see_the_folders_says_so(source, dst):
+    from fastlmdb import convert, folder, prepare, sharded
+
+    scan = folder.scan(os.path.join(source, "train"))
+    options = convert.Options(source, dst, "train", shards=2, backend="loky")
+    job = sharded._job(options, scan, prepare.Settings(), os.path.join(dst, "nowhere"), 0)
+    with pytest.raises(ConversionError, match=r"cannot see .*nowhere: every worker must see"):
+        sharded.make_shard(job)
