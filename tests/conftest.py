@@ -32,3 +32,13 @@ def bad_files():
 def dst(tmp_path):
     """Where databases go: DST (not yet created)."""
     return os.fspath(tmp_path / "dst")
+
+
+@pytest.fixture(scope="module")
+def uneven_db(tmp_path_factory):
+    """DST whose train split has 37 plain JPEGs in 2 classes: divisible by no batch or rank
+    count the resume tests use."""
+    base = tmp_path_factory.mktemp("uneven")
+    helpers.make_tree(base / "src", {"train": {"a": 19, "b": 18}})
+    helpers.run_convert(base / "src", base / "dst")
+    return base / "dst"

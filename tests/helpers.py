@@ -195,6 +195,20 @@ def db(dst, split="train"):
     return fmt.db_path(dst, split)
 
 
+def usable_decoders():
+    """The decoder backends that work on this machine (turbojpeg needs libturbojpeg)."""
+    from fastlmdb import jpeg
+
+    usable = []
+    for backend in jpeg.BACKENDS:
+        try:
+            jpeg.decoder(backend)
+        except ImportError:
+            continue
+        usable.append(backend)
+    return usable
+
+
 def pil_rgb(path_or_bytes):
     """What torchvision's ImageFolder loader returns, as an array."""
     source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 import lmdb_probes
+from helpers import usable_decoders
 from fastlmdb import convert, jpeg, store
 from fastlmdb import format as fmt
 from fastlmdb.dataset import DecodeError, LMDBDataset, LMDBIterDataset
@@ -43,16 +44,8 @@ LAYOUT = {
 COUNT = sum(map(len, LAYOUT.values()))  # 14: not divisible by 3 (ranks) nor 4 (batch)
 
 
-def _usable(backend):
-    try:
-        jpeg.decoder(backend)
-    except ImportError:
-        return False
-    return True
-
-
-TURBO = _usable("turbojpeg")
-DECODERS = ["simplejpeg", "pil"] + (["turbojpeg"] if TURBO else [])
+DECODERS = usable_decoders()
+TURBO = "turbojpeg" in DECODERS
 CONTEXTS = ["fork", "spawn", "forkserver"]
 
 

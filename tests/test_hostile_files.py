@@ -18,7 +18,7 @@ from fastlmdb import LMDBDataset, folder, jpeg, prepare
 from fastlmdb.cli import main
 from fastlmdb.errors import ConversionError, ImageError
 from helpers import (db, image_bytes, imagefolder, jpegtran, make_tree, pil_rgb, pixels_of,
-                     psnr, read_db, run_convert, write_image)
+                     psnr, read_db, run_convert, usable_decoders, write_image)
 
 # Every test here starts spawn-context producer and writer processes: none may hang.
 pytestmark = pytest.mark.timeout(60)
@@ -28,15 +28,7 @@ TWELVE_BIT = ("12-bit JPEG: libjpeg-turbo decodes 8-bit samples only; "
               "convert it to 8-bit first")
 
 
-def _usable(backend):
-    try:
-        jpeg.decoder(backend)
-    except ImportError:
-        return False
-    return True
-
-
-DECODERS = [backend for backend in jpeg.BACKENDS if _usable(backend)]
+DECODERS = usable_decoders()
 
 
 def kind_of(path):

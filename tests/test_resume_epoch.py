@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 import torch
-from helpers import make_tree, run_convert
+
 from lmdb_probes import checksum
 
 from fastlmdb import LMDBIterDataset
@@ -14,16 +14,8 @@ BATCH = 4
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    base = tmp_path_factory.mktemp("midepoch")
-    make_tree(base / "src", {"train": {"a": 19, "b": 18}})  # 37: uneven on purpose
-    run_convert(base / "src", base / "dst")
-    return base / "dst"
-
-
-def _stream(root, **kwargs):
-    return LMDBIterDataset(root, "train", checksum, output="numpy", shuffle=True, seed=5,
+def _stream(uneven_db, **kwargs):
+    return LMDBIterDataset(uneven_db, "train", checksum, output="numpy", shuffle=True, seed=5,
                            batch_size=BATCH, **kwargs)
 
 
@@ -36,19 +28,19 @@ def _samples(dataset, workers, batches=None):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("before, after", [(2, 3), (3, 0), (0, 2)])
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_resume_sees_exactly_the_rest_of_the_epoch(root, before, after, world_size):
+def test_resume_sees_exactly_the_rest_of_the_epoch(uneven_db, before, after, world_size):
     for rank in range(world_size):
-        reference = _stream(root, rank=rank, world_size=world_size)
+        reference = _stream(uneven_db, rank=rank, world_size=world_size)
         reference.set_epoch(2)
         whole = _samples(reference, 0)
         assert _samples(reference, before) == whole  # workers by batch keep the order
 
-        first = _stream(root, rank=rank, world_size=world_size)
+        first = _stream(uneven_db, rank=rank, world_size=world_size)
         first.set_epoch(2)
         seen = _samples(first, before, batches=3)
         state = first.state_dict(samples_seen=len(seen))
 
-        again = _stream(root, rank=rank, world_size=world_size)
+        again = _stream(uneven_db, rank=rank, world_size=world_size)
         again.load_state_dict(state)
         rest = _samples(again, after)
         assert seen + rest == whole
@@ -56,11 +48,11 @@ def test_resume_sees_exactly_the_rest_of_the_epoch(root, before, after, world_si
 
 
 @pytest.mark.timeout(60)
-def test_a_second_stop_in_the_same_epoch_adds_up(root):
-    reference = _stream(root)
+def test_a_second_stop_in_the_same_epoch_adds_up(uneven_db):
+    reference = _stream(uneven_db)
     reference.set_epoch(1)
     whole = _samples(reference, 0)
-    job = _stream(root)
+    job = _stream(uneven_db)
     job.set_epoch(1)
     seen = _samples(job, 2, batches=2)
     job.load_state_dict(job.state_dict(samples_seen=len(seen)))
@@ -71,11 +63,11 @@ def test_a_second_stop_in_the_same_epoch_adds_up(root):
     assert len(_samples(job, 0)) == 37
 
 
-def test_a_state_from_another_order_is_refused(root):
-    state = _stream(root).state_dict(samples_seen=8)
-    other = LMDBIterDataset(root, "train", shuffle=True, seed=6, batch_size=BATCH)
+def test_a_state_from_another_order_is_refused(uneven_db):
+    state = _stream(uneven_db).state_dict(samples_seen=8)
+    other = LMDBIterDataset(uneven_db, "train", shuffle=True, seed=6, batch_size=BATCH)
     with pytest.raises(ValueError, match="seed=5"):
         other.load_state_dict(state)
-    unbatched = LMDBIterDataset(root, "train", shuffle=True, seed=5)
+    unbatched = LMDBIterDataset(uneven_db, "train", shuffle=True, seed=5)
     with pytest.raises(ValueError, match="batch_size"):
         unbatched.load_state_dict(state)

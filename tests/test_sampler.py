@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from helpers import make_tree, run_convert
+
 from lmdb_probes import checksum
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -19,16 +19,8 @@ pytestmark = [pytest.mark.filterwarnings("ignore:This DataLoader will create"),
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    base = tmp_path_factory.mktemp("sampler")
-    make_tree(base / "src", {"train": {"a": 19, "b": 18}})  # 37: uneven on purpose
-    run_convert(base / "src", base / "dst")
-    return base / "dst"
-
-
-@pytest.fixture(scope="module")
-def dataset(root):
-    return LMDBDataset(root, "train", checksum, output="numpy")
+def dataset(uneven_db):
+    return LMDBDataset(uneven_db, "train", checksum, output="numpy")
 
 
 def _checksums(loader, batches=None):
@@ -100,16 +92,16 @@ def test_stateful_dataloader_resumes_the_map_style_dataset(dataset, workers):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("workers", [0, 2])
-def test_stateful_dataloader_resumes_the_iterable_dataset(root, workers):
+def test_stateful_dataloader_resumes_the_iterable_dataset(uneven_db, workers):
     def loader(epoch=0):
-        stream = LMDBIterDataset(root, "train", checksum, output="numpy", shuffle=True,
+        stream = LMDBIterDataset(uneven_db, "train", checksum, output="numpy", shuffle=True,
                                  seed=5, batch_size=BATCH)
         stream.set_epoch(epoch)
         return StatefulDataLoader(stream, batch_size=BATCH, num_workers=workers)
 
     whole = _checksums(loader(epoch=2))
     assert sorted(whole) == sorted(_checksums(torch.utils.data.DataLoader(
-        LMDBDataset(root, "train", checksum, output="numpy"), batch_size=BATCH)))
+        LMDBDataset(uneven_db, "train", checksum, output="numpy"), batch_size=BATCH)))
     first = loader(epoch=2)
     iterator = iter(first)
     seen = [int(c) for batch, _ in itertools.islice(iterator, 3) for c in batch]
