@@ -19,7 +19,9 @@ def epoch_order(count, *, shuffle, seed=0, epoch=0, block=BLOCK, window_blocks=W
         return np.arange(count, dtype=np.int64)
     rng = np.random.default_rng([seed, epoch])
     starts = np.arange(0, count, block, dtype=np.int64)
-    rng.shuffle(starts)
+    # A short last block stays last: in the middle it would make its window short and shift
+    # every later window off the WINDOW grid that readers cut their pieces on.
+    rng.shuffle(starts[:count // block])
     blocks = [np.arange(s, min(s + block, count), dtype=np.int64) for s in starts]
     windows = []
     for w in range(0, len(blocks), window_blocks):
