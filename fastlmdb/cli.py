@@ -156,22 +156,26 @@ def _convert(args):
 
 
 class _ProgressBar:
-    def __init__(self, split):
-        self.split = split
+    """A tqdm bar whose `update(done, total[, bytes_in])` is a library on_progress callback."""
+
+    def __init__(self, desc):
+        self.desc = desc
 
     def __enter__(self):
         from tqdm import tqdm
 
         # delay: a run that fails before any progress prints its error line and nothing else.
-        self.bar = tqdm(unit="img", desc=self.split, dynamic_ncols=True, delay=0.5)
+        self.bar = tqdm(unit="img", desc=self.desc, dynamic_ncols=True, delay=0.5)
         return self
 
     def __exit__(self, *exc):
         self.bar.close()
 
-    def update(self, done, total, bytes_in):
+    def update(self, done, total, bytes_in=None):
         self.bar.total = total
         self.bar.update(done - self.bar.n)
+        if bytes_in is None:
+            return
         elapsed = self.bar.format_dict["elapsed"] or 1e-9
         self.bar.set_postfix_str(f"{bytes_in / elapsed / 1e6:.0f} MB/s in", refresh=False)
 
@@ -190,17 +194,11 @@ def print_summary(stats):
 
 
 def _verify(args):
-    from tqdm import tqdm
-
     from fastlmdb import verify
 
-    with tqdm(unit="img", desc="verify", dynamic_ncols=True, delay=0.5) as bar:
-        def on_progress(done, total):
-            bar.total = total
-            bar.update(done - bar.n)
-
+    with _ProgressBar("verify") as bar:
         report = verify.verify(args.db, source=args.source, procs=args.procs,
-                               decode=args.decode, on_progress=on_progress)
+                               decode=args.decode, on_progress=bar.update)
     for problem in report.problems:
         print(f"  {problem}")
     verdict = "OK" if report.ok else f"{len(report.problems)} problem(s)"
@@ -209,14 +207,8 @@ def _verify(args):
 
 
 def _merge(args):
-    from tqdm import tqdm
-
-    with tqdm(unit="img", desc="merge", dynamic_ncols=True, delay=0.5) as bar:
-        def on_progress(done, total):
-            bar.total = total
-            bar.update(done - bar.n)
-
-        output = shards.merge(args.db, args.output, on_progress=on_progress)
+    with _ProgressBar("merge") as bar:
+        output = shards.merge(args.db, args.output, on_progress=bar.update)
     info, _ = shards.read_catalog(output)
     print(f"{output}: {info['count']} records in one file, {files.size(output) / 1e6:.1f} MB")
     return 0

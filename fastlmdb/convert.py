@@ -11,7 +11,7 @@ import logging
 import os
 import time
 
-from fastlmdb import files, folder, pipeline, prepare, sharded
+from fastlmdb import files, folder, pipeline, prepare, sharded, shards
 from fastlmdb import format as fmt
 from fastlmdb.errors import ConversionError
 
@@ -99,15 +99,9 @@ def _check_layout(partial, options):
 
 
 def _stats(final, results, seconds):
-    infos = [info for info, _ in results]
-    offsets = [0]
-    for info in infos:
-        offsets.append(offsets[-1] + info["count"])
-    transcoded = [[offset + index, path, why] for info, offset in zip(infos, offsets)
-                  for index, path, why in info["transcoded"]]
-    return Stats(final, offsets[-1], [s for info in infos for s in info["skipped"]],
-                 transcoded, sum(info["bytes_in"] for info in infos), files.size(final), seconds,
-                 sum(resumed for _, resumed in results))
+    info = shards.merged_info([info for info, _ in results], final)
+    return Stats(final, info["count"], info["skipped"], info["transcoded"], info["bytes_in"],
+                 files.size(final), seconds, sum(resumed for _, resumed in results))
 
 
 def _validate(o):

@@ -96,8 +96,8 @@ def read(path):
 
 def _as_jpeg(data, settings):
     if data.startswith(JPEG_MAGIC):
-        height, width, colorspace = _jpeg_header(data, settings.max_pixels)
-        if _lossless(data):
+        height, width, colorspace, lossless = _jpeg_header(data, settings.max_pixels)
+        if lossless:
             return _transcoded(_strict_decode(data), len(data), LOSSLESS_WHY)
         if colorspace not in ("CMYK", "YCCK"):
             # Without an end marker the file may be truncated; damaged scan data is found only
@@ -117,16 +117,16 @@ def _transcoded(pixels, source_bytes, why):
 def _pixels(data, max_pixels):
     """RGB pixels as ImageFolder's loader sees them, and why PIL had to be used (or "")."""
     if data.startswith(JPEG_MAGIC):
-        _, _, colorspace = _jpeg_header(data, max_pixels)
+        _, _, colorspace, _ = _jpeg_header(data, max_pixels)
         if colorspace not in ("CMYK", "YCCK"):
             return _strict_decode(data), ""
     return _pil_rgb(data, max_pixels)
 
 
 def _jpeg_header(data, max_pixels):
-    """(height, width, colorspace) of JPEG bytes that the decoders can read; else ImageError."""
-    frame = _frame(data)
-    bits = frame and frame[1]
+    """(height, width, colorspace, lossless) of JPEG bytes that the decoders can read; else
+    ImageError."""
+    marker, bits = _frame(data) or (None, None)
     if bits is not None and bits != 8:
         # Checked here: libjpeg-turbo 3 (simplejpeg) reads such a header and only refuses to
         # decode it, so jpeg mode would store a file that no loader decodes.
@@ -134,12 +134,7 @@ def _jpeg_header(data, max_pixels):
                          "convert it to 8-bit first")
     height, width, colorspace = jpeg.header(data)
     _check_pixels(height, width, max_pixels)
-    return height, width, colorspace
-
-
-def _lossless(data):
-    frame = _frame(data)
-    return frame is not None and frame[0] in JPEG_LOSSLESS_SOF
+    return height, width, colorspace, marker in JPEG_LOSSLESS_SOF
 
 
 def _frame(data):

@@ -9,6 +9,7 @@ Record i of the split is record i - offset of the shard holding it, so indices, 
 order are those of a one-file database of the same split.
 """
 
+import bisect
 import logging
 import os
 
@@ -81,7 +82,8 @@ def read_catalog(path):
     for entry, (info, _) in zip(index["shards"], catalogs):
         if info["count"] != entry["count"]:
             raise DatabaseError(f"{path}/{entry['file']} holds {info['count']} records, the "
-                                f"index says {entry['count']}: the database is damaged")
+                                f"index says {entry['count']}: the database is damaged; "
+                                "convert it again")
     info = merged_info([info for info, _ in catalogs], path)
     return {**info, "shards": len(catalogs)}, np.concatenate([rows for _, rows in catalogs])
 
@@ -93,7 +95,7 @@ def merged_info(infos, path):
         for name in ("classes", "imgtype", "split", "source", "max_size", "quality"):
             if info[name] != first[name]:
                 raise DatabaseError(f"{path}: shards differ in {name!r}; they were not made "
-                                    "by one conversion")
+                                    "by one conversion: convert the split again")
     merged = {name: value for name, value in first.items() if name != "shard"}
     offsets = np.cumsum([0] + [info["count"] for info in infos]).tolist()
     merged.update(
@@ -122,9 +124,14 @@ class ShardedReader:
         index = read_index(path)
         self._readers = [store.Reader(p) for p in shard_paths(path)]
         self._offsets = np.cumsum([0] + [entry["count"] for entry in index["shards"]])
+        self._starts = self._offsets.tolist()  # for bisect: one sample, no numpy call
 
     def get(self, index):
-        return self.get_many([index])[0]
+        """One record (a map-style dataset's per-sample path): the shard found by bisection."""
+        shard = bisect.bisect_right(self._starts, index) - 1
+        if not 0 <= index < self._starts[-1]:
+            return self.get_many([index])[0]  # raises the out-of-range error
+        return self._readers[shard].get(index - self._starts[shard])
 
     def get_many(self, indices):
         indices = np.asarray(indices, dtype=np.int64)

@@ -53,8 +53,8 @@ def _identity(source):
     """What says the source is unchanged: every file's name, size and mtime."""
     paths = [os.path.join(source, n) for n in sorted(os.listdir(source))] \
         if os.path.isdir(source) else [source]
-    return {"source": source, "files": [[os.path.basename(p), os.stat(p).st_size,
-                                         os.stat(p).st_mtime_ns] for p in paths]}
+    stats = [(os.path.basename(p), os.stat(p)) for p in paths]
+    return {"source": source, "files": [[name, st.st_size, st.st_mtime_ns] for name, st in stats]}
 
 
 def _stamp_path(local_dir, name):

@@ -37,7 +37,8 @@ def verify(path, *, source=None, procs=1, decode=True, on_progress=None):
     problems = _check_catalog(info, rows)
     paths = _source_paths(source, info, rows, problems) if source else None
     chunks = [range(start, min(start + CHUNK, len(rows))) for start in range(0, len(rows), CHUNK)]
-    work = (joblib.delayed(_check_records)(path, info["imgtype"], decode, rows[c.start:c.stop],
+    reader = shards.reader(path)  # picklable: each process begins its own transaction
+    work = (joblib.delayed(_check_records)(reader, info["imgtype"], decode, rows[c.start:c.stop],
                                            c.start, paths and paths[c.start:c.stop])
             for c in chunks)
     done = 0
@@ -46,6 +47,7 @@ def verify(path, *, source=None, procs=1, decode=True, on_progress=None):
         done += CHUNK
         if on_progress:
             on_progress(min(done, len(rows)), len(rows))
+    reader.close()
     return Report(os.fspath(path), len(rows), problems)
 
 
@@ -78,8 +80,7 @@ def _source_paths(source, info, rows, problems):
     return [scan.paths[s] for s in rows["source"].tolist()]
 
 
-def _check_records(path, imgtype, decode, rows, first, paths):
-    reader = shards.reader(path)
+def _check_records(reader, imgtype, decode, rows, first, paths):
     problems = []
     try:
         values = reader.scan(first, first + len(rows))
@@ -91,7 +92,6 @@ def _check_records(path, imgtype, decode, rows, first, paths):
             why = _compare_source(imgtype, value, paths[k])
         if why:
             problems.append(f"record {first + k}: {why}")
-    reader.close()
     return problems
 
 
