@@ -6,7 +6,7 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=[
-        Extension("fastlmdb._jpegcrop", ["fastlmdb/_jpegcrop.c"], libraries=["jpeg"],
+        Extension("fastlmdb.core._jpegcrop", ["fastlmdb/core/_jpegcrop.c"], libraries=["jpeg"],
                   optional=True, extra_compile_args=["-O2"]),
     ],
 )

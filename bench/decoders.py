@@ -176,7 +176,8 @@ def _crop_rows(images, shapes, mp):
     import simplejpeg
     import torch
 
-    from fastlmdb import crops, jpeg
+    from fastlmdb.core import jpeg
+    from fastlmdb.loading import crops
 
     torch.manual_seed(0)
     op = crops.RandomResizedCrop(224)

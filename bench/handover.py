@@ -27,7 +27,7 @@ def main(argv=None):
     import torch
     import torch.utils.data
 
-    from fastlmdb import handover
+    from fastlmdb.loading import handover
 
     torch.set_num_threads(1)
     # This process stands in for a worker: handover only reuses segments inside one.

@@ -17,6 +17,7 @@ import gc
 import mmap
 import os
 import platform
+import resource
 import shlex
 import shutil
 import statistics
@@ -26,7 +27,6 @@ import tempfile
 import time
 from typing import Callable, Optional
 
-from fastlmdb.benchmark import cpu_seconds
 
 IMAGES_DIR = "/work/shared/imagenet-sample"
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -223,6 +223,15 @@ def warm_cache(paths, chunk=8 << 20):
 # --- measuring ----------------------------------------------------------------------------
 
 _libc.clock_getcpuclockid.argtypes = (ctypes.c_int, ctypes.POINTER(ctypes.c_int))
+
+
+def cpu_seconds():
+    """User + system CPU seconds of this process and its reaped children so far."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
 
 
 def tree_cpu_seconds():

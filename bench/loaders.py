@@ -109,10 +109,10 @@ def _db(work, kind):
 
 def _convert(work, save_as, name=None, **options):
     """DST of a new database of the sample tree."""
-    from fastlmdb import convert
+    from fastlmdb import converter
 
     name = name or save_as
-    convert.convert(convert.Options(os.path.join(work, "src"), os.path.join(work, name),
+    converter.convert(converter.Options(os.path.join(work, "src"), os.path.join(work, name),
                                     "train", save_as=save_as, **options))
     return os.path.join(work, name)
 

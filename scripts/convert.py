@@ -3,7 +3,7 @@
 
 import sys
 
-from fastlmdb.cli import main
+from fastlmdb.cli.commands import main
 
 if __name__ == "__main__":
     sys.exit(main(["convert", *sys.argv[1:]]))

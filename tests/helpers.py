@@ -14,10 +14,10 @@ import pytest
 import simplejpeg
 from PIL import Image
 
-from fastlmdb import convert as _convert
-from fastlmdb import format as fmt
-from fastlmdb import shards
-from fastlmdb.sample import synthetic_photo
+from fastlmdb import converter as _convert
+from fastlmdb.core import format as fmt
+from fastlmdb.core import catalog
+from fastlmdb.cli.sample_tree import synthetic_photo
 
 # Files ImageFolder's loader reads fine but that are not plain baseline RGB JPEGs.
 GOOD_AWKWARD = ("cmyk", "gray", "progressive", "png", "exif")
@@ -182,8 +182,8 @@ def run_convert(src, dst, split="train", **options):
 
 def read_db(path):
     """(info, rows, values) of a finished database; values[i] is record i as bytes."""
-    info, rows = shards.read_catalog(path)
-    reader = shards.reader(path)
+    info, rows = catalog.read_catalog(path)
+    reader = catalog.reader(path)
     try:
         values = [bytes(reader.get(i)) for i in range(info["count"])]
     finally:
@@ -197,7 +197,7 @@ def db(dst, split="train"):
 
 def usable_decoders():
     """The decoder backends that work on this machine (turbojpeg needs libturbojpeg)."""
-    from fastlmdb import jpeg
+    from fastlmdb.core import jpeg
 
     usable = []
     for backend in jpeg.BACKENDS:

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 
-from fastlmdb import convert
+from fastlmdb import converter
 
 
 def main(src, dst, how, at, shards=1):
@@ -35,8 +35,8 @@ def main(src, dst, how, at, shards=1):
             os.kill(victim.pid, sig)
             victim.join()
 
-    options = convert.Options(src, dst, "train", procs=2, batch_bytes=20_000, shards=shards)
-    convert.convert(options, on_progress=stop)
+    options = converter.Options(src, dst, "train", procs=2, batch_bytes=20_000, shards=shards)
+    converter.convert(options, on_progress=stop)
     return 0  # not reached when the stop works
 
 

@@ -9,8 +9,10 @@ usable decoder, and the decode-aware crop) the records loaded and those skipped
 import json
 import sys
 
-from fastlmdb import LMDBIterDataset, ResizeCenterCrop, jpeg, verify
-from fastlmdb import format as fmt
+from fastlmdb import LMDBIterDataset, ResizeCenterCrop
+from fastlmdb.core import jpeg
+from fastlmdb.tools import verify
+from fastlmdb.core import format as fmt
 
 
 def load(root, split, **kwargs):

@@ -16,9 +16,11 @@ from torchvision import transforms as v1
 from torchvision.transforms import v2
 
 import fastlmdb
-from fastlmdb import batch, convert, handover, sample
-from fastlmdb import format as fmt
-from fastlmdb.dataset import DecodeError, LMDBDataset, LMDBIterDataset
+from fastlmdb import converter
+from fastlmdb.cli import sample_tree
+from fastlmdb.loading import batch, handover
+from fastlmdb.core import format as fmt
+from fastlmdb import DecodeError, LMDBDataset, LMDBIterDataset
 
 SIZE = 48
 COUNT = 21  # 3 classes x 7: batches of 4 and 8 leave a partial one
@@ -28,11 +30,11 @@ COUNT = 21  # 3 classes x 7: batches of 4 and 8 leave a partial one
 def dbs(tmp_path_factory):
     """{"jpeg": DST, "numpy": DST} of one small tree of photo-like JPEGs, 70-170 px."""
     root = tmp_path_factory.mktemp("batch")
-    sample.make_tree(root / "src", classes=3, per_class={"train": 7}, size=(100, 130), seed=5)
+    sample_tree.make_tree(root / "src", classes=3, per_class={"train": 7}, size=(100, 130), seed=5)
     found = {}
     for save_as in ("jpeg", "numpy"):
         found[save_as] = os.fspath(root / save_as)
-        convert.convert(convert.Options(os.fspath(root / "src"), found[save_as], "train",
+        converter.convert(converter.Options(os.fspath(root / "src"), found[save_as], "train",
                                         save_as=save_as, procs=1))
     return found
 

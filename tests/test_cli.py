@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from fastlmdb import convert
-from fastlmdb import format as fmt
-from fastlmdb import store
-from fastlmdb.cli import main
+from fastlmdb import converter
+from fastlmdb.core import format as fmt
+from fastlmdb.core import store
+from fastlmdb.cli.commands import main
 from helpers import db
 
 pytestmark = pytest.mark.timeout(60)
@@ -139,7 +139,7 @@ def test_ctrl_c_says_how_to_resume(tree, dst, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(convert, "convert", interrupted)
+    monkeypatch.setattr(converter, "convert", interrupted)
     code = main(["convert", "--from_dir", str(tree), "--to_dir", str(dst), "--split", "train"])
     err = capsys.readouterr().err
     assert code == 130

@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from fastlmdb import convert, folder, pipeline, store
-from fastlmdb import format as fmt
-from fastlmdb.errors import ConversionError, DatabaseError, IncompleteDatabaseError
+from fastlmdb import converter
+from fastlmdb.converter import pipeline
+from fastlmdb.core import folder, store
+from fastlmdb.core import format as fmt
+from fastlmdb.core.errors import ConversionError, DatabaseError, IncompleteDatabaseError
 from helpers import (AWKWARD_LAYOUT, BAD, TRANSCODED, assert_same_database, db, imagefolder,
                      make_tree, pil_rgb, pixels_of, plain_layout, psnr, read_db, run_convert,
                      without_times, write_image)
@@ -178,7 +180,7 @@ def test_several_producers_keep_source_order(tmp_path, dst):
 
 def test_both_splits_and_progress(tree, dst):
     calls = []
-    stats = convert.convert(convert.Options(tree, dst, "val", procs=1),
+    stats = converter.convert(converter.Options(tree, dst, "val", procs=1),
                             on_progress=lambda *a: calls.append(a))
     assert stats.images == 6
     assert calls and calls[-1][:2] == (6, 6)
@@ -255,7 +257,7 @@ def test_existing_target_is_refused_then_replaced_with_overwrite(tree, awkward_t
 def test_invalid_options_name_the_flag(tree, dst, options, flag):
     options = {"split": "train", "procs": 1, **options}
     with pytest.raises(ValueError, match=f"^{flag} "):
-        convert.convert(convert.Options(tree, dst, **options))
+        converter.convert(converter.Options(tree, dst, **options))
     assert not os.path.exists(dst)
 
 
@@ -398,7 +400,7 @@ def test_when_every_producer_dies_the_run_fails(long_tree, dst):
     with pytest.raises(ConversionError,
                        match=r"every producer process died \(the last: killed by signal SIGKILL"
                              r".*Committed work is kept in .*train\.lmdb\.partial"):
-        convert.convert(convert.Options(long_tree, dst, "train", procs=1, batch_bytes=1),
+        converter.convert(converter.Options(long_tree, dst, "train", procs=1, batch_bytes=1),
                         on_progress)
     assert killed == [-signal.SIGKILL]
     assert time.monotonic() - started < 20
@@ -408,7 +410,7 @@ def test_when_every_producer_dies_the_run_fails(long_tree, dst):
 
 def test_a_dead_producers_work_goes_to_the_others(long_tree, tmp_path, dst):
     on_progress, killed = kill_child_on_progress("fastlmdb-producer-0", after=16)
-    stats = convert.convert(convert.Options(long_tree, dst, "train", procs=2, batch_bytes=1,
+    stats = converter.convert(converter.Options(long_tree, dst, "train", procs=2, batch_bytes=1,
                                             on_error="skip"), on_progress)
     assert killed == [-signal.SIGKILL]
     assert_no_children_left()
@@ -432,7 +434,7 @@ def test_a_writer_that_dies_fails_the_run_and_the_next_run_resumes(long_tree, tm
     on_progress, killed = kill_child_on_progress("fastlmdb-writer", after=32)
     started = time.monotonic()
     with pytest.raises(ConversionError, match=r"fastlmdb-writer \(pid \d+\) died: killed"):
-        convert.convert(convert.Options(long_tree, dst, "train", procs=1, batch_bytes=1),
+        converter.convert(converter.Options(long_tree, dst, "train", procs=1, batch_bytes=1),
                         on_progress)
     assert killed == [-signal.SIGKILL]
     assert time.monotonic() - started < 20

@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastlmdb
-from fastlmdb import format as fmt
-from fastlmdb import store
-from fastlmdb.dataset import DecodeError
-from fastlmdb.errors import DatabaseError
+from fastlmdb.core import format as fmt
+from fastlmdb.core import store
+from fastlmdb import DecodeError
+from fastlmdb.core.errors import DatabaseError
 
 FUZZ = settings(max_examples=300, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -10,7 +10,9 @@ from torchvision.transforms import RandomResizedCrop as TorchvisionRRC
 from torchvision.transforms import v2
 
 import fastlmdb
-from fastlmdb import convert, crops, sample
+from fastlmdb import converter
+from fastlmdb.cli import sample_tree
+from fastlmdb.loading import crops
 from helpers import psnr
 
 
@@ -18,16 +20,16 @@ from helpers import psnr
 def db(tmp_path_factory):
     root = tmp_path_factory.mktemp("crops")
     src, dst = root / "src", root / "dst"
-    sample.make_tree(src, classes=2, per_class={"train": 3}, size=(300, 400), seed=3)
+    sample_tree.make_tree(src, classes=2, per_class={"train": 3}, size=(300, 400), seed=3)
     for save_as, folder in (("jpeg", dst), ("numpy", root / "npy")):
-        convert.convert(convert.Options(str(src), str(folder), "train", save_as=save_as,
+        converter.convert(converter.Options(str(src), str(folder), "train", save_as=save_as,
                                         procs=1))
     return str(src), str(dst), str(root / "npy")
 
 
 @pytest.fixture(scope="module")
 def photo():
-    pixels = sample.synthetic_photo(np.random.default_rng(0), 333, 517)
+    pixels = sample_tree.synthetic_photo(np.random.default_rng(0), 333, 517)
     return simplejpeg.encode_jpeg(pixels, quality=90)
 
 
@@ -69,7 +71,7 @@ def test_box_pixels_match_decode_then_crop(photo, box, region_decoder, monkeypat
     if not region_decoder:
         monkeypatch.setattr(crops, "_jpegcrop", None)
     top, left, h, w = box
-    ours = crops.decode_box(photo, box, (h, w), 333, 517, fastlmdb.jpeg.decode_simplejpeg)
+    ours = crops.decode_box(photo, box, (h, w), 333, 517, fastlmdb.core.jpeg.decode_simplejpeg)
     reference = simplejpeg.decode_jpeg(photo)[top:top + h, left:left + w]
     assert ours.shape == reference.shape
     assert psnr(ours, reference) > 40

@@ -25,11 +25,12 @@ from torch.utils.data.distributed import DistributedSampler
 
 import lmdb_probes
 from helpers import usable_decoders
-from fastlmdb import convert, jpeg, store
-from fastlmdb import format as fmt
-from fastlmdb.dataset import DecodeError, LMDBDataset, LMDBIterDataset
-from fastlmdb.errors import DatabaseError, IncompleteDatabaseError
-from fastlmdb.sample import synthetic_photo
+from fastlmdb import converter
+from fastlmdb.core import jpeg, store
+from fastlmdb.core import format as fmt
+from fastlmdb import DecodeError, LMDBDataset, LMDBIterDataset
+from fastlmdb.core.errors import DatabaseError, IncompleteDatabaseError
+from fastlmdb.cli.sample_tree import synthetic_photo
 
 SPLIT = "train"
 # class -> [(relative file name, kind)]; ImageFolder sorts classes and files (and walks subdirs).
@@ -81,7 +82,7 @@ def src(tmp_path_factory):
 
 
 def _convert(src, dst, save_as):
-    stats = convert.convert(convert.Options(src, dst, SPLIT, save_as=save_as, procs=1))
+    stats = converter.convert(converter.Options(src, dst, SPLIT, save_as=save_as, procs=1))
     assert stats.images == COUNT and not stats.skipped
     return dst
 

@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from fastlmdb import folder
-from fastlmdb.errors import ConversionError
+from fastlmdb.core import folder
+from fastlmdb.core.errors import ConversionError
 from helpers import imagefolder, make_tree, write_image
 
 

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 import fastlmdb
-from fastlmdb import LMDBDataset, folder, jpeg, prepare
-from fastlmdb.cli import main
-from fastlmdb.errors import ConversionError, ImageError
+from fastlmdb import LMDBDataset
+from fastlmdb.converter import prepare
+from fastlmdb.core import folder, jpeg
+from fastlmdb.cli.commands import main
+from fastlmdb.core.errors import ConversionError, ImageError
 from helpers import (db, image_bytes, imagefolder, jpegtran, make_tree, pil_rgb, pixels_of,
                      psnr, read_db, run_convert, usable_decoders, write_image)
 

@@ -9,8 +9,8 @@ import psutil
 import pytest
 from helpers import db, make_tree, read_db, run_convert, without_times
 
-from fastlmdb import pipeline
-from fastlmdb import format as fmt
+from fastlmdb.converter import pipeline
+from fastlmdb.core import format as fmt
 
 # A producer that dies does not stop the run: its work goes to the others (test_convert.py).
 HOWS = ["main-SIGKILL", "main-SIGTERM", "main-SIGINT", "writer-SIGKILL"]

@@ -8,8 +8,8 @@ import pytest
 import simplejpeg
 from PIL import Image
 
-from fastlmdb import jpeg
-from fastlmdb.sample import synthetic_photo
+from fastlmdb.core import jpeg
+from fastlmdb.cli.sample_tree import synthetic_photo
 
 
 def _turbojpeg_error():
@@ -56,7 +56,7 @@ def test_backends_match_pil_exactly(backend, kind):
     data = SAMPLES[kind]()
     expected = _pil_reference(data)
     for buffer in (data, memoryview(data)):  # LMDB hands out buffers, not bytes
-        got = jpeg.decode(buffer, backend)
+        got = jpeg.decoder(backend)(buffer)
         assert got.dtype == np.uint8 and got.shape == expected.shape
         assert got.shape[2] == 3
         assert got.flags.writeable  # torch.from_numpy warns on read-only arrays
@@ -73,7 +73,7 @@ def test_backends_match_pil_exactly(backend, kind):
 def test_reduced_size_covers_request(backend, min_size, expected):
     """A 32x96 (h x w) image, so swapped height/width would show."""
     data = simplejpeg.encode_jpeg(_pixels(32, 96), quality=90)
-    got = jpeg.decode(data, backend, min_height=min_size[0], min_width=min_size[1])
+    got = jpeg.decoder(backend)(data, min_height=min_size[0], min_width=min_size[1])
     assert got.shape[0] >= min_size[0] and got.shape[1] >= min_size[1]
     assert got.shape[:2] == expected
     assert got.dtype == np.uint8 and got.shape[2] == 3
@@ -83,7 +83,7 @@ def test_reduced_size_covers_request(backend, min_size, expected):
 def test_reduced_size_is_smaller_and_similar(backend):
     pixels = _pixels(64, 96)
     data = simplejpeg.encode_jpeg(pixels, quality=95)
-    got = jpeg.decode(data, backend, min_height=16, min_width=20)
+    got = jpeg.decoder(backend)(data, min_height=16, min_width=20)
     assert (16, 20) <= got.shape[:2] < (64, 96)
     assert got.shape[0] < 64 and got.shape[1] < 96
     # Still the same picture: compare with a box-downscaled original.
@@ -95,8 +95,8 @@ def test_reduced_size_is_smaller_and_similar(backend):
 @pytest.mark.parametrize("backend", USABLE)
 def test_only_one_side_given(backend):
     data = simplejpeg.encode_jpeg(_pixels(64, 96), quality=90)
-    tall = jpeg.decode(data, backend, min_height=30)
-    wide = jpeg.decode(data, backend, min_width=30)
+    tall = jpeg.decoder(backend)(data, min_height=30)
+    wide = jpeg.decoder(backend)(data, min_width=30)
     assert tall.shape[0] >= 30 and tall.shape[0] < 64
     assert wide.shape[1] >= 30 and wide.shape[1] < 96
 
@@ -145,7 +145,7 @@ def test_unknown_backend():
 @pytest.mark.parametrize("backend", USABLE)
 def test_garbage_raises(backend):
     with pytest.raises(Exception):  # noqa: B017 - each library has its own error type
-        jpeg.decode(b"\xff\xd8\xff" + b"garbage" * 20, backend)
+        jpeg.decoder(backend)(b"\xff\xd8\xff" + b"garbage" * 20)
 
 
 def test_header_reads_size_without_decoding():

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastlmdb import order
-from fastlmdb.order import BLOCK, WINDOW_BLOCKS
+from fastlmdb.loading import order
+from fastlmdb.loading.order import BLOCK, WINDOW_BLOCKS
 
 WINDOW = BLOCK * WINDOW_BLOCKS
 

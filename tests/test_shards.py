@@ -10,9 +10,12 @@ import torch
 from helpers import (AWKWARD_LAYOUT, assert_same_database, db, make_tree, read_db, run_convert,
                      without_times)
 
-from fastlmdb import LMDBDataset, LMDBIterDataset, cli, shards, store, verify
-from fastlmdb import format as fmt
-from fastlmdb.errors import ConversionError, DatabaseError, IncompleteDatabaseError
+from fastlmdb import LMDBDataset, LMDBIterDataset
+from fastlmdb import cli
+from fastlmdb.core import catalog, store
+from fastlmdb.tools import merge, verify
+from fastlmdb.core import format as fmt
+from fastlmdb.core.errors import ConversionError, DatabaseError, IncompleteDatabaseError
 
 LAYOUT = {"train": {**AWKWARD_LAYOUT["train"], "n00000003": 9}}  # 22 files, 4 classes
 
@@ -52,7 +55,7 @@ def test_sharded_split_reads_as_the_one_file_database(source, single, dst, count
     names = sorted(name for name in os.listdir(path) if name.endswith(".lmdb"))
     assert names == [fmt.shard_file("train", k, count) for k in range(count)]
     assert_same_as_single(path, single)
-    assert shards.read_catalog(path)[0]["shards"] == count
+    assert catalog.read_catalog(path)[0]["shards"] == count
     ref_info = read_db(single)[0]
     assert (stats.images, stats.skipped, stats.transcoded) == \
         (ref_info["count"], ref_info["skipped"], ref_info["transcoded"])
@@ -60,7 +63,7 @@ def test_sharded_split_reads_as_the_one_file_database(source, single, dst, count
 
 def test_each_shard_is_a_database_of_its_own(source, dst):
     run_convert(source, dst, on_error="skip", shards=3)
-    index = shards.read_index(db(dst))
+    index = catalog.read_index(db(dst))
     first = 0
     for k, entry in enumerate(index["shards"]):
         info, rows, values = read_db(os.path.join(db(dst), entry["file"]))
@@ -110,10 +113,10 @@ def test_sharded_split_in_dataloader_workers(source, single, dst):
 def test_merge_in_place_and_to_another_file(source, single, dst, tmp_path):
     run_convert(source, dst, on_error="skip", shards=3)
     out = os.fspath(tmp_path / "merged.lmdb")
-    assert shards.merge(db(dst), out) == out
+    assert merge.merge(db(dst), out) == out
     assert os.path.isdir(db(dst))  # --output keeps the shards
     assert_same_database(out, single)
-    shards.merge(db(dst))
+    merge.merge(db(dst))
     assert os.path.isfile(db(dst))
     assert_same_database(db(dst), single)
 
@@ -138,7 +141,7 @@ def test_stopped_sharded_conversion_resumes_finished_shards_untouched(source, si
     finished = os.path.join(partial, fmt.shard_file("train", 0, 3))
     assert os.path.isfile(finished) and not os.path.exists(db(dst))
     with pytest.raises(IncompleteDatabaseError):
-        shards.read_catalog(partial)  # no index yet: never mistaken for a finished one
+        catalog.read_catalog(partial)  # no index yet: never mistaken for a finished one
     mtime = os.stat(finished).st_mtime_ns
     stats = run_convert(source, dst, shards=3, on_error="skip")  # allowed on resume
     assert stats.resumed_at >= 7  # shard 0 (7 files) and what shard 1 committed
@@ -154,7 +157,7 @@ def test_resume_with_other_shards_is_refused_naming_the_flag(source, dst):
     with pytest.raises(ConversionError, match="as shards, this run asks for --shards 1"):
         run_convert(source, dst, on_error="skip")
     run_convert(source, dst, shards=4, on_error="skip", overwrite=True)
-    assert shards.read_catalog(db(dst))[0]["shards"] == 4
+    assert catalog.read_catalog(db(dst))[0]["shards"] == 4
 
 
 def test_overwrite_replaces_one_file_by_shards_and_back(source, single, dst):
@@ -221,26 +224,28 @@ def test_backend_needs_shards(source, dst):
 
 def test_shard_size_sets_the_number_of_shards(source, single, dst):
     run_convert(source, dst, on_error="skip", shard_size=5)  # 21 files: 5 shards
-    assert shards.read_catalog(db(dst))[0]["shards"] == 5
+    assert catalog.read_catalog(db(dst))[0]["shards"] == 5
     assert_same_as_single(db(dst), single)
 
 
 def test_merge_of_one_file_says_so(single):
     with pytest.raises(DatabaseError, match="not a folder of shards"):
-        shards.merge(single, single + ".out")
+        merge.merge(single, single + ".out")
 
 
 def test_merged_plan_is_the_one_file_plan(source, single, dst):
     run_convert(source, dst, on_error="skip", shards=3)
-    shards.merge(db(dst))
+    merge.merge(db(dst))
     assert store.read_meta(db(dst), fmt.PLAN_KEY) == store.read_meta(single, fmt.PLAN_KEY)
 
 
 def test_a_worker_that_cannot_see_the_folders_says_so(source, dst):
-    from fastlmdb import convert, folder, prepare, sharded
+    from fastlmdb import converter
+    from fastlmdb.converter import prepare, shards
+    from fastlmdb.core import folder
 
     scan = folder.scan(os.path.join(source, "train"))
-    options = convert.Options(source, dst, "train", shards=2, backend="loky")
-    job = sharded._job(options, scan, prepare.Settings(), os.path.join(dst, "nowhere"), 0)
+    options = converter.Options(source, dst, "train", shards=2, backend="loky")
+    job = shards._job(options, scan, prepare.Settings(), os.path.join(dst, "nowhere"), 0)
     with pytest.raises(ConversionError, match=r"cannot see .*nowhere: every worker must see"):
-        sharded.make_shard(job)
+        shards.make_shard(job)

@@ -8,8 +8,9 @@ import shutil
 import pytest
 from helpers import assert_same_database, db, make_tree, read_db, run_convert
 
-from fastlmdb import cli, stage
-from fastlmdb.errors import DatabaseError
+from fastlmdb import cli
+from fastlmdb.tools import stage
+from fastlmdb.core.errors import DatabaseError
 
 
 @pytest.fixture(params=[1, 3], ids=["one-file", "sharded"])

@@ -10,8 +10,8 @@ import pytest
 from helpers import db, make_tree, run_convert
 
 from fastlmdb import cli
-from fastlmdb import format as fmt
-from fastlmdb import verify
+from fastlmdb.core import format as fmt
+from fastlmdb.tools import verify
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -85,11 +85,11 @@ def _files(root):
 
 DISK_FULL = """
 import resource, signal, sys
-from fastlmdb import convert
+from fastlmdb import converter
 if __name__ == "__main__":
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, like ENOSPC
     resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), int(sys.argv[3])))
-    convert.convert(convert.Options(sys.argv[1], sys.argv[2], "train", procs=1,
+    converter.convert(converter.Options(sys.argv[1], sys.argv[2], "train", procs=1,
                                     batch_bytes=10_000))
 """
 

@@ -19,9 +19,10 @@ import socket
 import joblib
 from joblib.externals.loky import get_reusable_executor
 
-from fastlmdb import files, pipeline, prepare, shards, store, writer
-from fastlmdb import format as fmt
-from fastlmdb.errors import ConversionError
+from fastlmdb.converter import pipeline, prepare, writer
+from fastlmdb.core import catalog, files, store
+from fastlmdb.core import format as fmt
+from fastlmdb.core.errors import ConversionError
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,19 @@ def convert(options, scan, partial, plan, settings, on_progress=None):
         results = [_make_here(job, progress) for job in jobs]
     else:
         results = _make_as_tasks(jobs, options, progress)
-    shards.write_index(partial, plan, [os.path.basename(job.final) for job in jobs],
+    write_index(partial, plan, [os.path.basename(job.final) for job in jobs],
                        [info for info, _ in results])
     return results
+
+
+def write_index(folder, plan, names, infos):
+    """Write the index of a folder whose shards are all finished: the folder is complete."""
+    entries = [{"file": name, "count": info["count"],
+                "first_source": info["shard"]["first_source"]}
+               for name, info in zip(names, infos)]
+    index = {"format": fmt.SHARDS_FORMAT, "version": fmt.SHARDS_VERSION, "plan": plan,
+             "count": sum(entry["count"] for entry in entries), "shards": entries}
+    files.write_json_atomically(os.path.join(folder, fmt.SHARD_INDEX), index)
 
 
 def _check_plan(partial, plan, overwrite):

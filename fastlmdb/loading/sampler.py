@@ -10,7 +10,7 @@ prefetching); with a plain DataLoader pass the number of samples consumed.
 import numpy as np
 import torch.utils.data
 
-from fastlmdb import order
+from fastlmdb.loading import order
 
 
 def ranks(rank=None, world_size=None):

@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 
-from fastlmdb.errors import ConversionError
+from fastlmdb.core.errors import ConversionError
 
 
 @contextlib.contextmanager

@@ -16,9 +16,11 @@ from multiprocessing import connection
 import lmdb
 import numpy as np
 
-from fastlmdb import __version__, children, prepare, store
-from fastlmdb import format as fmt
-from fastlmdb.errors import ImageError
+from fastlmdb import __version__
+from fastlmdb.converter import children, prepare
+from fastlmdb.core import store
+from fastlmdb.core import format as fmt
+from fastlmdb.core.errors import ImageError
 
 
 @dataclasses.dataclass

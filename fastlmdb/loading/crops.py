@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional
 
 try:
-    from fastlmdb import _jpegcrop
+    from fastlmdb.core import _jpegcrop
 except ImportError:  # no compiler or libjpeg headers at install time
     _jpegcrop = None
 

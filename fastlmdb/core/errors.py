@@ -19,3 +19,11 @@ class ConversionError(FastLMDBError):
 
 class ImageError(FastLMDBError):
     """One source image cannot be read or decoded."""
+
+
+class DecodeError(FastLMDBError):
+    """A stored record could not be decoded."""
+
+
+# What to do with a bad image (converter) or a record that does not decode (loaders).
+ON_ERROR = ("raise", "skip")

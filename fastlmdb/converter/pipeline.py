@@ -16,9 +16,9 @@ import queue
 import signal
 import zlib
 
-from fastlmdb import children, prepare
-from fastlmdb.errors import ConversionError
-from fastlmdb.writer import Job, writer_main
+from fastlmdb.converter import children, prepare
+from fastlmdb.core.errors import ConversionError
+from fastlmdb.converter.writer import Job, writer_main
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,11 @@ import json
 import logging
 import sys
 
-from fastlmdb import __version__, convert, files, prepare, sharded, shards
-from fastlmdb.errors import FastLMDBError
+from fastlmdb import __version__, converter
+from fastlmdb.cli import terminal
+from fastlmdb.converter import prepare, shards
+from fastlmdb.core import catalog, errors, files
+from fastlmdb.core.errors import FastLMDBError
 
 
 def main(argv=None):
@@ -50,7 +53,7 @@ def _parser():
                        help="write the one file here and keep the shards (default: replace "
                             "the folder by the file, once it is complete)")
     merge.set_defaults(run=_merge)
-    from fastlmdb import demo
+    from fastlmdb.cli import demo
 
     demo.add_command(commands)
     for command in commands.choices.values():
@@ -79,9 +82,9 @@ def _add_convert(commands):
     p.add_argument("--split", required=True, nargs="+", help="split folder name(s): train val")
     p.add_argument("--save-as", "--save_as", default="jpeg", choices=("jpeg", "numpy"),
                    help="store original JPEG bytes (default) or decoded uint8 arrays")
-    p.add_argument("--procs", type=_positive, default=convert.default_procs(),
+    p.add_argument("--procs", type=_positive, default=converter.default_procs(),
                    help="producer processes (default: the CPUs this process may use)")
-    p.add_argument("--on-error", "--on_error", default="raise", choices=convert.ON_ERROR,
+    p.add_argument("--on-error", "--on_error", default="raise", choices=errors.ON_ERROR,
                    help="a file that is not a readable image stops the run (raise, default) "
                         "or is left out and listed (skip)")
     p.add_argument("--overwrite", action="store_true",
@@ -100,7 +103,7 @@ def _add_convert(commands):
                         "one writer each (default 1: one file)")
     p.add_argument("--shard-size", "--shard_size", type=_positive, default=0, metavar="N",
                    help="instead of --shards: as many shards as give about N images each")
-    p.add_argument("--backend", default="local", choices=sharded.BACKENDS,
+    p.add_argument("--backend", default="local", choices=shards.BACKENDS,
                    help="where shards are made: local (one after another, each with --procs "
                         "processes; default), loky (shards side by side in local processes), "
                         "dask (one task per shard on a dask.distributed cluster)")
@@ -121,7 +124,7 @@ def _add_verify(commands):
     p.add_argument("db", help="a DST/<split>.lmdb file")
     p.add_argument("--source", metavar="SRC/SPLIT",
                    help="the split folder it was made from, e.g. /data/imagenet/train")
-    p.add_argument("--procs", type=_positive, default=convert.default_procs(),
+    p.add_argument("--procs", type=_positive, default=converter.default_procs(),
                    help="processes (default: the CPUs this process may use)")
     p.add_argument("--no-decode", "--no_decode", dest="decode", action="store_false",
                    help="check sizes and checksums only, not that every image decodes")
@@ -136,67 +139,29 @@ def _add_stage(commands):
                                         "of one node may run it together: one copies.")
     p.add_argument("db", help="a DST/<split>.lmdb file or folder, e.g. on NFS")
     p.add_argument("local_dir", help="a folder on node-local disk")
-    p.add_argument("--procs", type=_positive, default=convert.default_procs(),
+    p.add_argument("--procs", type=_positive, default=converter.default_procs(),
                    help="processes checking the copy (default: the CPUs this process may use)")
     p.set_defaults(run=_stage)
 
 
 def _convert(args):
     for split in args.split:
-        options = convert.Options(
+        options = converter.Options(
             from_dir=args.from_dir, to_dir=args.to_dir, split=split, save_as=args.save_as,
             procs=args.procs, on_error=args.on_error, overwrite=args.overwrite,
             max_pixels=args.max_pixels, max_size=args.max_size, quality=args.quality,
             check_decode=args.check_decode, shards=args.shards, shard_size=args.shard_size,
             backend=args.backend, scheduler=args.scheduler)
-        with _ProgressBar(split) as bar:
-            stats = convert.convert(options, on_progress=bar.update)
-        print_summary(stats)
+        with terminal.ProgressBar(split) as bar:
+            stats = converter.convert(options, on_progress=bar.update)
+        terminal.print_summary(stats)
     return 0
 
 
-class _ProgressBar:
-    """A tqdm bar whose `update(done, total[, bytes_in])` is a library on_progress callback."""
-
-    def __init__(self, desc):
-        self.desc = desc
-
-    def __enter__(self):
-        from tqdm import tqdm
-
-        # delay: a run that fails before any progress prints its error line and nothing else.
-        self.bar = tqdm(unit="img", desc=self.desc, dynamic_ncols=True, delay=0.5)
-        return self
-
-    def __exit__(self, *exc):
-        self.bar.close()
-
-    def update(self, done, total, bytes_in=None):
-        self.bar.total = total
-        self.bar.update(done - self.bar.n)
-        if bytes_in is None:
-            return
-        elapsed = self.bar.format_dict["elapsed"] or 1e-9
-        self.bar.set_postfix_str(f"{bytes_in / elapsed / 1e6:.0f} MB/s in", refresh=False)
-
-
-def print_summary(stats):
-    rate = stats.images / max(stats.seconds, 1e-9)
-    resumed = f", resumed after {stats.resumed_at} files" if stats.resumed_at else ""
-    print(f"{stats.path}: {stats.images} images, {stats.bytes_in / 1e6:.1f} MB read, "
-          f"{stats.bytes_out / 1e6:.1f} MB written, {stats.seconds:.1f} s "
-          f"({rate:.0f} img/s){resumed}")
-    for index, path, why in stats.transcoded:
-        print(f"  changed  #{index} {path}: {why}")
-    for path, why in stats.skipped:
-        print(f"  skipped  {path}: {why}")
-    print(f"  {len(stats.transcoded)} changed, {len(stats.skipped)} skipped")
-
-
 def _verify(args):
-    from fastlmdb import verify
+    from fastlmdb.tools import verify
 
-    with _ProgressBar("verify") as bar:
+    with terminal.ProgressBar("verify") as bar:
         report = verify.verify(args.db, source=args.source, procs=args.procs,
                                decode=args.decode, on_progress=bar.update)
     for problem in report.problems:
@@ -207,22 +172,24 @@ def _verify(args):
 
 
 def _merge(args):
-    with _ProgressBar("merge") as bar:
-        output = shards.merge(args.db, args.output, on_progress=bar.update)
-    info, _ = shards.read_catalog(output)
+    from fastlmdb.tools import merge
+
+    with terminal.ProgressBar("merge") as bar:
+        output = merge.merge(args.db, args.output, on_progress=bar.update)
+    info, _ = catalog.read_catalog(output)
     print(f"{output}: {info['count']} records in one file, {files.size(output) / 1e6:.1f} MB")
     return 0
 
 
 def _stage(args):
-    from fastlmdb import stage
+    from fastlmdb.tools import stage
 
     print(stage.stage(args.db, args.local_dir, procs=args.procs))
     return 0
 
 
 def _info(args):
-    info, rows = shards.read_catalog(args.db)
+    info, rows = catalog.read_catalog(args.db)
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return 0

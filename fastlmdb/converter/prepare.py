@@ -14,8 +14,8 @@ import stat
 
 import numpy as np
 
-from fastlmdb import jpeg
-from fastlmdb.errors import ImageError
+from fastlmdb.core import jpeg
+from fastlmdb.core.errors import ImageError
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 JPEG_EOI = b"\xff\xd9"

@@ -12,8 +12,8 @@ import os
 import lmdb
 import numpy as np
 
-from fastlmdb import format as fmt
-from fastlmdb.errors import DatabaseError, IncompleteDatabaseError
+from fastlmdb.core import format as fmt
+from fastlmdb.core.errors import DatabaseError, IncompleteDatabaseError
 
 log = logging.getLogger(__name__)
 

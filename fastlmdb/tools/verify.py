@@ -10,8 +10,8 @@ import zlib
 import joblib
 import numpy as np
 
-from fastlmdb import folder, jpeg, shards
-from fastlmdb.errors import FastLMDBError
+from fastlmdb.core import catalog, folder, jpeg
+from fastlmdb.core.errors import FastLMDBError
 
 CHUNK = 512
 
@@ -31,13 +31,13 @@ def verify(path, *, source=None, procs=1, decode=True, on_progress=None):
     """Report on every record of `path`; `source` is the split's folder to compare against;
     decode=False checks sizes and checksums only (about disk speed)."""
     try:
-        info, rows = shards.read_catalog(path)
+        info, rows = catalog.read_catalog(path)
     except FastLMDBError as exc:
         return Report(os.fspath(path), 0, [str(exc)])
     problems = _check_catalog(info, rows)
     paths = _source_paths(source, info, rows, problems) if source else None
     chunks = [range(start, min(start + CHUNK, len(rows))) for start in range(0, len(rows), CHUNK)]
-    reader = shards.reader(path)  # picklable: each process begins its own transaction
+    reader = catalog.reader(path)  # picklable: each process begins its own transaction
     work = (joblib.delayed(_check_records)(reader, info["imgtype"], decode, rows[c.start:c.stop],
                                            c.start, paths and paths[c.start:c.stop])
             for c in chunks)

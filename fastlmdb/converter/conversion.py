@@ -3,7 +3,7 @@
 The database is written as ``<split>.lmdb.partial`` (a file, or a folder of shards) under an
 exclusive lock and renamed when complete; running the same command again after any
 interruption resumes after the last committed transaction (of each shard). How one database
-is made: pipeline.py (local processes) or sharded.py (one task per shard, here or on a cluster).
+is made: pipeline.py (local processes) or shards.py (one task per shard, here or on a cluster).
 """
 
 import dataclasses
@@ -11,14 +11,12 @@ import logging
 import os
 import time
 
-from fastlmdb import files, folder, pipeline, prepare, sharded, shards
-from fastlmdb import format as fmt
-from fastlmdb.errors import ConversionError
+from fastlmdb.converter import pipeline, prepare, shards
+from fastlmdb.core import catalog, files, folder
+from fastlmdb.core import format as fmt
+from fastlmdb.core.errors import ON_ERROR, ConversionError
 
 log = logging.getLogger(__name__)
-
-ON_ERROR = ("raise", "skip")
-
 
 def default_procs():
     return len(os.sched_getaffinity(0))
@@ -41,7 +39,7 @@ class Options:
     map_size: int = 16 << 30  # virtual reservation only; grows by doubling when full
     shards: int = 1  # 1: one file; K: K shard files in a folder, one writer each
     shard_size: int = 0  # if set, as many shards as make about this many files each
-    backend: str = "local"  # how shards are run: see sharded.BACKENDS
+    backend: str = "local"  # how shards are run: see shards.BACKENDS
     scheduler: str = None  # the dask scheduler's address (backend "dask"); None: a local one
 
 
@@ -79,7 +77,7 @@ def convert(options, on_progress=None):
             results = [pipeline.run(options, scan, partial, plan, settings_of(options),
                                     on_progress)]
         else:
-            results = sharded.convert(options, scan, partial, {**plan, "shards": options.shards},
+            results = shards.convert(options, scan, partial, {**plan, "shards": options.shards},
                                       settings_of(options), on_progress)
         files.publish(partial, final)
     return _stats(final, results, time.monotonic() - started)
@@ -99,7 +97,7 @@ def _check_layout(partial, options):
 
 
 def _stats(final, results, seconds):
-    info = shards.merged_info([info for info, _ in results], final)
+    info = catalog.merged_info([info for info, _ in results], final)
     return Stats(final, info["count"], info["skipped"], info["transcoded"], info["bytes_in"],
                  files.size(final), seconds, sum(resumed for _, resumed in results))
 
@@ -123,8 +121,8 @@ def _validate(o):
         raise ValueError(f"--shards must be a whole number >= 1, got {o.shards!r}")
     if o.shard_size < 0 or (o.shard_size and o.shards != 1):
         raise ValueError("give --shards K or --shard-size N (files per shard, >= 1), not both")
-    if o.backend not in sharded.BACKENDS:
-        raise ValueError(f"--backend must be one of {', '.join(sharded.BACKENDS)}, "
+    if o.backend not in shards.BACKENDS:
+        raise ValueError(f"--backend must be one of {', '.join(shards.BACKENDS)}, "
                          f"got {o.backend!r}")
     if o.backend != "local" and o.shards == 1 and not o.shard_size:
         raise ValueError(f"--backend {o.backend} runs shards as tasks: pass --shards K "

@@ -3,8 +3,11 @@
 Needs the `demo` extra (torch, torchvision): ``pip install 'fastlmdb[demo]'``.
 """
 
+import dataclasses
 import os
+import resource
 import tempfile
+import time
 
 BATCH = 64
 
@@ -20,16 +23,17 @@ def add_command(commands):
 
 
 def run(args):
-    from fastlmdb import cli, convert, sample
+    from fastlmdb import converter
+    from fastlmdb.cli import sample_tree, terminal
 
     work = args.dir or tempfile.mkdtemp(prefix="fastlmdb-demo-")
     src, dst = os.path.join(work, "imagenet"), os.path.join(work, "lmdb")
-    sample.make_tree(src, classes=args.classes,
-                     per_class={"train": args.per_class, "val": max(1, args.per_class // 4)})
+    sample_tree.make_tree(src, classes=args.classes,
+                          per_class={"train": args.per_class, "val": max(1, args.per_class // 4)})
     print(f"sample tree of real JPEGs: {src}")
     for split in ("train", "val"):
-        stats = convert.convert(convert.Options(src, dst, split, overwrite=True))
-        cli.print_summary(stats)
+        stats = converter.convert(converter.Options(src, dst, split, overwrite=True))
+        terminal.print_summary(stats)
     print(f"\nloading {dst}/train.lmdb, batch {BATCH}, {args.workers} workers, "
           "RandomResizedCrop(224) + flip + Normalize (uint8: normalise on the GPU):")
     _compare(src, dst, args.workers)
@@ -42,7 +46,7 @@ def _compare(src, dst, workers):
 
     from torchvision.transforms import v2
 
-    from fastlmdb import LMDBDataset, LMDBIterDataset, RandomResizedCrop, benchmark
+    from fastlmdb import LMDBDataset, LMDBIterDataset, RandomResizedCrop
 
     pil_tf, tensor_tf = _transforms()
     # The fastest way on original bytes: decode only the crop, whole uint8 batches (normalise
@@ -69,8 +73,8 @@ def _compare(src, dst, workers):
             return torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=shuffle,
                                                num_workers=workers)
 
-        benchmark.time_epoch(loader)  # warm the page cache and imports
-        timing = benchmark.time_epoch(loader)
+        time_epoch(loader)  # warm the page cache and imports
+        timing = time_epoch(loader)
         baseline = baseline or timing.per_cpu_second
         print(f"  {name:38} {timing.per_second:8.0f} {timing.per_cpu_second:10.0f} "
               f"{timing.per_cpu_second / baseline:14.2f}x")
@@ -87,3 +91,40 @@ def _transforms():
     tensor_tf = v2.Compose([v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip(),
                             v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
     return pil_tf, tensor_tf
+
+
+# Measuring loaders fairly: wall time and CPU time of the whole process tree. Workers are
+# counted once they have exited and been reaped, so whole epochs without persistent workers.
+def cpu_seconds():
+    """User + system CPU seconds of this process and its reaped children so far."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    images: int
+    wall: float
+    cpu: float
+
+    @property
+    def per_second(self):
+        return self.images / self.wall
+
+    @property
+    def per_cpu_second(self):
+        return self.images / self.cpu
+
+
+def time_epoch(make_loader):
+    """Run one epoch of `make_loader()` (workers started and reaped inside) and time it."""
+    wall0, cpu0 = time.perf_counter(), cpu_seconds()
+    images = 0
+    loader = make_loader()
+    for batch in loader:
+        images += len(batch[1])
+    del loader  # shuts the workers down, so their CPU time is counted
+    return Timing(images, time.perf_counter() - wall0, cpu_seconds() - cpu0)

@@ -24,7 +24,7 @@ import struct
 
 import numpy as np
 
-from fastlmdb.errors import DatabaseError
+from fastlmdb.core.errors import DatabaseError
 
 FORMAT_NAME = "fastlmdb"
 FORMAT_VERSION = 1
@@ -51,10 +51,6 @@ ROW = np.dtype(
     ]
 )
 
-# Records larger than this are refused when read: a guard against crafted databases.
-MAX_PIXELS = 1 << 28
-
-
 def db_path(to_dir, split):
     """Where the finished database of `split` lives."""
     return os.path.join(os.fspath(to_dir), f"{split}.lmdb")
@@ -67,10 +63,6 @@ def partial_path(final_path):
 
 def key(index):
     return struct.pack(">Q", index)
-
-
-def index_of(key_bytes):
-    return struct.unpack(">Q", bytes(key_bytes))[0]
 
 
 def dump_json(obj):
@@ -150,6 +142,7 @@ def _check_fields(info, path):
 # positions in the whole split), and an index written last.
 SHARD_INDEX = "index.json"
 SHARDS_FORMAT = "fastlmdb-shards"
+SHARDS_VERSION = 1
 
 
 def shard_file(split, index, count):

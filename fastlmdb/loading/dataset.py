@@ -12,19 +12,14 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from fastlmdb import batch, crops, jpeg, order, sampler, shards
-from fastlmdb import format as fmt
-from fastlmdb.errors import DatabaseError, FastLMDBError
+from fastlmdb.core import catalog, jpeg
+from fastlmdb.loading import batch, crops, order, sampler
+from fastlmdb.core import format as fmt
+from fastlmdb.core.errors import ON_ERROR, DatabaseError, DecodeError
 
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("pil", "tensor", "numpy")
-ON_ERROR = ("raise", "skip")
-
-
-class DecodeError(FastLMDBError):
-    """A stored record could not be decoded."""
-
 
 class _Records:
     """What both datasets share: the catalog, lazy per-process reads, decode, transforms."""
@@ -34,7 +29,7 @@ class _Records:
         self.root, self.split = os.fspath(root), split
         self.path = fmt.db_path(self.root, split)
         self.transform, self.target_transform = transform, target_transform
-        info, rows = shards.read_catalog(self.path)
+        info, rows = catalog.read_catalog(self.path)
         if imgtype is not None and imgtype != info["imgtype"]:
             raise ValueError(f"imgtype={imgtype!r}, but {self.path} holds {info['imgtype']} "
                              f"records: pass imgtype={info['imgtype']!r} or leave it out")
@@ -46,7 +41,7 @@ class _Records:
         self.decoder, self.min_size = decoder, _pair(min_size)
         self._labels = rows["label"].astype(np.int64)
         self._shapes = np.stack([rows["height"], rows["width"]], axis=1).astype(np.int64)
-        self._reader = shards.reader(self.path)
+        self._reader = catalog.reader(self.path)
         self.errors = 0  # records skipped in this process because they failed to decode
 
     @property

@@ -21,7 +21,7 @@ import sys
 import torch
 import torch.utils.data
 
-from fastlmdb import handover
+from fastlmdb.loading import handover
 
 
 class Sample(tuple):

@@ -14,9 +14,10 @@ import os
 import shutil
 import time
 
-from fastlmdb import files, shards, verify
-from fastlmdb import format as fmt
-from fastlmdb.errors import DatabaseError
+from fastlmdb.core import catalog, files
+from fastlmdb.tools import verify
+from fastlmdb.core import format as fmt
+from fastlmdb.core.errors import DatabaseError
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ STAMP = ".staged-from.json"
 def stage(db, local_dir, *, procs=1):
     """The path of a checked copy of database `db` (file or sharded folder) in `local_dir`."""
     source = os.path.abspath(os.fspath(db)).rstrip(os.sep)
-    shards.read_catalog(source)  # a finished database, or a clear error now
+    catalog.read_catalog(source)  # a finished database, or a clear error now
     os.makedirs(local_dir, exist_ok=True)
     name = os.path.basename(source)
     target = os.path.join(local_dir, name)

@@ -1,5 +1,5 @@
-"""Any database path, one file or a folder of shards, read as one database: the catalog, a
-reader of global record indices, and `merge` of shards into one file.
+"""Any database path, one file or a folder of shards, read as one database: the catalog and a
+reader of global record indices.
 
 A sharded split is the folder ``DST/<split>.lmdb`` holding ``<split>-0000k-of-0000K.lmdb``
 shard files (each a complete database of its own) and ``index.json``, written last:
@@ -15,28 +15,16 @@ import os
 
 import numpy as np
 
-from fastlmdb import files, store
-from fastlmdb import format as fmt
-from fastlmdb.errors import DatabaseError, IncompleteDatabaseError
+from fastlmdb.core import store
+from fastlmdb.core import format as fmt
+from fastlmdb.core.errors import DatabaseError, IncompleteDatabaseError
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 1
-MERGE_BATCH_BYTES = 64 << 20
 
 
 def is_sharded(path):
     return os.path.isdir(path)
-
-
-def write_index(folder, plan, names, infos):
-    """Write the index of a folder whose shards are all finished: the folder is complete."""
-    entries = [{"file": name, "count": info["count"],
-                "first_source": info["shard"]["first_source"]}
-               for name, info in zip(names, infos)]
-    index = {"format": fmt.SHARDS_FORMAT, "version": INDEX_VERSION, "plan": plan,
-             "count": sum(entry["count"] for entry in entries), "shards": entries}
-    files.write_json_atomically(os.path.join(folder, fmt.SHARD_INDEX), index)
 
 
 def read_index(path):
@@ -51,7 +39,7 @@ def read_index(path):
             "if its conversion stopped, run the same `fastlmdb convert` command again") from None
     if index.get("format") != fmt.SHARDS_FORMAT:
         raise DatabaseError(f"{index_path} is not a fastlmdb shard index")
-    if not isinstance(index.get("version"), int) or index["version"] > INDEX_VERSION:
+    if not isinstance(index.get("version"), int) or index["version"] > fmt.SHARDS_VERSION:
         raise DatabaseError(f"{index_path} has version {index.get('version')!r}, newer than "
                             "this fastlmdb reads: upgrade with `pip install -U fastlmdb`")
     _check_entries(index, index_path)
@@ -159,44 +147,3 @@ class ShardedReader:
     def close(self):
         for reader in self._readers:
             reader.close()
-
-
-def merge(path, output=None, on_progress=None):
-    """Join the shards of `path` into one database file at `output` (default: replace `path`
-    itself). Returns the output path. An interrupted merge starts again."""
-    path = os.fspath(path)
-    output = os.fspath(output or path)
-    if not is_sharded(path):
-        raise DatabaseError(f"{path} is not a folder of shards (one file already?): "
-                            "`fastlmdb merge` joins the shards that --shards made")
-    index = read_index(path)
-    info, rows = read_catalog(path)
-    partial = fmt.partial_path(output)
-    if os.path.lexists(partial):
-        log.info("removing %s, left by an interrupted merge", partial)
-        files.remove(partial)
-    with files.exclusive(partial):
-        writer = store.Writer(partial, map_size=max(files.size(path), 1 << 20))
-        _copy_records(reader(path), writer, rows, on_progress)
-        # The plan and info of the whole split, as a one-file conversion of it writes them.
-        plan = {name: value for name, value in index["plan"].items() if name != "shards"}
-        info = {name: value for name, value in info.items() if name != "shards"}
-        writer.commit(len(rows), [], rows[:0], {fmt.PLAN_KEY: plan, fmt.INFO_KEY: info,
-                                                fmt.TABLE_KEY: fmt.dump_table(rows)})
-        writer.close()
-        files.publish(partial, output)
-    return output
-
-
-def _copy_records(source, writer, rows, on_progress):
-    """Copy every record in transactions of about MERGE_BATCH_BYTES."""
-    ends = np.cumsum(rows["nbytes"], dtype=np.int64)
-    first = 0
-    while first < len(rows):
-        done = int(ends[first - 1]) if first else 0
-        last = max(first + 1, int(np.searchsorted(ends, done + MERGE_BATCH_BYTES, "right")))
-        writer.commit(first, source.scan(first, last), rows[first:last], {})
-        first = last
-        if on_progress:
-            on_progress(first, len(rows))
-    source.close()

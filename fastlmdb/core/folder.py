@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from fastlmdb.errors import ConversionError
+from fastlmdb.core.errors import ConversionError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 

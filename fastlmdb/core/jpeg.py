@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from fastlmdb.errors import ImageError
+from fastlmdb.core.errors import ImageError
 
 BACKENDS = ("simplejpeg", "turbojpeg", "pil")
 _INSTALL = {
@@ -39,10 +39,6 @@ def decoder(backend):
                           f"install it with: {_INSTALL[backend]}") from None
     return {"simplejpeg": decode_simplejpeg, "turbojpeg": decode_turbojpeg,
             "pil": decode_pil}[backend]
-
-
-def decode(data, backend="simplejpeg", *, min_height=None, min_width=None):
-    return decoder(backend)(data, min_height=min_height, min_width=min_width)
 
 
 def decode_simplejpeg(data, *, min_height=None, min_width=None):

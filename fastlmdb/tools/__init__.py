@@ -1,0 +1,1 @@
+"""Tools that read and copy finished databases: verify, stage, merge."""

@@ -1,0 +1,55 @@
+"""`merge`: join the shards of a sharded database into one database file, in place or not."""
+
+import logging
+import os
+
+import numpy as np
+
+from fastlmdb.core import catalog, files, store
+from fastlmdb.core import format as fmt
+from fastlmdb.core.errors import DatabaseError
+
+log = logging.getLogger(__name__)
+
+MERGE_BATCH_BYTES = 64 << 20
+
+
+def merge(path, output=None, on_progress=None):
+    """Join the shards of `path` into one database file at `output` (default: replace `path`
+    itself). Returns the output path. An interrupted merge starts again."""
+    path = os.fspath(path)
+    output = os.fspath(output or path)
+    if not catalog.is_sharded(path):
+        raise DatabaseError(f"{path} is not a folder of shards (one file already?): "
+                            "`fastlmdb merge` joins the shards that --shards made")
+    index = catalog.read_index(path)
+    info, rows = catalog.read_catalog(path)
+    partial = fmt.partial_path(output)
+    if os.path.lexists(partial):
+        log.info("removing %s, left by an interrupted merge", partial)
+        files.remove(partial)
+    with files.exclusive(partial):
+        writer = store.Writer(partial, map_size=max(files.size(path), 1 << 20))
+        _copy_records(catalog.reader(path), writer, rows, on_progress)
+        # The plan and info of the whole split, as a one-file conversion of it writes them.
+        plan = {name: value for name, value in index["plan"].items() if name != "shards"}
+        info = {name: value for name, value in info.items() if name != "shards"}
+        writer.commit(len(rows), [], rows[:0], {fmt.PLAN_KEY: plan, fmt.INFO_KEY: info,
+                                                fmt.TABLE_KEY: fmt.dump_table(rows)})
+        writer.close()
+        files.publish(partial, output)
+    return output
+
+
+def _copy_records(source, writer, rows, on_progress):
+    """Copy every record in transactions of about MERGE_BATCH_BYTES."""
+    ends = np.cumsum(rows["nbytes"], dtype=np.int64)
+    first = 0
+    while first < len(rows):
+        done = int(ends[first - 1]) if first else 0
+        last = max(first + 1, int(np.searchsorted(ends, done + MERGE_BATCH_BYTES, "right")))
+        writer.commit(first, source.scan(first, last), rows[first:last], {})
+        first = last
+        if on_progress:
+            on_progress(first, len(rows))
+    source.close()
