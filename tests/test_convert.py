@@ -18,7 +18,7 @@ import pytest
 import simplejpeg
 
 from fastlmdb import converter
-from fastlmdb.converter import pipeline
+from fastlmdb.converter import pipeline, prepare, writer
 from fastlmdb.core import folder, store
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import ConversionError, DatabaseError, IncompleteDatabaseError
@@ -494,3 +494,24 @@ def test_broken_links_and_non_utf8_names(tree, dst):
     assert [os.path.basename(path) for path, _ in stats.skipped] == ["broken.JPEG"]
     assert "No such file" in stats.skipped[0][1]
     assert stats.images == len(imagefolder(os.path.join(tree, "train"))) - 1
+
+
+def test_a_bug_while_preparing_stops_the_run_naming_the_file(tree, dst, monkeypatch):
+    """A bad file is data (skipped, or it stops the run); any other exception is a bug and is
+    never reported as a bad file, not even with --on-error skip."""
+    def buggy(path, settings):
+        raise AttributeError("module 'PIL.Image' has no attribute 'Resampling'")
+
+    monkeypatch.setattr(prepare, "prepare", buggy)
+    scan = folder.scan(os.path.join(tree, "train"))
+    assert "AttributeError" in pipeline.entry(scan.paths[0], prepare.Settings())["bug"]
+    options = converter.Options(tree, dst, "train", on_error="skip", procs=1)
+    os.makedirs(dst)
+    partial = os.path.join(dst, "train.lmdb.partial")
+    job = pipeline.writer_job(options, scan, partial, pipeline.plan_of(options, scan))
+    _, (kind, message) = writer.write_inline(
+        job, scan.paths, lambda paths: [pipeline.entry(p, prepare.Settings()) for p in paths],
+        pipeline.CHUNK)
+    assert kind == "fatal"
+    assert f"preparing {scan.paths[0]} failed with an unexpected error" in message
+    assert "Resampling" in message

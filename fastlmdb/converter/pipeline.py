@@ -14,10 +14,11 @@ import multiprocessing
 import os
 import queue
 import signal
+import traceback
 import zlib
 
 from fastlmdb.converter import children, prepare
-from fastlmdb.core.errors import ConversionError
+from fastlmdb.core.errors import ConversionError, ImageError
 from fastlmdb.converter.writer import Job, writer_main
 
 log = logging.getLogger(__name__)
@@ -212,8 +213,10 @@ def entry(path, settings):
     """What a producer sends the writer about one file: the record, or why there is none."""
     try:
         record = prepare.prepare(path, settings)
-    except Exception as exc:  # noqa: BLE001 - any failure is this file's, reported as data
-        return {"path": path, "error": str(exc) or type(exc).__name__}
+    except ImageError as exc:  # this file is bad: reported as data, skipped or fatal
+        return {"path": path, "error": str(exc)}
+    except Exception:  # noqa: BLE001 - not a bad file but a bug: it stops the run, named
+        return {"path": path, "bug": traceback.format_exc()}
     # Unchanged source bytes are not sent: the writer reads the file again from the page cache
     # (measured 3x cheaper than pickling 110 KB through a pipe) and checks the checksum.
     unchanged = settings.imgtype == "jpeg" and not (record.transcoded or record.resized)

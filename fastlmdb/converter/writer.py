@@ -42,7 +42,7 @@ def writer_main(job, results, status, coordinator):
         _Writer(job, status).run(results)
     except _PlanMismatch as exc:
         status.put(("mismatch", exc.old_plan))
-    except _StorageError as exc:
+    except _Fatal as exc:
         status.put(("fatal", str(exc)))
     except Exception:  # noqa: BLE001 - reported to the coordinator, which raises
         status.put(("fatal", f"the writer process failed:\n{traceback.format_exc()}"))
@@ -65,7 +65,7 @@ def write_inline(job, paths, chunk_entries, chunk):
                 break
         else:
             writer.finish()
-    except _StorageError as exc:
+    except _Fatal as exc:
         return resumed_at, ("fatal", str(exc))
     finally:
         writer.close()
@@ -144,6 +144,11 @@ class _Writer:
         p = self.progress
         for entry in entries:
             source = p["next_source"]
+            if entry.get("bug"):
+                raise _Fatal(f"preparing {entry['path']} failed with an unexpected error, a bug "
+                             "in fastlmdb or a library it uses (please report it with this "
+                             f"traceback); committed work is kept in {self.job.partial}:\n"
+                             f"{entry['bug']}")
             if not entry.get("error") and entry["payload"] is None:
                 entry["payload"], entry["error"] = _reread(entry)
             if entry.get("error"):
@@ -255,8 +260,12 @@ def _changed(entry):
     return 2 if entry["resized"] else int(bool(entry["transcoded"]))
 
 
-class _StorageError(Exception):
-    """Writing failed (disk full, quota, I/O error); what is committed is intact."""
+class _Fatal(Exception):
+    """The run cannot go on; what is committed is intact."""
+
+
+class _StorageError(_Fatal):
+    """Writing failed (disk full, quota, I/O error)."""
 
 
 class _PlanMismatch(Exception):
