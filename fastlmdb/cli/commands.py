@@ -204,7 +204,7 @@ def _info(args):
               f"width {rows['width'].min()}-{rows['width'].max()}, "
               f"mean record {rows['nbytes'].mean() / 1e3:.1f} KB")
     print(f"  {len(info['transcoded'])} changed at conversion, {len(info['skipped'])} skipped, "
-          f"{info.get('resized', 0)} resized to --max-size {info.get('max_size', 0)}")
+          f"{info['resized']} resized to --max-size {info['max_size']}")
     return 0
 
 

@@ -124,17 +124,50 @@ def check_info(info, path):
     return info
 
 
+# Every field of `info` that a reader uses, with its JSON type; `shard` only in a shard's.
+INFO_FIELDS = {
+    "count": int, "classes": list, "class_to_idx": dict, "imgtype": str, "split": str,
+    "source": str, "transcoded": list, "skipped": list, "resized": int, "max_size": int,
+    "quality": int, "bytes_in": int, "made_by": str, "started": (int, float),
+    "finished": (int, float)}
+SHARD_FIELDS = {"index": int, "count": int, "first_source": int, "files": int}
+
+
 def _check_fields(info, path):
-    expected = {"count": int, "classes": list, "class_to_idx": dict, "imgtype": str}
-    for name, kind in expected.items():
-        if not isinstance(info.get(name), kind):
-            raise DatabaseError(f"{path}: metadata field {name!r} is missing or not a "
-                                f"{kind.__name__}; the database is damaged: convert it again")
+    _check_types(info, INFO_FIELDS, path, "")
+    if "shard" in info:
+        _check_types(info["shard"] if isinstance(info["shard"], dict) else {}, SHARD_FIELDS,
+                     path, "shard.")
     if info["imgtype"] not in IMGTYPES:
         raise DatabaseError(f"{path}: unknown image type {info['imgtype']!r}; "
                             f"this fastlmdb reads {IMGTYPES}")
     if info["count"] < 0:
         raise DatabaseError(f"{path}: negative record count {info['count']}")
+    checks = {
+        "classes": all(isinstance(name, str) for name in info["classes"]),
+        "class_to_idx": all(isinstance(i, int) for i in info["class_to_idx"].values()),
+        "transcoded": all(_shaped(entry, (int, str, str)) for entry in info["transcoded"]),
+        "skipped": all(_shaped(entry, (str, str)) for entry in info["skipped"]),
+    }
+    for name, ok in checks.items():
+        if not ok:
+            raise _field_error(path, name, "has an entry of the wrong type")
+
+
+def _check_types(record, fields, path, prefix):
+    for name, kind in fields.items():
+        if not isinstance(record.get(name), kind):
+            raise _field_error(path, prefix + name, "is missing or of the wrong type")
+
+
+def _shaped(entry, kinds):
+    return (isinstance(entry, list) and len(entry) == len(kinds)
+            and all(isinstance(value, kind) for value, kind in zip(entry, kinds)))
+
+
+def _field_error(path, name, what):
+    return DatabaseError(f"{path}: metadata field {name!r} {what}; the database is damaged: "
+                         "convert it again")
 
 
 # A sharded split: the folder DST/<split>.lmdb holds K complete databases, shard k holding a
