@@ -17,7 +17,6 @@ import gc
 import mmap
 import os
 import platform
-import resource
 import shlex
 import shutil
 import statistics
@@ -26,6 +25,8 @@ import sys
 import tempfile
 import time
 from typing import Callable, Optional
+
+from fastlmdb.cli.demo import cpu_seconds  # this process and its reaped children
 
 
 IMAGES_DIR = "/work/shared/imagenet-sample"
@@ -223,15 +224,6 @@ def warm_cache(paths, chunk=8 << 20):
 # --- measuring ----------------------------------------------------------------------------
 
 _libc.clock_getcpuclockid.argtypes = (ctypes.c_int, ctypes.POINTER(ctypes.c_int))
-
-
-def cpu_seconds():
-    """User + system CPU seconds of this process and its reaped children so far."""
-    total = 0.0
-    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
-        usage = resource.getrusage(who)
-        total += usage.ru_utime + usage.ru_stime
-    return total
 
 
 def tree_cpu_seconds():
