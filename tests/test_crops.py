@@ -144,3 +144,88 @@ def test_reassigning_transform_takes_effect_as_with_imagefolder(db):
     assert dataset[0][0].shape == (112, 112, 3)
     dataset.transform = None
     assert dataset[0][0].shape[0] != 112
+
+
+def test_torchvision_heads_are_recognised_only_when_asked_and_equivalent():
+    from torchvision import transforms as v1
+
+    assert crops.split_pipeline(v2.RandomResizedCrop(96))[0] is None  # not asked
+    for module in (v1, v2):
+        head, rest = crops.split_pipeline(
+            module.Compose([module.RandomResizedCrop(96, scale=(0.2, 1.0)),
+                            module.RandomHorizontalFlip()]), decode_aware=True)
+        assert isinstance(head, fastlmdb.RandomResizedCrop)
+        assert (head.size, head.scale) == ((96, 96), (0.2, 1.0))
+        assert [type(step) for step in rest.transforms] == [module.RandomHorizontalFlip]
+        head, rest = crops.split_pipeline(
+            module.Compose([module.Resize(128), module.CenterCrop(112)]), decode_aware=True)
+        assert isinstance(head, fastlmdb.ResizeCenterCrop) and rest is None
+        assert (head.resize, head.size) == (128, (112, 112))
+    not_equivalent = [
+        v2.RandomResizedCrop(96, interpolation=v2.InterpolationMode.BICUBIC),
+        v2.RandomResizedCrop(96, antialias=False),
+        v2.Compose([v2.Resize((128, 160)), v2.CenterCrop(112)]),  # not a shorter side
+        v2.Compose([v2.Resize(128, max_size=150), v2.CenterCrop(112)]),
+        v2.RandomChoice([v2.RandomResizedCrop(96), v2.CenterCrop(96)]),
+    ]
+    for transform in not_equivalent:
+        assert crops.split_pipeline(transform, decode_aware=True) == (None, transform)
+
+
+@pytest.mark.parametrize("module_name", ["v1", "v2"])
+def test_decode_aware_torchvision_crop_draws_as_torchvision(db, module_name):
+    from torchvision import transforms as v1
+
+    module = {"v1": v1, "v2": v2}[module_name]
+    _, dst, _ = db
+    ours = fastlmdb.LMDBDataset(dst, "train", module.RandomResizedCrop(112), output="tensor",
+                                decode_aware=True)
+    native = fastlmdb.LMDBDataset(dst, "train", fastlmdb.RandomResizedCrop(112),
+                                  output="tensor")
+    plain = fastlmdb.LMDBDataset(dst, "train", output="tensor")
+    reference = v2.RandomResizedCrop(112, antialias=True)
+    for i in range(len(ours)):
+        torch.manual_seed(i)
+        got = ours[i][0]
+        torch.manual_seed(i)
+        assert torch.equal(got, native[i][0])  # the same op, the same draws
+        torch.manual_seed(i)
+        expected = reference(plain[i][0])  # torchvision on the whole decoded image
+        assert psnr(got.permute(1, 2, 0).numpy(), expected.permute(1, 2, 0).numpy()) > 25
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("context", ["fork", "spawn", "forkserver"])
+def test_a_torchvision_pipeline_gets_in_place_batches_by_one_argument(db, context):
+    from fastlmdb.loading import batch
+
+    _, dst, _ = db
+    pipeline = v2.Compose([v2.RandomResizedCrop(96), v2.RandomHorizontalFlip()])
+    dataset = fastlmdb.LMDBDataset(dst, "train", pipeline, output="tensor", decode_aware=True)
+    assert dataset._decodes_in_place()
+    assert isinstance(dataset.__getitems__([0, 1])[0], batch.Sample)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2,
+                                         multiprocessing_context=context)
+    images = torch.cat([images for images, _ in loader])
+    assert images.shape == (len(dataset), 3, 96, 96) and images.dtype == torch.uint8
+
+
+def test_a_pil_pipeline_keeps_its_types_with_a_decode_aware_head(db):
+    from torchvision import transforms as v1
+
+    _, dst, _ = db
+    pipeline = v1.Compose([v1.Resize(128), v1.CenterCrop(112), v1.ToTensor()])
+    dataset = fastlmdb.LMDBDataset(dst, "train", pipeline, decode_aware=True)  # PIL output
+    image = dataset[0][0]
+    assert isinstance(dataset._crop, fastlmdb.ResizeCenterCrop)
+    assert image.shape == (3, 112, 112) and image.dtype == torch.float32
+    reference = torchvision_dataset_item(db, pipeline)
+    assert psnr((image * 255).round().byte().permute(1, 2, 0).numpy(),
+                (reference * 255).round().byte().permute(1, 2, 0).numpy()) > 25
+
+
+def torchvision_dataset_item(db, pipeline):
+    import torchvision
+
+    src, _, _ = db
+    return torchvision.datasets.ImageFolder(os.path.join(src, "train"), pipeline)[0][0]

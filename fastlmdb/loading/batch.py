@@ -16,12 +16,11 @@ those of the per-sample path (same transform objects, same random draws, in the 
 """
 
 import math
-import sys
 
 import torch
 import torch.utils.data
 
-from fastlmdb.loading import handover
+from fastlmdb.loading import crops, handover
 
 
 class Sample(tuple):
@@ -41,17 +40,10 @@ class Sample(tuple):
 def only_flips(transform):
     """Whether `transform` keeps a uint8 CHW tensor's size and type: None, a torchvision flip,
     or a torchvision Compose of flips. Exact types: a subclass may do anything."""
-    steps = list(transform.transforms) if type(transform) in _types("Compose") else [transform]
-    flips = _types("RandomHorizontalFlip", "RandomVerticalFlip")
+    composed = type(transform) in crops.torchvision_types("Compose")
+    steps = list(transform.transforms) if composed else [transform]
+    flips = crops.torchvision_types("RandomHorizontalFlip", "RandomVerticalFlip")
     return all(step is None or type(step) in flips for step in steps)
-
-
-def _types(*names):
-    """Those classes of torchvision.transforms and .v2, of the ones already imported (a
-    transform of theirs exists only once they are)."""
-    modules = [sys.modules.get(name) for name in ("torchvision.transforms",
-                                                  "torchvision.transforms.v2")]
-    return tuple(getattr(m, name) for m in modules if m is not None for name in names)
 
 
 def empty(count, size):

@@ -15,6 +15,7 @@ that scale and cropped.
 """
 
 import math
+import sys
 
 import numpy as np
 import torch
@@ -95,15 +96,64 @@ def _pair(size):
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
-def split_pipeline(transform):
-    """(decode-aware head or None, the rest of the pipeline) of a transform."""
+def split_pipeline(transform, decode_aware=False):
+    """(decode-aware head or None, the rest of the pipeline) of a transform. With
+    `decode_aware`, torchvision's own crops at the head of a Compose count too."""
     if isinstance(transform, DecodeCrop):
         return transform, None
     steps = getattr(transform, "transforms", None)
     if steps and isinstance(steps[0], DecodeCrop):
-        rest = type(transform)(list(steps[1:])) if len(steps) > 1 else None
-        return steps[0], rest
-    return None, transform
+        return steps[0], _rest(transform, steps, 1)
+    if not decode_aware or transform is None:
+        return None, transform
+    # Only a Compose: RandomChoice and RandomApply have `transforms` too, and mean otherwise.
+    steps = list(steps) if type(transform) in torchvision_types("Compose") else [transform]
+    head, taken = torchvision_head(steps)
+    if head is None:
+        return None, transform
+    return head, _rest(transform, steps, taken)
+
+
+def _rest(transform, steps, taken):
+    return type(transform)(list(steps[taken:])) if len(steps) > taken else None
+
+
+def torchvision_head(steps):
+    """(the decode-aware op, steps it replaces) for torchvision's RandomResizedCrop, or Resize(s)
+    then CenterCrop, at the head of `steps` (v1 or v2, bilinear, antialiased); else (None, 0).
+    The same random draws; pixels from a crop-then-resize at a reduced decode scale, within a
+    few dB of torchvision's (tests/test_crops.py pins the PSNR)."""
+    first = steps[0]
+    if not _bilinear_antialiased(first):
+        return None, 0
+    if type(first) in torchvision_types("RandomResizedCrop"):
+        return RandomResizedCrop(tuple(first.size), first.scale, first.ratio), 1
+    if (type(first) in torchvision_types("Resize") and len(steps) > 1
+            and type(steps[1]) in torchvision_types("CenterCrop") and first.max_size is None
+            and _side(first.size) is not None):
+        return ResizeCenterCrop(_side(first.size), tuple(steps[1].size)), 2
+    return None, 0
+
+
+def torchvision_types(*names):
+    """Those classes of torchvision.transforms and .v2, of the modules already imported (a
+    transform of theirs exists only once they are). Exact types: a subclass may do anything."""
+    modules = [sys.modules.get(name) for name in ("torchvision.transforms",
+                                                  "torchvision.transforms.v2")]
+    return tuple(getattr(m, name) for m in modules if m is not None for name in names)
+
+
+def _bilinear_antialiased(step):
+    mode = getattr(step, "interpolation", None)
+    return (getattr(mode, "value", mode) == "bilinear"
+            and getattr(step, "antialias", True) in (True, None))
+
+
+def _side(size):
+    """The shorter-side target of a Resize's `size` (an int or a one-element list), or None."""
+    if isinstance(size, int):
+        return size
+    return size[0] if isinstance(size, (list, tuple)) and len(size) == 1 else None
 
 
 def scale_for(box_h, box_w, size):

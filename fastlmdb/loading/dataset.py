@@ -25,9 +25,10 @@ class _Records:
     """What both datasets share: the catalog, lazy per-process reads, decode, transforms."""
 
     def __init__(self, root, split, transform, target_transform, imgtype, *, output,
-                 decoder, min_size, on_error):
+                 decoder, min_size, on_error, decode_aware=False):
         self.root, self.split = os.fspath(root), split
         self.path = fmt.db_path(self.root, split)
+        self.decode_aware = decode_aware
         self.transform, self.target_transform = transform, target_transform
         info, rows = catalog.read_catalog(self.path)
         if imgtype is not None and imgtype != info["imgtype"]:
@@ -52,7 +53,7 @@ class _Records:
     def transform(self, transform):
         # Code written for ImageFolder reassigns `dataset.transform`: split it again.
         self._transform = transform
-        self._crop, self._rest = crops.split_pipeline(transform)
+        self._crop, self._rest = crops.split_pipeline(transform, self.decode_aware)
 
     def _record(self, index, value):
         """(image, target) of record `index` from its stored value."""
@@ -147,6 +148,10 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):
         min_size: decode JPEGs at the smallest scale whose size is at least this (h, w).
         on_error: ``"raise"`` (default) or ``"skip"``: a record that fails to decode is
             replaced by the next decodable one and counted in ``errors``.
+        decode_aware: also run torchvision's own ``RandomResizedCrop`` or ``Resize`` +
+            ``CenterCrop`` (v1 or v2, bilinear, antialiased) at the head of the transform
+            decode-aware, as fastlmdb.RandomResizedCrop / ResizeCenterCrop: the same random
+            draws, pixels within a few dB of torchvision's (crop, then resize).
 
     With ``output="tensor"`` and a transform that is a decode-aware crop (fastlmdb.crops)
     followed at most by torchvision flips, the DataLoader's batches are decoded in place into
@@ -155,9 +160,10 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):
 
     def __init__(self, root, split, transform=None, target_transform=None, shuffle=False,
                  imgtype=None, *, output="pil", decoder="simplejpeg", min_size=None,
-                 on_error="raise", seed=0):
+                 on_error="raise", seed=0, decode_aware=False):
         super().__init__(root, split, transform, target_transform, imgtype, output=output,
-                         decoder=decoder, min_size=min_size, on_error=on_error)
+                         decoder=decoder, min_size=min_size, on_error=on_error,
+                         decode_aware=decode_aware)
         self.shuffle = shuffle
         count = len(self._labels)
         self._index = (np.random.default_rng(seed).permutation(count) if shuffle
@@ -234,9 +240,10 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
     def __init__(self, root, split, transform=None, target_transform=None, shuffle=False,
                  imgtype=None, *, output="pil", decoder="simplejpeg", min_size=None,
                  on_error="raise", seed=0, rank=None, world_size=None, drop_last=False,
-                 batch_size=None):
+                 batch_size=None, decode_aware=False):
         super().__init__(root, split, transform, target_transform, imgtype, output=output,
-                         decoder=decoder, min_size=min_size, on_error=on_error)
+                         decoder=decoder, min_size=min_size, on_error=on_error,
+                         decode_aware=decode_aware)
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self._rank, self._world_size, self.batch_size = rank, world_size, batch_size
         # [epoch, samples of it already consumed]: shared, so it reaches persistent workers.
