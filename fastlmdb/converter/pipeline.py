@@ -17,6 +17,7 @@ import signal
 import zlib
 
 from fastlmdb.converter import children, prepare
+from fastlmdb.core import archive
 from fastlmdb.core.errors import ConversionError
 from fastlmdb.converter.writer import Job, writer_main
 
@@ -36,7 +37,10 @@ def plan_of(options, scan):
     """What a resumed run must agree on: everything that changes the stored records."""
     digest = hashlib.sha256()
     for path, label in zip(scan.paths, scan.labels.tolist()):
-        digest.update(os.path.relpath(path, scan.root).encode("utf-8", "surrogateescape"))
+        if isinstance(path, archive.Member):  # its name and place in the archive
+            digest.update(path.identity())
+        else:
+            digest.update(os.path.relpath(path, scan.root).encode("utf-8", "surrogateescape"))
         digest.update(b"\0%d\0" % label)
     plan = {"source": os.path.abspath(scan.root), "split": options.split,
             "save_as": options.save_as, "max_pixels": options.max_pixels,
@@ -235,6 +239,8 @@ def failure(kind, args, plan, partial):
     """The ConversionError for the writer's last word `kind` (bad, mismatch, fatal)."""
     if kind == "bad":
         path, reason = args
+        if isinstance(path, archive.Member):
+            path = f"{path} in {path.archive}"
         return ConversionError(f"{path}: {reason}. Pass --on-error skip to leave such files "
                                "out; run the same command again to resume")
     if kind == "mismatch":
