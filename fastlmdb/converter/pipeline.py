@@ -248,7 +248,7 @@ def failure(kind, args, plan, partial):
     return ConversionError(args[0])
 
 
-_FLAGS = {"source": "--from_dir", "split": "--split", "save_as": "--save-as",
+_FLAGS = {"source": "--from_dir/--from-archive", "split": "--split", "save_as": "--save-as",
           "max_pixels": "--max-pixels", "max_size": "--max-size", "quality": "--quality",
           "check_decode": "--check-decode", "shards": "--shards"}
 _SWITCHES = {"check_decode"}  # flags without a value: absent from a plan when off

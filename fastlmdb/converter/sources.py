@@ -30,7 +30,7 @@ def scan(options):
                             classes=classes, on_error=options.on_error)
     directory = os.path.join(options.from_dir, options.split)
     if labels is not None:
-        return _scan_flat_folder(directory, labels, classes, options.on_error)
+        return scan_flat_folder(directory, labels, classes, options.on_error)
     found = folder.scan(directory)
     return found if classes is None else _with_classes(found, classes, directory)
 
@@ -106,7 +106,7 @@ def _add_labelled(sort, files, labels):
         sort.problem(f"{len(unused) - 5} more", "--labels names them, but they are missing")
 
 
-def _scan_flat_folder(directory, labels, classes, on_error):
+def scan_flat_folder(directory, labels, classes=None, on_error="raise"):
     if not os.path.isdir(directory):
         raise ConversionError(f"source folder {directory} does not exist or is not a folder")
     entries = sorted(e.name for e in os.scandir(directory) if e.is_file())
