@@ -317,3 +317,52 @@ def test_members_are_found_in_nested_tars_at_their_offsets(src, tmp_path):
     with tarfile.open(packed) as tar:
         assert [info.name for info in tar] == ["n00000003.tar", "n00000002.tar",
                                                "n00000001.tar", "n00000000.tar"]
+
+
+def _devkit(path, truth_ids, wnids):
+    """An ILSVRC2012_devkit_t12.tar.gz: meta.mat's synsets (a non-leaf one first, as in the
+    real file) and one ILSVRC2012_ID per val file."""
+    import io
+
+    scipy_io = pytest.importorskip("scipy.io")
+    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children",
+              "wordnet_height", "num_train_images"]
+    synsets = np.zeros(len(wnids) + 1, dtype=[(name, object) for name in fields])
+    for k, wnid in enumerate(["n99999999", *wnids]):
+        synsets[k] = (len(wnids) + 1 if k == 0 else k, wnid, "w", "g",
+                      len(wnids) if k == 0 else 0, np.zeros(0), 0, 1)
+    meta = io.BytesIO()
+    scipy_io.savemat(meta, {"synsets": synsets})
+    truth = "".join(f"{i}\n" for i in truth_ids).encode()
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in (("data/meta.mat", meta.getvalue()),
+                           ("data/ILSVRC2012_validation_ground_truth.txt", truth)):
+            info = tarfile.TarInfo(f"ILSVRC2012_devkit_t12/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+@pytest.mark.timeout(120)
+def test_val_tar_with_the_devkit_is_the_valprep_tree(src, reference, tmp_path):
+    """ILSVRC2012_img_val.tar's flat ILSVRC2012_val_NNNNNNNN.JPEG files, labelled by the
+    devkit, give the tree that valprep.sh makes."""
+    val = os.path.join(src, "val")
+    files = sorted((name, klass) for klass in os.listdir(val)
+                   for name in os.listdir(os.path.join(val, klass)))
+    flat_tree = tmp_path / "tree"
+    wnids = sorted({klass for _, klass in files})
+    with tarfile.open(tmp_path / "ILSVRC2012_img_val.tar", "w") as tar:
+        for number, (name, klass) in reversed(list(enumerate(files, 1))):
+            new = f"ILSVRC2012_val_{number:08d}.JPEG"
+            tar.add(os.path.join(val, klass, name), new)
+            os.makedirs(flat_tree / "val" / klass, exist_ok=True)
+            shutil.copy(os.path.join(val, klass, name), flat_tree / "val" / klass / new)
+    devkit = _devkit(tmp_path / "ILSVRC2012_devkit_t12.tar.gz",
+                     [wnids.index(klass) + 1 for _, klass in files], wnids)
+    assert label_files.read(devkit)["ILSVRC2012_val_00000001"] == files[0][1]
+    _convert(tmp_path / "tree-db", "val", from_dir=str(flat_tree))
+    _convert(tmp_path / "dst", "val", from_archive=str(tmp_path / "ILSVRC2012_img_val.tar"),
+             labels=devkit)
+    _assert_same_samples(db(tmp_path / "dst", "val"), read_db(db(tmp_path / "tree-db", "val")),
+                         lambda path: os.path.basename(path))
