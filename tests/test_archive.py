@@ -13,7 +13,7 @@ from helpers import AWKWARD_LAYOUT, db, make_tree, read_db
 
 from fastlmdb import converter
 from fastlmdb.cli import main
-from fastlmdb.converter import labels as label_files
+from fastlmdb.core import labels as label_files
 from fastlmdb.core import archive
 from fastlmdb.core.errors import ConversionError
 from fastlmdb.tools import verify

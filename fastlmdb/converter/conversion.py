@@ -11,7 +11,8 @@ import logging
 import os
 import time
 
-from fastlmdb.converter import pipeline, prepare, shards, sources
+from fastlmdb.converter import pipeline, prepare, shards
+from fastlmdb.core import sources
 from fastlmdb.core import catalog, files
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import ON_ERROR, ConversionError
@@ -42,7 +43,7 @@ class Options:
     backend: str = "local"  # how shards are run: see shards.BACKENDS
     scheduler: str = None  # the dask scheduler's address (backend "dask"); None: a local one
     from_archive: str = None  # instead of from_dir: a tar or zip holding the split
-    labels: str = None  # the classes of a flat split's files (see converter/labels.py)
+    labels: str = None  # the classes of a flat split's files (see core/labels.py)
     classes_from: str = None  # a database or tree whose class list this split uses
 
 

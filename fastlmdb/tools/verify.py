@@ -10,8 +10,8 @@ import zlib
 import joblib
 import numpy as np
 
-from fastlmdb.converter import labels as label_files
-from fastlmdb.converter import sources
+from fastlmdb.core import labels as label_files
+from fastlmdb.core import sources
 from fastlmdb.core import archive, catalog, folder, jpeg
 from fastlmdb.core.errors import FastLMDBError
 

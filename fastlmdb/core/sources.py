@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from fastlmdb.converter import labels as label_files
+from fastlmdb.core import labels as label_files
 from fastlmdb.core import archive, catalog, folder
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import ConversionError
