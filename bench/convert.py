@@ -18,6 +18,12 @@ counted: they are this process's children).
     .venv/bin/python bench/convert.py             # 1,000 samples x2 = 2,000 files, 3 repeats
     .venv/bin/python bench/convert.py --quick     # seconds
     .venv/bin/python bench/convert.py --backends  # one file vs shards: local, loky, dask
+    .venv/bin/python bench/convert.py --archives  # from the archives vs extract + convert
+
+With --archives, the rows are the ways to convert ImageNet as it is downloaded: the tree
+(already extracted), the tar of per-class tars and a zip of the tree read in place
+(`--from-archive`), and extracting the tar first (tarfile) and then converting, which also costs
+the tree's size again on disk.
 """
 
 import contextlib
@@ -28,6 +34,8 @@ import shutil
 import sys
 
 import harness
+
+from fastlmdb.core import catalog
 
 NAIVE = "naive: 1 put + commit per image"
 ONE_FILE = "one file (default)"
@@ -44,9 +52,13 @@ def main(argv=None):
                         "(default %(default)s)")
     p.add_argument("--backends", action="store_true",
                    help="compare the sharded backends instead (needs dask[distributed])")
+    p.add_argument("--archives", action="store_true",
+                   help="compare converting from the archives with extracting them first")
     args = harness.parse(p, argv, quick_limit=48)
     if args.backends:
         return _backends(args)
+    if args.archives:
+        return _archives(args)
     with harness.work_dir(args) as work:
         src, out = os.path.join(work, "src"), os.path.join(work, "out")
         files = harness.tree_from_args(args, src)
@@ -83,6 +95,55 @@ def _backends(args):
                           "command does. On a real cluster the dask workers run on other "
                           "machines, reading --from_dir and writing --to_dir on a shared "
                           "filesystem; here the 2 cores are shared by all of them."])
+
+
+def _archives(args):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    import archives  # the test suite's packers: members in reversed order
+
+    with harness.work_dir(args) as work:
+        src, out = os.path.join(work, "src"), os.path.join(work, "out")
+        files = harness.tree_from_args(args, src)
+        train = os.path.join(src, "train")
+        tar = archives.tar_of_tars(train, os.path.join(work, "ILSVRC2012_img_train.tar"))
+        zipped = archives.tree(train, os.path.join(work, "train.zip"), prefix="train/")
+        extracted = os.path.join(work, "extracted")
+        ways = {"tree (already extracted)": _convert(src, out, "jpeg", 2),
+                "--from-archive train.tar (tar of per-class tars)":
+                    _convert(None, out, "jpeg", 2, ["--from-archive", tar]),
+                "--from-archive train.zip (a tree, stored)":
+                    _convert(None, out, "jpeg", 2, ["--from-archive", zipped]),
+                "extract the tar, then convert the tree": _extract_then_convert(
+                    tar, extracted, _convert(extracted, out, "jpeg", 2), len(files)),
+                "extract the tar only": _extract_then_convert(tar, extracted, None,
+                                                              len(files))}
+        candidates = [harness.Candidate(label, run, files=(*files, tar, zipped), cache="warm",
+                                        setup=_fresh(out)) for label, run in ways.items()]
+        results = harness.measure(candidates, repeats=args.repeats, warmup=args.warmup)
+        info = [*harness.machine_info(work),
+                f"input: {len(files)} files, {harness.total_bytes(files) / 1e6:.0f} MB; tar "
+                f"{os.path.getsize(tar) / 1e6:.0f} MB, zip {os.path.getsize(zipped) / 1e6:.0f} "
+                "MB; --save-as jpeg --procs 2"]
+    harness.report(harness.result_name(args, "convert-archives"), results,
+                   baseline="tree (already extracted)",
+                   title="Converting from the downloaded archives vs extracting them first",
+                   info=info, notes=["Extracting writes the whole tree once more (as much disk "
+                                     "as the tar, ~140 GB for ImageNet train) and creates one "
+                                     "file per image; converting in place reads each byte once."])
+
+
+def _extract_then_convert(tar, extracted, convert, count):
+    import tarfile
+
+    def run():
+        shutil.rmtree(extracted, ignore_errors=True)
+        with tarfile.open(tar) as outer:
+            for member in outer:
+                with tarfile.open(fileobj=outer.extractfile(member)) as inner:
+                    inner.extractall(os.path.join(extracted, "train", member.name[:-4]),
+                                     filter="data")
+        return convert() if convert else count
+    return run
 
 
 def _fresh(out):
@@ -144,8 +205,8 @@ def _convert(src, out, save_as, procs, extra=()):
     """`fastlmdb convert` in this process; the images it converted (every file, or it fails)."""
     from fastlmdb import cli
 
-    count = sum(len(files) for _, _, files in os.walk(os.path.join(src, "train")))
-    argv = ["convert", "--from-dir", src, "--to-dir", out, "--split", "train",
+    source = ["--from-dir", src] if src else []
+    argv = ["convert", *source, "--to-dir", out, "--split", "train",
             "--save-as", save_as, "--procs", str(procs), *extra]
 
     def run():
@@ -154,7 +215,7 @@ def _convert(src, out, save_as, procs, extra=()):
             code = cli.main(argv)
         if code:
             raise SystemExit(f"fastlmdb {' '.join(argv)} failed ({code}):\n{err.getvalue()}")
-        return count
+        return catalog.read_catalog(os.path.join(out, "train.lmdb"))[0]["count"]
     return run
 
 

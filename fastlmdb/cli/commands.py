@@ -75,8 +75,21 @@ def _add_convert(commands):
     p = commands.add_parser(
         "convert", help="convert ImageFolder splits into LMDB files",
         description="Convert SRC/<split>/<class>/<image> into DST/<split>.lmdb.")
-    p.add_argument("--from_dir", "--from-dir", required=True, metavar="SRC",
-                   help="folder holding <split>/<class>/<image>")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from_dir", "--from-dir", metavar="SRC",
+                        help="folder holding <split>/<class>/<image> (or a flat <split>/ "
+                             "with --labels)")
+    source.add_argument("--from-archive", "--from_archive", metavar="FILE",
+                        help="a tar or zip holding one split as downloaded: a tar of "
+                             "per-class tars (ILSVRC2012_img_train.tar), a tree "
+                             "[prefix/][<split>/]<class>/<image> (Kaggle's zip), or flat "
+                             "files with --labels; nothing is extracted")
+    p.add_argument("--labels", metavar="FILE",
+                   help="classes of a flat split's files: LOC_val_solution.csv, a text file "
+                        "of FILENAME CLASS lines, or ILSVRC2012_devkit_t12.tar.gz")
+    p.add_argument("--classes-from", "--classes_from", metavar="DB_OR_DIR",
+                   help="take the class list from this database or tree (e.g. train's), so "
+                        "class indices match it even where this split lacks a class")
     p.add_argument("--to_dir", "--to-dir", required=True, metavar="DST",
                    help="where <split>.lmdb is written")
     p.add_argument("--split", required=True, nargs="+", help="split folder name(s): train val")
@@ -123,7 +136,10 @@ def _add_verify(commands):
                                         "--source, compare with the source tree.")
     p.add_argument("db", help="a DST/<split>.lmdb file")
     p.add_argument("--source", metavar="SRC/SPLIT",
-                   help="the split folder it was made from, e.g. /data/imagenet/train")
+                   help="the split folder or archive it was made from, e.g. "
+                        "/data/imagenet/train or ILSVRC2012_img_train.tar")
+    p.add_argument("--labels", metavar="FILE",
+                   help="with a flat --source: the label file it was converted with")
     p.add_argument("--procs", type=_positive, default=converter.default_procs(),
                    help="processes (default: the CPUs this process may use)")
     p.add_argument("--no-decode", "--no_decode", dest="decode", action="store_false",
@@ -147,7 +163,9 @@ def _add_stage(commands):
 def _convert(args):
     for split in args.split:
         options = converter.Options(
-            from_dir=args.from_dir, to_dir=args.to_dir, split=split, save_as=args.save_as,
+            from_dir=args.from_dir, from_archive=args.from_archive, labels=args.labels,
+            classes_from=args.classes_from, to_dir=args.to_dir, split=split,
+            save_as=args.save_as,
             procs=args.procs, on_error=args.on_error, overwrite=args.overwrite,
             max_pixels=args.max_pixels, max_size=args.max_size, quality=args.quality,
             check_decode=args.check_decode, shards=args.shards, shard_size=args.shard_size,
@@ -162,7 +180,8 @@ def _verify(args):
     from fastlmdb.tools import verify
 
     with terminal.ProgressBar("verify") as bar:
-        report = verify.verify(args.db, source=args.source, procs=args.procs,
+        report = verify.verify(args.db, source=args.source, labels=args.labels,
+                               procs=args.procs,
                                decode=args.decode, on_progress=bar.update)
     for problem in report.problems:
         print(f"  {problem}")

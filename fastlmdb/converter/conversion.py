@@ -12,7 +12,8 @@ import os
 import time
 
 from fastlmdb.converter import pipeline, prepare, shards
-from fastlmdb.core import catalog, files, folder
+from fastlmdb.core import sources
+from fastlmdb.core import catalog, files
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import ON_ERROR, ConversionError
 
@@ -41,6 +42,9 @@ class Options:
     shard_size: int = 0  # if set, as many shards as make about this many files each
     backend: str = "local"  # how shards are run: see shards.BACKENDS
     scheduler: str = None  # the dask scheduler's address (backend "dask"); None: a local one
+    from_archive: str = None  # instead of from_dir: a tar or zip holding the split
+    labels: str = None  # the classes of a flat split's files (see core/labels.py)
+    classes_from: str = None  # a database or tree whose class list this split uses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +62,7 @@ class Stats:
 def convert(options, on_progress=None):
     """Convert one split; returns Stats. `on_progress(done, total, bytes_in)` is optional."""
     _validate(options)
-    scan = folder.scan(os.path.join(options.from_dir, options.split))
+    scan = sources.scan(options)
     if options.shard_size:
         options = dataclasses.replace(options, shards=max(1, -(-len(scan) // options.shard_size)))
     final = fmt.db_path(options.to_dir, options.split)
@@ -103,6 +107,16 @@ def _stats(final, results, seconds):
 
 
 def _validate(o):
+    if (o.from_dir is None) == (o.from_archive is None):
+        raise ValueError("give --from_dir SRC or --from-archive FILE (one of them), got "
+                         f"{'both' if o.from_dir else 'neither'}")
+    for flag, path in (("--from-archive", o.from_archive), ("--labels", o.labels),
+                       ("--classes-from", o.classes_from)):
+        if path is not None and not os.path.exists(path):
+            raise ValueError(f"{flag} {path} does not exist")
+    if o.from_archive is not None and not os.path.isfile(o.from_archive):
+        raise ValueError(f"--from-archive must be a tar or zip file, got the folder "
+                         f"{o.from_archive}: pass a folder with --from_dir")
     if o.save_as not in fmt.IMGTYPES:
         raise ValueError(f"--save-as must be one of {', '.join(fmt.IMGTYPES)}, got {o.save_as!r}")
     if not isinstance(o.procs, int) or o.procs < 1:

@@ -18,6 +18,7 @@ import traceback
 import zlib
 
 from fastlmdb.converter import children, prepare
+from fastlmdb.core import archive
 from fastlmdb.core.errors import ConversionError, ImageError
 from fastlmdb.converter.writer import Job, writer_main
 
@@ -37,7 +38,10 @@ def plan_of(options, scan):
     """What a resumed run must agree on: everything that changes the stored records."""
     digest = hashlib.sha256()
     for path, label in zip(scan.paths, scan.labels.tolist()):
-        digest.update(os.path.relpath(path, scan.root).encode("utf-8", "surrogateescape"))
+        if isinstance(path, archive.Member):  # its name and place in the archive
+            digest.update(path.identity())
+        else:
+            digest.update(os.path.relpath(path, scan.root).encode("utf-8", "surrogateescape"))
         digest.update(b"\0%d\0" % label)
     plan = {"source": os.path.abspath(scan.root), "split": options.split,
             "save_as": options.save_as, "max_pixels": options.max_pixels,
@@ -238,6 +242,8 @@ def failure(kind, args, plan, partial):
     """The ConversionError for the writer's last word `kind` (bad, mismatch, fatal)."""
     if kind == "bad":
         path, reason = args
+        if isinstance(path, archive.Member):
+            path = f"{path} in {path.archive}"
         return ConversionError(f"{path}: {reason}. Pass --on-error skip to leave such files "
                                "out; run the same command again to resume")
     if kind == "mismatch":
@@ -245,7 +251,7 @@ def failure(kind, args, plan, partial):
     return ConversionError(args[0])
 
 
-_FLAGS = {"source": "--from_dir", "split": "--split", "save_as": "--save-as",
+_FLAGS = {"source": "--from_dir/--from-archive", "split": "--split", "save_as": "--save-as",
           "max_pixels": "--max-pixels", "max_size": "--max-size", "quality": "--quality",
           "check_decode": "--check-decode", "shards": "--shards"}
 _SWITCHES = {"check_decode"}  # flags without a value: absent from a plan when off

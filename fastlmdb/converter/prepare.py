@@ -14,7 +14,7 @@ import stat
 
 import numpy as np
 
-from fastlmdb.core import jpeg
+from fastlmdb.core import archive, jpeg
 from fastlmdb.core.errors import ImageError
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -82,6 +82,8 @@ def _shrink(pixels, max_size):
 
 
 def read(path):
+    if isinstance(path, archive.Member):  # a file inside a tar or zip, read in place
+        return archive.read(path)
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block open() forever
             raise ImageError("not a regular file")

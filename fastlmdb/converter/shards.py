@@ -114,7 +114,7 @@ def make_shard(job):
     """A task, in whatever process runs it: prepare and write one shard in this process.
     Returns (shard path, (info, files done before this run))."""
     for needed in (job.scan.root, os.path.dirname(job.partial)):
-        if not os.path.isdir(needed):  # a cluster worker without the shared filesystem
+        if not os.path.exists(needed):  # a cluster worker without the shared filesystem
             raise ConversionError(f"{socket.gethostname()} cannot see {needed}: every worker "
                                   "must see --from_dir and --to_dir at the same paths (a "
                                   "shared filesystem)")

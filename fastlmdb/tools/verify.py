@@ -10,7 +10,9 @@ import zlib
 import joblib
 import numpy as np
 
-from fastlmdb.core import catalog, folder, jpeg
+from fastlmdb.core import labels as label_files
+from fastlmdb.core import sources
+from fastlmdb.core import archive, catalog, folder, jpeg
 from fastlmdb.core.errors import FastLMDBError
 
 CHUNK = 512
@@ -27,15 +29,16 @@ class Report:
         return not self.problems
 
 
-def verify(path, *, source=None, procs=1, decode=True, on_progress=None):
-    """Report on every record of `path`; `source` is the split's folder to compare against;
-    decode=False checks sizes and checksums only (about disk speed)."""
+def verify(path, *, source=None, labels=None, procs=1, decode=True, on_progress=None):
+    """Report on every record of `path`; `source` is the split's folder or archive to compare
+    against (`labels`: the label file of a flat one); decode=False checks sizes and checksums
+    only (about disk speed)."""
     try:
         info, rows = catalog.read_catalog(path)
     except FastLMDBError as exc:
         return Report(os.fspath(path), 0, [str(exc)])
     problems = _check_catalog(info, rows)
-    paths = _source_paths(source, info, rows, problems) if source else None
+    paths = _source_paths(source, labels, info, rows, problems) if source else None
     chunks = [range(start, min(start + CHUNK, len(rows))) for start in range(0, len(rows), CHUNK)]
     reader = catalog.reader(path)  # picklable: each process begins its own transaction
     work = (joblib.delayed(_check_records)(reader, info["imgtype"], decode, rows[c.start:c.stop],
@@ -61,9 +64,9 @@ def _check_catalog(info, rows):
     return problems
 
 
-def _source_paths(source, info, rows, problems):
+def _source_paths(source, labels, info, rows, problems):
     """Source file of every record (None where it cannot be compared)."""
-    scan = folder.scan(source)
+    scan = _scan(source, labels, info)
     if scan.classes != info["classes"]:
         problems.append(f"classes differ from {source}: {len(scan.classes)} there, "
                         f"{len(info['classes'])} in the database")
@@ -78,6 +81,17 @@ def _source_paths(source, info, rows, problems):
     problems += [f"record {i}: label differs from {scan.paths[rows['source'][i]]}"
                  for i in np.flatnonzero(~labels_match)[:20]]
     return [scan.paths[s] for s in rows["source"].tolist()]
+
+
+def _scan(source, labels, info):
+    """The source's Scan; an archive's or a flat folder's with the database's classes."""
+    labels = label_files.read(labels) if labels else None
+    if archive.is_archive(source):
+        return sources.scan_archive(source, info["split"], labels=labels,
+                                    classes=info["classes"], on_error="skip")
+    if labels is not None:  # files left out by the conversion are not in the database
+        return sources.scan_flat_folder(source, labels, info["classes"], on_error="skip")
+    return folder.scan(source)
 
 
 def _check_records(reader, imgtype, decode, rows, first, paths):
@@ -115,6 +129,12 @@ def _check_value(imgtype, decode, row, value):
 def _compare_source(imgtype, value, source_path):
     if imgtype != "jpeg":
         return None  # pixels were checked against their shape and checksum
+    if isinstance(source_path, archive.Member):
+        try:
+            return None if archive.read(source_path) == bytes(value) else \
+                f"bytes differ from {source_path} in {source_path.archive}"
+        except FastLMDBError as exc:
+            return f"cannot read {source_path} in {source_path.archive} ({exc})"
     try:
         with open(source_path, "rb") as file:
             same = file.read() == bytes(value)

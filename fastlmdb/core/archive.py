@@ -1,0 +1,185 @@
+"""Members of a tar or zip archive, found once and then read by byte offset.
+
+An uncompressed tar is scanned once over its headers (``TarInfo.offset_data``; a member that is
+itself a tar is scanned the same way, in place); a zip's central directory lists every member.
+After that any process reads any member with one ``pread`` (a deflated zip member is inflated
+by the reader), so nothing is extracted and the archive is read once. A compressed tar can only
+be read in order, from its start: it is refused with what to do instead.
+"""
+
+import logging
+import os
+import struct
+import tarfile
+import zipfile
+import zlib
+
+from fastlmdb.core.errors import ConversionError, ImageError
+
+log = logging.getLogger(__name__)
+
+STORED, DEFLATED, TAR = zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, -1
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
+               b"\x28\xb5\x2f\xfd": "zstd"}
+_DECOMPRESS = {"gzip": "gunzip -k", "bzip2": "bunzip2 -k", "xz": "unxz -k", "zstd": "unzstd"}
+# Fields of a zip local file header (zipfile.structFileHeader): its name and extra lengths.
+_NAME_LENGTH, _EXTRA_LENGTH = 10, 11
+
+
+class Member(str):
+    """A file inside an archive: the str is its name there (an inner tar's member is
+    ``outer.tar/inner``); where its bytes are travels with it (and pickles with it)."""
+
+    def __new__(cls, name, archive, offset, size, method=TAR, crc=0):
+        member = super().__new__(cls, name)
+        member.where = (archive, offset, size, method, crc)
+        return member
+
+    @property
+    def archive(self):
+        return self.where[0]
+
+    def identity(self):
+        """Bytes that tell this member from any other (name, place, size)."""
+        return b"%s\0%d\0%d\0" % (self.encode("utf-8", "surrogateescape"), *self.where[1:3])
+
+    def __reduce__(self):
+        return Member, (str(self), *self.where)
+
+
+def is_archive(path):
+    """Whether `path` is a file to read as a tar or zip (a folder is not)."""
+    return os.path.isfile(path)
+
+
+def members(path):
+    """Every regular file of the tar or zip at `path`, as Members, in archive order."""
+    path = os.path.abspath(path)
+    if zipfile.is_zipfile(path):
+        return list(_zip_members(path))
+    _refuse_compressed(path)
+    with open(path, "rb") as file:
+        return list(_tar_members(path, file, "", path))
+
+
+def inner_members(member):
+    """The regular files of a member that is an uncompressed tar, as Members of the outer
+    archive (names ``member/inner``)."""
+    archive, offset, size, method, _ = member.where
+    if method != TAR:
+        raise ConversionError(f"{member} in {archive} is a tar inside a zip: only tars inside "
+                              "an uncompressed tar are read in place; extract the outer zip")
+    with open(archive, "rb") as file:
+        file.seek(offset)
+        if _compression(file.read(6)):
+            raise ConversionError(f"{member} in {archive} is compressed: inner tars must be "
+                                  "plain tars")
+        file.seek(offset)
+        found = list(_tar_members(archive, file, f"{member}/", f"{member} in {archive}"))
+    for inner in found:
+        if inner.where[1] + inner.where[2] > offset + size:
+            raise ConversionError(f"{inner} in {archive} ends past the end of {member}: the "
+                                  "archive is damaged")
+    return found
+
+
+def read(member):
+    """The bytes of `member`; ImageError says what went wrong."""
+    archive, offset, size, method, crc = member.where
+    try:
+        fd = _fd(archive)
+        if method == TAR:
+            data = os.pread(fd, size, offset)
+        else:
+            data = _zip_data(fd, offset, size, method, crc)
+    except (OSError, zlib.error) as exc:
+        raise ImageError(f"cannot read the member from {archive} ({exc})") from None
+    if method == TAR and len(data) != size:
+        raise ImageError(f"{archive} ends inside this member: the archive is truncated")
+    if not data:
+        raise ImageError("zero-byte file")
+    return data
+
+
+def _tar_members(archive, file, prefix, where):
+    try:
+        tar = tarfile.open(fileobj=file, mode="r:")
+        while (info := tar.next()) is not None:
+            tar.members.clear()  # one pass, bounded memory: nothing looks back
+            if info.isdir():
+                continue
+            if not info.isreg() or info.issparse():
+                raise ConversionError(f"{prefix}{info.name} in {archive} is not a regular file "
+                                      "(a link, device or sparse file): archives of plain "
+                                      "files only")
+            yield Member(prefix + _clean(info.name), archive, info.offset_data, info.size)
+    except tarfile.TarError as exc:
+        raise ConversionError(f"{where} is not a readable tar or zip archive ({exc})") from None
+
+
+def _zip_members(archive):
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            if info.is_dir():
+                continue
+            if info.flag_bits & 0x1:
+                raise ConversionError(f"{info.filename} in {archive} is encrypted")
+            if info.compress_type not in (STORED, DEFLATED):
+                raise ConversionError(
+                    f"{info.filename} in {archive} uses zip compression method "
+                    f"{info.compress_type}: only stored and deflated members are read")
+            yield Member(_clean(info.filename), archive, info.header_offset,
+                         info.compress_size, info.compress_type, info.CRC)
+
+
+def _zip_data(fd, offset, size, method, crc):
+    header = os.pread(fd, zipfile.sizeFileHeader, offset)
+    fields = struct.unpack(zipfile.structFileHeader, header)
+    if fields[0] != zipfile.stringFileHeader:
+        raise OSError("no zip member header at its recorded offset")
+    start = offset + zipfile.sizeFileHeader + fields[_NAME_LENGTH] + fields[_EXTRA_LENGTH]
+    data = os.pread(fd, size, start)
+    if method == DEFLATED:
+        data = zlib.decompress(data, -15)
+    if zlib.crc32(data) != crc:
+        raise OSError("CRC-32 mismatch: the member is damaged")
+    return data
+
+
+def _clean(name):
+    """A member name as a relative path: no leading "./" or "/"."""
+    while name.startswith(("./", "/")):
+        name = name[2:] if name.startswith("./") else name[1:]
+    return name
+
+
+def _compression(magic):
+    return next((kind for head, kind in _COMPRESSED.items() if magic.startswith(head)), None)
+
+
+def _refuse_compressed(path):
+    with open(path, "rb") as file:
+        kind = _compression(file.read(6))
+    if kind:
+        raise ConversionError(
+            f"{path} is a {kind}-compressed tar: its members can only be read in order from "
+            f"the start, so it cannot be converted in parallel. Decompress it first "
+            f"({_DECOMPRESS[kind]} {path}; it needs about {_uncompressed_hint(path)} of disk) "
+            "and pass the .tar")
+
+
+def _uncompressed_hint(path):
+    # JPEGs do not compress: the tar is about as large as the compressed file.
+    return f"{os.path.getsize(path) / 1e9:.1f} GB"
+
+
+_fds = {}
+
+
+def _fd(path):
+    """A read-only descriptor of `path`, one per process (a fork's inherited ones are not
+    reused: they share a file offset, which pread does not use, but stay the parent's)."""
+    key = (os.getpid(), path)
+    if key not in _fds:
+        _fds[key] = os.open(path, os.O_RDONLY)
+    return _fds[key]
