@@ -12,8 +12,7 @@ import os
 import time
 
 from fastlmdb.converter import pipeline, prepare, shards
-from fastlmdb.core import sources
-from fastlmdb.core import catalog, files
+from fastlmdb.core import catalog, files, sources
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import ON_ERROR, ConversionError
 

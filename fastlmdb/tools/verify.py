@@ -8,6 +8,7 @@ import os
 import zlib
 
 import joblib
+from joblib.externals.loky import get_reusable_executor
 import numpy as np
 
 from fastlmdb.core import labels as label_files
@@ -45,12 +46,16 @@ def verify(path, *, source=None, labels=None, procs=1, decode=True, on_progress=
                                            c.start, paths and paths[c.start:c.stop])
             for c in chunks)
     done = 0
-    for found in joblib.Parallel(n_jobs=procs, return_as="generator")(work):
-        problems += found
-        done += CHUNK
-        if on_progress:
-            on_progress(min(done, len(rows)), len(rows))
-    reader.close()
+    try:
+        for found in joblib.Parallel(n_jobs=procs, return_as="generator")(work):
+            problems += found
+            done += CHUNK
+            if on_progress:
+                on_progress(min(done, len(rows)), len(rows))
+    finally:  # no worker processes left waiting once the check is over
+        reader.close()
+        if procs > 1:
+            get_reusable_executor().shutdown(wait=True)
     return Report(os.fspath(path), len(rows), problems)
 
 
