@@ -18,7 +18,7 @@ import zlib
 
 from fastlmdb import children, prepare
 from fastlmdb.errors import ConversionError
-from fastlmdb.writer import Job, writer_main
+from fastlmdb.writer import Job, storage_message, writer_main
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class _Pipeline:
                 self._dispatch(start, poison if start == chunk else None)
 
     def _fail(self, kind, args):
-        raise failure(kind, args, self.plan, self.partial)
+        raise failure(kind, args, self.plan, self.partial, self.scan.paths)
 
     def _stop(self):
         for producer in self.live:
@@ -231,14 +231,17 @@ def _exit_reason(code):
     return f"exit status {code}"
 
 
-def failure(kind, args, plan, partial):
-    """The ConversionError for the writer's last word `kind` (bad, mismatch, fatal)."""
+def failure(kind, args, plan, partial, paths):
+    """The ConversionError for the writer's last word `kind` (bad, mismatch, storage, fatal);
+    `paths` are the database's source files."""
     if kind == "bad":
         path, reason = args
         return ConversionError(f"{path}: {reason}. Pass --on-error skip to leave such files "
                                "out; run the same command again to resume")
     if kind == "mismatch":
         return ConversionError(mismatch_message(args[0], plan, partial))
+    if kind == "storage":
+        return ConversionError(storage_message(args[0], paths))
     return ConversionError(args[0])
 
 

@@ -168,6 +168,16 @@ class Writer:
         self.rows = self.env.open_db(fmt.ROWS_DB)
         self.meta = self.env.open_db(fmt.META_DB)
 
+    @property
+    def page_size(self):
+        return self.env.stat()["psize"]
+
+    @property
+    def committed_bytes(self):
+        """Bytes of the file that committed transactions use (a failed one may have written
+        pages past them, which the next commit reuses)."""
+        return (self.env.info()["last_pgno"] + 1) * self.page_size
+
     def read_meta(self, name):
         with self.env.begin(db=self.meta) as txn:
             raw = txn.get(name)
