@@ -559,11 +559,17 @@ def test_missing_database(tmp_path, cls):
         cls(tmp_path / "nowhere", SPLIT)
 
 
-@pytest.mark.parametrize("content", [b"", b"not an lmdb file\n" * 500,
+@pytest.mark.parametrize("content", [b"x", b"not an lmdb file\n" * 500,
                                      bytes(range(256)) * 64])
 def test_file_that_is_not_lmdb(tmp_path, content):
     (tmp_path / "train.lmdb").write_bytes(content)
     with pytest.raises(DatabaseError, match=r"train\.lmdb is not an LMDB database"):
+        LMDBDataset(tmp_path, SPLIT)
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "train.lmdb").write_bytes(b"")
+    with pytest.raises(DatabaseError, match=r"train\.lmdb is empty \(0 bytes\).*copy it again"):
         LMDBDataset(tmp_path, SPLIT)
 
 
