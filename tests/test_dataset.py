@@ -450,6 +450,54 @@ def test_fork_after_main_process_reads(db, ref):
     assert [ds[i][0] for i in reversed(range(COUNT))] == ref.checksums[::-1]
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("cls", [LMDBDataset, LMDBIterDataset])
+def test_forked_workers_read_through_environments_of_their_own(db, ref, cls, persistent):
+    """py-lmdb: an environment must not be used after fork. The parent has read (its
+    environment open, a transaction begun); each forked worker must open its own."""
+    path = fmt.db_path(db, SPLIT)
+    ds = cls(db, SPLIT, output="numpy", transform=lmdb_probes.EnvOwner(path))
+
+    def in_main():
+        samples = [ds[i] for i in range(COUNT)] if cls is LMDBDataset else list(ds)
+        assert {owner for (_, _, owner), _ in samples} == {os.getpid()}
+        return sorted(check for (check, _, _), _ in samples)
+
+    assert in_main() == sorted(ref.checksums)
+    loader = DataLoader(ds, batch_size=3, num_workers=2, multiprocessing_context="fork",
+                        persistent_workers=persistent)
+    workers = set()
+    for _ in range(2):
+        checks, pids, owners = [], [], []
+        for (check, pid, owner), _ in loader:
+            checks += check.tolist()
+            pids += pid.tolist()
+            owners += owner.tolist()
+        assert sorted(checks) == sorted(ref.checksums)
+        assert owners == pids and os.getpid() not in pids  # each worker opened its own
+        workers |= set(pids)
+    assert len(workers) == (2 if persistent else 4)
+    assert in_main() == sorted(ref.checksums)  # the parent's environment is its own, and works
+
+
+def test_a_database_replaced_with_overwrite_is_read_anew(src, tmp_path):
+    """Environments are kept per file (device, inode): a dataset made after `convert
+    --overwrite` in the same process reads the new file; one made before keeps the old."""
+    other = tmp_path / "other"
+    shutil.copytree(os.path.join(src, SPLIT, "cat"), other / SPLIT / "cat")
+    dst = os.fspath(tmp_path / "dst")
+    convert.convert(convert.Options(os.fspath(other), dst, SPLIT, procs=1))
+    before = LMDBDataset(dst, SPLIT, output="numpy", transform=lmdb_probes.checksum)
+    old = [before[i][0] for i in range(len(before))]
+    assert len(old) == len(LAYOUT["cat"])
+    convert.convert(convert.Options(src, dst, SPLIT, procs=1, overwrite=True))
+    after = LMDBDataset(dst, SPLIT, output="numpy", transform=lmdb_probes.checksum)
+    assert len(after) == COUNT and after.classes == sorted(LAYOUT)
+    assert [after[i][0] for i in range(COUNT)] == Ref(src).checksums
+    assert [before[i][0] for i in range(len(before))] == old  # its own file, still mapped
+
+
 # --------------------------------------------------------------------------- ranks
 
 
