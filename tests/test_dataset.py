@@ -562,6 +562,28 @@ def test_ranks_from_torch_distributed(db, ref, monkeypatch):
     assert seen[0] + seen[1] == ref.checksums
 
 
+def test_pickled_for_workers_the_dataset_carries_its_rank(db, ref, monkeypatch):
+    """What a spawn or forkserver worker gets: the rank of the process that pickled it, which
+    the worker (no process group) cannot find itself; unpickled where no group is, too."""
+    import torch.distributed as dist
+
+    alone = pickle.dumps(LMDBIterDataset(db, SPLIT, output="numpy"))
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    ds = LMDBIterDataset(db, SPLIT, output="numpy", transform=lmdb_probes.checksum)
+    pickled = pickle.dumps(ds)
+    assert pickle.loads(alone)._ranks() == (1, 2)  # pickled outside a group: asks its own
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)  # a worker: no group
+    copy = pickle.loads(pickled)
+    assert copy._ranks() == (1, 2) and len(copy) == COUNT // 2
+    assert [c for c, _ in copy] == ref.checksums[COUNT // 2:]
+    assert ds._ranks() == (0, 1)  # the original still asks torch.distributed
+    given = pickle.loads(pickle.dumps(LMDBIterDataset(db, SPLIT, rank=0, world_size=3)))
+    assert given._ranks() == (0, 3)
+
+
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_map_dataset_with_distributed_sampler(db, ref, shuffle):
     ds = LMDBDataset(db, SPLIT, output="numpy", transform=lmdb_probes.checksum)
