@@ -43,7 +43,7 @@ def writer_main(job, results, status, coordinator):
     except _StorageError as exc:
         status.put(("storage", exc.report))
     except DatabaseError as exc:  # the partial database is damaged (cut short by a move?)
-        status.put(("fatal", str(exc)))
+        status.put(("fatal", f"{exc}; or delete {job.partial} to convert from the start"))
     except Exception:  # noqa: BLE001 - reported to the coordinator, which raises
         status.put(("fatal", f"the writer process failed:\n{traceback.format_exc()}"))
 

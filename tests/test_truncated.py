@@ -15,6 +15,7 @@ import pytest
 from helpers import make_tree, run_convert
 
 from fastlmdb import format as fmt
+from fastlmdb.errors import ConversionError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -114,3 +115,18 @@ def test_a_whole_file_with_room_to_spare_is_read(made, tmp_path):
         file.write(bytes(3 * PAGE))
     errors = _run_probe("readers", db, tmp_path)
     assert errors == {reader: None for reader in READERS}
+
+
+def test_a_cut_partial_database_stops_the_conversion_with_a_message(tmp_path):
+    """The full-disk advice says to move the .partial file elsewhere: a move cut short must
+    not kill the writer with SIGBUS (the run would die the same way at every retry)."""
+    make_tree(tmp_path / "src", {"train": {"a": 20, "b": 20}})
+    run_convert(tmp_path / "src", tmp_path / "dst")
+    final = fmt.db_path(tmp_path / "dst", "train")
+    partial = fmt.partial_path(final)
+    os.replace(final, partial)
+    keep = os.path.getsize(partial) // 2
+    os.truncate(partial, keep)
+    with pytest.raises(ConversionError, match=rf"{partial} is cut short: it has {keep:,} bytes"
+                                              rf".*or delete {partial} to convert from the start"):
+        run_convert(tmp_path / "src", tmp_path / "dst")
