@@ -18,3 +18,18 @@ def checksum(image):
 
 def plus_hundred(label):
     return label + 100
+
+
+class EnvOwner:
+    """Transform: (checksum, this process's pid, pid of the process that opened the LMDB
+    environment this process reads `path` through)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __call__(self, image):
+        import os
+
+        from fastlmdb.core import store
+
+        return checksum(image), os.getpid(), store.opened_by(self.path)

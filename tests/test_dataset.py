@@ -451,6 +451,54 @@ def test_fork_after_main_process_reads(db, ref):
     assert [ds[i][0] for i in reversed(range(COUNT))] == ref.checksums[::-1]
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("cls", [LMDBDataset, LMDBIterDataset])
+def test_forked_workers_read_through_environments_of_their_own(db, ref, cls, persistent):
+    """py-lmdb: an environment must not be used after fork. The parent has read (its
+    environment open, a transaction begun); each forked worker must open its own."""
+    path = fmt.db_path(db, SPLIT)
+    ds = cls(db, SPLIT, output="numpy", transform=lmdb_probes.EnvOwner(path))
+
+    def in_main():
+        samples = [ds[i] for i in range(COUNT)] if cls is LMDBDataset else list(ds)
+        assert {owner for (_, _, owner), _ in samples} == {os.getpid()}
+        return sorted(check for (check, _, _), _ in samples)
+
+    assert in_main() == sorted(ref.checksums)
+    loader = DataLoader(ds, batch_size=3, num_workers=2, multiprocessing_context="fork",
+                        persistent_workers=persistent)
+    workers = set()
+    for _ in range(2):
+        checks, pids, owners = [], [], []
+        for (check, pid, owner), _ in loader:
+            checks += check.tolist()
+            pids += pid.tolist()
+            owners += owner.tolist()
+        assert sorted(checks) == sorted(ref.checksums)
+        assert owners == pids and os.getpid() not in pids  # each worker opened its own
+        workers |= set(pids)
+    assert len(workers) == (2 if persistent else 4)
+    assert in_main() == sorted(ref.checksums)  # the parent's environment is its own, and works
+
+
+def test_a_database_replaced_with_overwrite_is_read_anew(src, tmp_path):
+    """Environments are kept per file (device, inode): a dataset made after `convert
+    --overwrite` in the same process reads the new file; one made before keeps the old."""
+    other = tmp_path / "other"
+    shutil.copytree(os.path.join(src, SPLIT, "cat"), other / SPLIT / "cat")
+    dst = os.fspath(tmp_path / "dst")
+    convert.convert(convert.Options(os.fspath(other), dst, SPLIT, procs=1))
+    before = LMDBDataset(dst, SPLIT, output="numpy", transform=lmdb_probes.checksum)
+    old = [before[i][0] for i in range(len(before))]
+    assert len(old) == len(LAYOUT["cat"])
+    convert.convert(convert.Options(src, dst, SPLIT, procs=1, overwrite=True))
+    after = LMDBDataset(dst, SPLIT, output="numpy", transform=lmdb_probes.checksum)
+    assert len(after) == COUNT and after.classes == sorted(LAYOUT)
+    assert [after[i][0] for i in range(COUNT)] == Ref(src).checksums
+    assert [before[i][0] for i in range(len(before))] == old  # its own file, still mapped
+
+
 # --------------------------------------------------------------------------- ranks
 
 
@@ -515,6 +563,28 @@ def test_ranks_from_torch_distributed(db, ref, monkeypatch):
     assert seen[0] + seen[1] == ref.checksums
 
 
+def test_pickled_for_workers_the_dataset_carries_its_rank(db, ref, monkeypatch):
+    """What a spawn or forkserver worker gets: the rank of the process that pickled it, which
+    the worker (no process group) cannot find itself; unpickled where no group is, too."""
+    import torch.distributed as dist
+
+    alone = pickle.dumps(LMDBIterDataset(db, SPLIT, output="numpy"))
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    ds = LMDBIterDataset(db, SPLIT, output="numpy", transform=lmdb_probes.checksum)
+    pickled = pickle.dumps(ds)
+    assert pickle.loads(alone)._ranks() == (1, 2)  # pickled outside a group: asks its own
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)  # a worker: no group
+    copy = pickle.loads(pickled)
+    assert copy._ranks() == (1, 2) and len(copy) == COUNT // 2
+    assert [c for c, _ in copy] == ref.checksums[COUNT // 2:]
+    assert ds._ranks() == (0, 1)  # the original still asks torch.distributed
+    given = pickle.loads(pickle.dumps(LMDBIterDataset(db, SPLIT, rank=0, world_size=3)))
+    assert given._ranks() == (0, 3)
+
+
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_map_dataset_with_distributed_sampler(db, ref, shuffle):
     ds = LMDBDataset(db, SPLIT, output="numpy", transform=lmdb_probes.checksum)
@@ -560,11 +630,17 @@ def test_missing_database(tmp_path, cls):
         cls(tmp_path / "nowhere", SPLIT)
 
 
-@pytest.mark.parametrize("content", [b"", b"not an lmdb file\n" * 500,
+@pytest.mark.parametrize("content", [b"x", b"not an lmdb file\n" * 500,
                                      bytes(range(256)) * 64])
 def test_file_that_is_not_lmdb(tmp_path, content):
     (tmp_path / "train.lmdb").write_bytes(content)
     with pytest.raises(DatabaseError, match=r"train\.lmdb is not an LMDB database"):
+        LMDBDataset(tmp_path, SPLIT)
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "train.lmdb").write_bytes(b"")
+    with pytest.raises(DatabaseError, match=r"train\.lmdb is empty \(0 bytes\).*copy it again"):
         LMDBDataset(tmp_path, SPLIT)
 
 

@@ -1,15 +1,20 @@
 """fastlmdb verify: a sound database passes; every kind of damage is found and listed."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 
 import lmdb
+import numpy as np
 import pytest
+import simplejpeg
 from helpers import db, make_tree, run_convert
 
 from fastlmdb import cli
+from fastlmdb.cli.sample_tree import synthetic_photo
+from fastlmdb.core import folder
 from fastlmdb.core import format as fmt
 from fastlmdb.tools import verify
 
@@ -90,20 +95,43 @@ if __name__ == "__main__":
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, like ENOSPC
     resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), int(sys.argv[3])))
     converter.convert(converter.Options(sys.argv[1], sys.argv[2], "train", procs=1,
-                                    batch_bytes=10_000))
+                                        batch_bytes=int(sys.argv[4])))
 """
+FULL_DISK_ADVICE = re.compile(r"The (\d+) records committed \(([\d.,]+) MB\) are intact; about "
+                              r"([\d.,]+) MB more are needed for the remaining (\d+) files")
 
 
-def test_a_full_disk_stops_with_advice_and_the_run_resumes(dst, tmp_path):
-    tree = make_tree(tmp_path / "src", {"train": {"a": 40, "b": 40}})
+def _photo_tree(root, count):
+    """An ImageFolder tree of `count` 240x320 photos (25-45 KB each) in 2 classes."""
+    rng = np.random.default_rng(5)
+    for i in range(count):
+        path = os.path.join(root, "train", "ab"[i % 2], f"{i:03d}.JPEG")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as file:
+            file.write(simplejpeg.encode_jpeg(synthetic_photo(rng, 240, 320), quality=90))
+    return os.fspath(root)
+
+
+# The first commit failing is the case that once said "27,011 MB more" for 65 MB of source.
+@pytest.mark.parametrize("batch_bytes, limit", [(10_000_000, 150_000), (100_000, 1_000_000)],
+                         ids=["first-commit", "later-commit"])
+def test_a_full_disk_stops_with_advice_and_the_run_resumes(dst, tmp_path, batch_bytes, limit):
+    tree = _photo_tree(tmp_path / "src", 40)
     script = tmp_path / "full.py"
     script.write_text(DISK_FULL)
-    limit = 150_000  # bytes the database file may grow to: a few chunks
-    run = subprocess.run([sys.executable, str(script), str(tree), str(dst), str(limit)],
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run([sys.executable, str(script), tree, str(dst), str(limit),
+                          str(batch_bytes)], capture_output=True, text=True, timeout=60)
     assert run.returncode != 0
-    assert "records committed" in run.stderr and "more are needed" in run.stderr, run.stderr
+    advice = FULL_DISK_ADVICE.search(run.stderr)
+    assert advice, run.stderr
+    committed, more, remaining = int(advice[1]), float(advice[3].replace(",", "")), int(advice[4])
+    assert (committed == 0) == (batch_bytes > limit)
+    paths = folder.scan(os.path.join(tree, "train")).paths
+    assert remaining == len(paths) - committed
+    # JPEG mode stores each file's bytes, on whole 4 KB pages: a little more than the source.
+    source_left = sum(os.path.getsize(path) for path in paths[committed:]) / 1e6
+    assert source_left <= more <= 1.3 * source_left, (more, source_left)
     assert "run the same command again to resume" in run.stderr
     stats = run_convert(tree, dst)
-    assert stats.resumed_at > 0
+    assert stats.resumed_at == committed and stats.images == len(paths)
     assert verify.verify(db(dst), source=os.path.join(tree, "train")).ok

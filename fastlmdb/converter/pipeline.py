@@ -18,9 +18,9 @@ import traceback
 import zlib
 
 from fastlmdb.converter import children, prepare
+from fastlmdb.converter.writer import Job, storage_message, writer_main
 from fastlmdb.core import archive
 from fastlmdb.core.errors import ConversionError, ImageError
-from fastlmdb.converter.writer import Job, writer_main
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class _Pipeline:
                 self._dispatch(start, poison if start == chunk else None)
 
     def _fail(self, kind, args):
-        raise failure(kind, args, self.plan, self.partial)
+        raise failure(kind, args, self.plan, self.partial, self.scan.paths)
 
     def _stop(self):
         for producer in self.live:
@@ -238,8 +238,9 @@ def _exit_reason(code):
     return f"exit status {code}"
 
 
-def failure(kind, args, plan, partial):
-    """The ConversionError for the writer's last word `kind` (bad, mismatch, fatal)."""
+def failure(kind, args, plan, partial, paths):
+    """The ConversionError for the writer's last word `kind` (bad, mismatch, storage, fatal);
+    `paths` are the database's source files."""
     if kind == "bad":
         path, reason = args
         if isinstance(path, archive.Member):
@@ -248,6 +249,8 @@ def failure(kind, args, plan, partial):
                                "out; run the same command again to resume")
     if kind == "mismatch":
         return ConversionError(mismatch_message(args[0], plan, partial))
+    if kind == "storage":
+        return ConversionError(storage_message(args[0], paths))
     return ConversionError(args[0])
 
 

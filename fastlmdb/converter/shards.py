@@ -126,7 +126,7 @@ def make_shard(job):
             lambda paths: [pipeline.entry(path, job.settings) for path in paths],
             pipeline.CHUNK)
         if kind != "done":
-            raise pipeline.failure(kind, args, job.plan, job.partial)
+            raise pipeline.failure(kind, args, job.plan, job.partial, job.scan.paths)
         os.replace(job.partial, job.final)
     return job.final, (args[0], resumed_at)
 

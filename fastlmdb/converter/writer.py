@@ -18,9 +18,9 @@ import numpy as np
 
 from fastlmdb import __version__
 from fastlmdb.converter import children, prepare
-from fastlmdb.core import store
+from fastlmdb.core import archive, store
 from fastlmdb.core import format as fmt
-from fastlmdb.core.errors import ImageError
+from fastlmdb.core.errors import DatabaseError, ImageError
 
 
 @dataclasses.dataclass
@@ -42,8 +42,12 @@ def writer_main(job, results, status, coordinator):
         _Writer(job, status).run(results)
     except _PlanMismatch as exc:
         status.put(("mismatch", exc.old_plan))
+    except _StorageError as exc:
+        status.put(("storage", exc.report))
     except _Fatal as exc:
         status.put(("fatal", str(exc)))
+    except DatabaseError as exc:  # the partial database is damaged (cut short by a move?)
+        status.put(("fatal", f"{exc}; or delete {job.partial} to convert from the start"))
     except Exception:  # noqa: BLE001 - reported to the coordinator, which raises
         status.put(("fatal", f"the writer process failed:\n{traceback.format_exc()}"))
 
@@ -51,7 +55,7 @@ def writer_main(job, results, status, coordinator):
 def write_inline(job, paths, chunk_entries, chunk):
     """Prepare and write in this process (a shard converted on a cluster worker): the same
     records and transactions as the pipeline. `chunk_entries(some_paths)` prepares one chunk.
-    Returns (files done before this run, the last message: done, bad, mismatch or fatal)."""
+    Returns (files done before this run, the last message: done, bad, mismatch or storage)."""
     status = _LastWord()
     try:
         writer = _Writer(job, status)
@@ -65,6 +69,8 @@ def write_inline(job, paths, chunk_entries, chunk):
                 break
         else:
             writer.finish()
+    except _StorageError as exc:
+        return resumed_at, ("storage", exc.report)
     except _Fatal as exc:
         return resumed_at, ("fatal", str(exc))
     finally:
@@ -93,6 +99,7 @@ class _Writer:
         self.rows = [self.db.all_rows()]
         self.payloads, self.pending_rows, self.batch_bytes = [], [], 0
         self.first = self.progress["stored"]
+        self.committed_source = self.progress["next_source"]  # source files safely written
         # A shard's records keep their positions in the whole split's scan.
         self.first_source = job.plan.get("shard", {}).get("first_source", 0)
 
@@ -183,24 +190,24 @@ class _Writer:
         self._write(self.payloads, rows, meta)
         self.rows.append(rows)
         self.first = self.progress["stored"]
+        self.committed_source = self.progress["next_source"]
         self.payloads, self.pending_rows, self.batch_bytes = [], [], 0
 
     def _write(self, payloads, rows, meta):
         try:
             self.db.commit(self.first, payloads, rows, meta)
         except lmdb.Error as exc:
-            raise _StorageError(self._storage_message(exc)) from None
+            raise _StorageError(self._storage_report(exc, rows)) from None
 
-    def _storage_message(self, exc):
-        p, total = self.progress, len(self.job.labels)
-        written = os.path.getsize(self.job.partial)
-        done = max(1, p["next_source"] - len(self.payloads))
-        more = written / done * (total - done)
-        return (f"writing {self.job.partial} failed: {exc}. The {self.first} records "
-                f"committed ({_megabytes(written)}) are intact; about {_megabytes(more)} "
-                f"more are needed for the remaining {total - done} files. Free space (or "
-                "choose another --to_dir and move the .partial file there), then run the "
-                "same command again to resume")
+    def _storage_report(self, exc, pending_rows):
+        """What storage_message needs, in the coordinator, which knows the source files."""
+        records = np.concatenate([*self.rows, pending_rows])["nbytes"]
+        source_bytes = self.progress["bytes_in"]  # of the same records, pending ones included
+        return {"partial": self.job.partial, "error": str(exc), "committed": self.first,
+                "written": self.db.committed_bytes,
+                "next_file": self.committed_source,
+                "file_bytes_per_source_byte": (_file_bytes(records, self.db.page_size)
+                                               / source_bytes if source_bytes else 1.0)}
 
     def finish(self):
         """Commit the open batch, then the record table and `info`: the database is complete."""
@@ -251,8 +258,40 @@ def _reread(entry):
     return data, ""
 
 
+def storage_message(report, paths):
+    """What to tell the user when writing failed (a full disk): what is safe, and about how
+    much more space the rest needs: the source bytes still to write (`paths` are the source
+    files of the database, in order), times the file bytes each source byte became so far."""
+    remaining = paths[report["next_file"]:]
+    source = sum(_size_or_zero(path) for path in remaining)
+    more = source * report["file_bytes_per_source_byte"]
+    return (f"writing {report['partial']} failed: {report['error']}. The {report['committed']} "
+            f"records committed ({_megabytes(report['written'])}) are intact; about "
+            f"{_megabytes(more)} more are needed for the remaining {len(remaining)} files "
+            f"({_megabytes(source)} of source). Free space (or choose another --to_dir and "
+            "move the .partial file there), then run the same command again to resume")
+
+
+def _file_bytes(nbytes, page_size):
+    """About the bytes of an LMDB file that records of `nbytes` take: a value larger than
+    about half a page goes on whole overflow pages of its own (16-byte header), a smaller
+    one shares a leaf page (8-byte node header and 8-byte key)."""
+    nbytes = nbytes.astype(np.int64)
+    pages = -(-(nbytes + 16) // page_size)
+    return int(np.where(nbytes > page_size // 2, pages * page_size, nbytes + 16).sum())
+
+
+def _size_or_zero(path):
+    if isinstance(path, archive.Member):
+        return path.where[2]
+    try:
+        return os.stat(path).st_size
+    except OSError:  # gone since the scan: it will be reported when its turn comes
+        return 0
+
+
 def _megabytes(size):
-    return f"{size / 1e6:,.0f} MB"
+    return f"{size / 1e6:,.1f} MB"
 
 
 def _changed(entry):
@@ -266,6 +305,10 @@ class _Fatal(Exception):
 
 class _StorageError(_Fatal):
     """Writing failed (disk full, quota, I/O error)."""
+
+    def __init__(self, report):
+        super().__init__(report["error"])
+        self.report = report
 
 
 class _PlanMismatch(Exception):

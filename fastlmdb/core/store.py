@@ -1,13 +1,18 @@
 """The only module that opens LMDB: the flags are written once, here.
 
 Readers open ``readonly=True, lock=False`` (a finished database never changes, so no reader
-table is needed) once per process and file, share that environment with forked children, and
-begin their own transaction in each process.
+table is needed) once per process and file, and begin their own transaction in each process;
+a forked child closes the environments it inherited and opens its own (py-lmdb, "Process
+model": an environment must not be used after fork). Every open first checks the file against
+the size its own header declares: a file cut short would be mapped and read past its end,
+which kills the process with SIGBUS instead of raising.
 The converter's writer process alone writes, with batched transactions and append-only keys.
 """
 
+import dataclasses
 import logging
 import os
+import struct
 
 import lmdb
 import numpy as np
@@ -20,8 +25,49 @@ log = logging.getLogger(__name__)
 MAX_DBS = 3
 
 
+# An LMDB file begins with two meta pages; each holds this magic number after its page header.
+_META_MAGIC = struct.pack("<I", 0xBEEFC0DE)
+_MAGIC_OFFSET = 16
+_RECOPY = ("it was not copied or downloaded completely: copy it again (`fastlmdb stage DB DIR` "
+           "copies a database and checks the copy), or make it again with `fastlmdb convert`")
+
+
 def _open(path, **flags):
-    return lmdb.open(os.fspath(path), subdir=False, max_dbs=MAX_DBS, **flags)
+    path = os.fspath(path)
+    env = lmdb.open(path, subdir=False, max_dbs=MAX_DBS, **flags)
+    try:
+        _check_complete(env, path)
+    except DatabaseError:
+        env.close()
+        raise
+    return env
+
+
+def _check_complete(env, path):
+    """Raise unless the file holds every page its header says is in use.
+
+    The header (the two meta pages, read with pread when the file is opened) records the
+    last page used; reading a page past the end of the file through the map is SIGBUS.
+    info() and stat() answer from the meta pages alone, without touching the other pages.
+    """
+    page_size = env.stat()["psize"]
+    pages = env.info()["last_pgno"] + 1
+    size = os.path.getsize(path)
+    if size < pages * page_size:
+        raise DatabaseError(
+            f"{path} is cut short: it has {size:,} bytes, its header says it needs "
+            f"{pages * page_size:,} ({pages:,} pages of {page_size:,} bytes); {_RECOPY}")
+
+
+def _unopenable(path, exc):
+    """The DatabaseError for a file lmdb.open refused: too short to hold the header of the
+    LMDB file it starts as, or not LMDB at all."""
+    with open(path, "rb") as file:
+        head = file.read(_MAGIC_OFFSET + len(_META_MAGIC))
+    if head[_MAGIC_OFFSET:] == _META_MAGIC:
+        return DatabaseError(f"{path} is cut short: it has {os.path.getsize(path):,} bytes, "
+                             f"less than the two header pages of an LMDB file; {_RECOPY}")
+    return DatabaseError(f"{path} is not an LMDB database ({exc})")
 
 
 def _open_readonly(path):
@@ -35,6 +81,8 @@ def _open_readonly(path):
                 f"{path} is not finished: its conversion stopped at {fmt.partial_path(path)}; "
                 "run the same `fastlmdb convert` command again to resume it")
         raise DatabaseError(f"{path} does not exist; make it with `fastlmdb convert`")
+    if os.path.getsize(path) == 0:
+        raise DatabaseError(f"{path} is empty (0 bytes), not an LMDB database; {_RECOPY}")
     try:
         # readahead=True, even for random access: a cold `get` faults in its whole value
         # (measured: ~21 synchronous 4 KB faults for an 85 KB record with readahead off, and
@@ -42,7 +90,7 @@ def _open_readonly(path):
         # Kernel readahead reads a typical 110 KB record in one or two I/Os.
         return _open(path, readonly=True, lock=False, readahead=True)
     except lmdb.Error as exc:
-        raise DatabaseError(f"{path} is not an LMDB database ({exc})") from None
+        raise _unopenable(path, exc) from None
 
 
 def _open_db(env, name, path):
@@ -53,11 +101,37 @@ def _open_db(env, name, path):
                             f"(no {name.decode()!r} table)") from None
 
 
-# One environment per database file and process, inherited across fork. py-lmdb refuses to
-# open a file twice in one process, and a child forked after the parent opened it counts as
-# the same process; a read-only, lock-free map is safe to share with forked children, each
-# using transactions of its own.
-_ENVS = {}
+# The environments this process opened, one per database file: py-lmdb refuses to open a file
+# twice in one process. A forked child inherits them (and py-lmdb's record of them) but must not
+# use them: _drop_inherited closes them in the child, so that it opens its own.
+_ENVS = {}  # (st_dev, st_ino) -> _Opened
+
+
+@dataclasses.dataclass(frozen=True)
+class _Opened:
+    env: lmdb.Environment
+    pid: int  # the process that opened it
+
+
+def _drop_inherited():
+    """In a forked child: close the parent's environments (their transactions with them)."""
+    for opened in _ENVS.values():
+        try:
+            opened.env.close()
+        except lmdb.Error as exc:  # closing releases only this process's map and descriptor
+            log.warning("closing an environment inherited across fork: %s", exc)
+    _ENVS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited)
+
+
+def opened_by(path):
+    """The pid of the process that opened this process's environment of `path`, or None:
+    after a fork, always the child itself (what the tests check)."""
+    stat = os.stat(path)
+    opened = _ENVS.get((stat.st_dev, stat.st_ino))
+    return None if opened is None else opened.pid
 
 
 def _shared_env(path):
@@ -69,10 +143,10 @@ def _shared_env(path):
         key = (stat.st_dev, stat.st_ino)
     except OSError:
         return _open_readonly(path)  # raises the error that says what is wrong
-    env = _ENVS.get(key)
-    if env is None:
-        env = _ENVS[key] = _open_readonly(path)
-    return env
+    opened = _ENVS.get(key)
+    if opened is None:
+        opened = _ENVS[key] = _Opened(_open_readonly(path), os.getpid())
+    return opened.env
 
 
 def read_catalog(path):
@@ -114,7 +188,8 @@ class Reader:
 
     def _ensure_open(self):
         if self._pid != os.getpid():
-            # After a fork the parent's transaction must not be used, nor ended, here.
+            # After a fork the parent's transaction must not be used, nor ended, here (the
+            # child closed the environment it belonged to, see _drop_inherited).
             env = _shared_env(self.path)
             images = _open_db(env, fmt.IMAGES_DB, self.path)
             # One long read transaction: a finished database never changes.
@@ -167,6 +242,16 @@ class Writer:
         self.images = self.env.open_db(fmt.IMAGES_DB)
         self.rows = self.env.open_db(fmt.ROWS_DB)
         self.meta = self.env.open_db(fmt.META_DB)
+
+    @property
+    def page_size(self):
+        return self.env.stat()["psize"]
+
+    @property
+    def committed_bytes(self):
+        """Bytes of the file that committed transactions use (a failed one may have written
+        pages past them, which the next commit reuses)."""
+        return (self.env.info()["last_pgno"] + 1) * self.page_size
 
     def read_meta(self, name):
         with self.env.begin(db=self.meta) as txn:

@@ -219,7 +219,9 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
     """Iterable dataset reading ``root/<split>.lmdb`` in key order.
 
     Each sample is yielded exactly once per epoch across all DataLoader workers and ranks.
-    Ranks come from torch.distributed when it is initialised, or from `rank`/`world_size`.
+    Ranks come from torch.distributed when it is initialised, or from `rank`/`world_size`;
+    the dataset pickled for workers started by spawn or forkserver (which have no process
+    group) carries the rank of the process that pickled it.
     Every rank gets the same number of samples: where the count does not divide evenly, the
     first samples of the epoch are repeated (fewer than `world_size` of them), or with
     ``drop_last=True`` the last ones dropped, exactly as ``DistributedSampler`` does.
@@ -282,6 +284,16 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
 
     def _ranks(self):
         return sampler.ranks(self._rank, self._world_size)
+
+    def __getstate__(self):
+        # A DataLoader worker started by spawn or forkserver has no process group and would
+        # take itself for rank 0 of 1: the process that pickles the dataset for its workers
+        # (the one iterating the loader) carries its rank along. Without a process group here
+        # nothing is fixed, so a copy unpickled in a distributed process still asks its own.
+        state = self.__dict__.copy()
+        if self._world_size is None and sampler.distributed():
+            state["_rank"], state["_world_size"] = self._ranks()
+        return state
 
     def __len__(self):
         return order.per_rank(len(self._labels), self._ranks()[1], self.drop_last)

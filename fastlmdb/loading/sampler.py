@@ -17,11 +17,18 @@ def ranks(rank=None, world_size=None):
     """(rank, world_size): as given, else from torch.distributed when initialised, else (0, 1)."""
     if world_size is not None:
         return rank or 0, world_size
-    import torch.distributed as dist
+    if distributed():
+        import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def distributed():
+    """Whether this process has joined a torch.distributed process group."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 class EpochSampler(torch.utils.data.Sampler):
