@@ -488,11 +488,11 @@ def test_a_database_replaced_with_overwrite_is_read_anew(src, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(os.path.join(src, SPLIT, "cat"), other / SPLIT / "cat")
     dst = os.fspath(tmp_path / "dst")
-    convert.convert(convert.Options(os.fspath(other), dst, SPLIT, procs=1))
+    converter.convert(converter.Options(os.fspath(other), dst, SPLIT, procs=1))
     before = LMDBDataset(dst, SPLIT, output="numpy", transform=lmdb_probes.checksum)
     old = [before[i][0] for i in range(len(before))]
     assert len(old) == len(LAYOUT["cat"])
-    convert.convert(convert.Options(src, dst, SPLIT, procs=1, overwrite=True))
+    converter.convert(converter.Options(src, dst, SPLIT, procs=1, overwrite=True))
     after = LMDBDataset(dst, SPLIT, output="numpy", transform=lmdb_probes.checksum)
     assert len(after) == COUNT and after.classes == sorted(LAYOUT)
     assert [after[i][0] for i in range(COUNT)] == Ref(src).checksums

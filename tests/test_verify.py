@@ -10,7 +10,7 @@ import lmdb
 import numpy as np
 import pytest
 import simplejpeg
-from helpers import db, make_tree, run_convert
+from helpers import db, run_convert
 
 from fastlmdb import cli
 from fastlmdb.cli.sample_tree import synthetic_photo

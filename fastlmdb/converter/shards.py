@@ -20,7 +20,7 @@ import joblib
 from joblib.externals.loky import get_reusable_executor
 
 from fastlmdb.converter import pipeline, prepare, writer
-from fastlmdb.core import catalog, files, store
+from fastlmdb.core import files, store
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import ConversionError
 
