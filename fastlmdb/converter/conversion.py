@@ -18,8 +18,12 @@ from fastlmdb.core.errors import ON_ERROR, ConversionError
 
 log = logging.getLogger(__name__)
 
-def default_procs():
-    return len(os.sched_getaffinity(0))
+def default_procs() -> int:
+    """The CPUs this process may use; all of the machine's where the OS cannot say (macOS,
+    Windows have no os.sched_getaffinity)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 @dataclasses.dataclass(frozen=True)

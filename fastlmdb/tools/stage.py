@@ -7,12 +7,13 @@ A copy is checked record by record (sizes and CRC-32s against the record table) 
 takes the final name, and is made again when the source changes (size or mtime of any file).
 """
 
-import fcntl
 import json
 import logging
 import os
 import shutil
 import time
+
+import filelock
 
 from fastlmdb.core import catalog, files
 from fastlmdb.tools import verify
@@ -31,8 +32,8 @@ def stage(db, local_dir, *, procs=1):
     os.makedirs(local_dir, exist_ok=True)
     name = os.path.basename(source)
     target = os.path.join(local_dir, name)
-    with open(os.path.join(local_dir, f".{name}.stage-lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # waits while another rank of this node copies
+    # Waits while another rank of this node copies (flock on POSIX, msvcrt on Windows).
+    with filelock.FileLock(os.path.join(local_dir, f".{name}.stage-lock")):
         identity = _identity(source)
         if _stamp_of(local_dir, name) == identity and os.path.exists(target):
             return target
