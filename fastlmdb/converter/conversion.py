@@ -6,10 +6,13 @@ interruption resumes after the last committed transaction (of each shard). How o
 is made: pipeline.py (local processes) or shards.py (one task per shard, here or on a cluster).
 """
 
+from __future__ import annotations
+
 import dataclasses
 import logging
 import os
 import time
+from typing import Any, Callable
 
 from fastlmdb.converter import pipeline, prepare, shards
 from fastlmdb.core import catalog, files, folder
@@ -44,22 +47,23 @@ class Options:
     shards: int = 1  # 1: one file; K: K shard files in a folder, one writer each
     shard_size: int = 0  # if set, as many shards as make about this many files each
     backend: str = "local"  # how shards are run: see shards.BACKENDS
-    scheduler: str = None  # the dask scheduler's address (backend "dask"); None: a local one
+    scheduler: str | None = None  # the dask scheduler's address (backend "dask"); None: a local one
 
 
 @dataclasses.dataclass(frozen=True)
 class Stats:
     path: str
     images: int
-    skipped: list
-    transcoded: list
+    skipped: list[Any]
+    transcoded: list[Any]
     bytes_in: int
     bytes_out: int
     seconds: float
     resumed_at: int  # source files already done when this run started
 
 
-def convert(options, on_progress=None):
+def convert(options: Options,
+            on_progress: Callable[[int, int, int], object] | None = None) -> Stats:
     """Convert one split; returns Stats. `on_progress(done, total, bytes_in)` is optional."""
     _validate(options)
     scan = folder.scan(os.path.join(options.from_dir, options.split))

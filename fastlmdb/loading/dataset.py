@@ -5,8 +5,11 @@ key order, each sample exactly once per epoch across DataLoader workers and dist
 With crops.py, the only modules that import torch.
 """
 
+from __future__ import annotations
+
 import logging
 import os
+from typing import Any, Callable, Iterator, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -20,6 +23,11 @@ from fastlmdb.core.errors import ON_ERROR, DatabaseError, DecodeError
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("pil", "tensor", "numpy")
+
+Transform = Callable[[Any], Any]
+StrPath = Union[str, "os.PathLike[str]"]
+Size = Union[int, Tuple[int, int]]  # (height, width), or one number for both
+
 
 class _Records:
     """What both datasets share: the catalog, lazy per-process reads, decode, transforms."""
@@ -45,11 +53,11 @@ class _Records:
         self.errors = 0  # records skipped in this process because they failed to decode
 
     @property
-    def transform(self):
+    def transform(self) -> Transform | None:
         return self._transform
 
     @transform.setter
-    def transform(self, transform):
+    def transform(self, transform: Transform | None) -> None:
         # Code written for ImageFolder reassigns `dataset.transform`: split it again.
         self._transform = transform
         self._crop, self._rest = crops.split_pipeline(transform)
@@ -120,7 +128,7 @@ class _Records:
         self.errors += 1
         log.warning("skipping: %s", exc)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         lines = [f"Dataset {type(self).__name__}", f"    Number of datapoints: {len(self)}",
                  f"    Root location: {self.root}",
                  f"    Split: {self.split} ({self.imgtype} records, output={self.output!r})"]
@@ -132,7 +140,7 @@ class _Records:
         return "\n".join(lines)
 
 
-class LMDBDataset(_Records, torch.utils.data.Dataset):
+class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
     """Map-style dataset over ``root/<split>.lmdb``; a drop-in for ``ImageFolder``.
 
     Args:
@@ -153,9 +161,11 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):
     one uint8 tensor each and handed over without stacking (fastlmdb.batch).
     """
 
-    def __init__(self, root, split, transform=None, target_transform=None, shuffle=False,
-                 imgtype=None, *, output="pil", decoder="simplejpeg", min_size=None,
-                 on_error="raise", seed=0):
+    def __init__(self, root: StrPath, split: str, transform: Transform | None = None,
+                 target_transform: Transform | None = None, shuffle: bool = False,
+                 imgtype: str | None = None, *, output: str = "pil",
+                 decoder: str = "simplejpeg", min_size: Size | None = None,
+                 on_error: str = "raise", seed: int = 0) -> None:
         super().__init__(root, split, transform, target_transform, imgtype, output=output,
                          decoder=decoder, min_size=min_size, on_error=on_error)
         self.shuffle = shuffle
@@ -163,14 +173,14 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):
         self._index = (np.random.default_rng(seed).permutation(count) if shuffle
                        else np.arange(count))
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._index)
 
     @property
-    def targets(self):
-        return self._labels[self._index].tolist()
+    def targets(self) -> list[int]:
+        return self._labels[self._index].tolist()  # type: ignore[no-any-return]
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int) -> Any:
         index = int(self._index[i])
         for attempt in range(len(self._index)):
             probe = (index + attempt) % len(self._index)
@@ -180,7 +190,7 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):
                 self._skip_or_raise(exc)
         raise DatabaseError(f"no record of {self.path} could be decoded")
 
-    def __getitems__(self, positions):
+    def __getitems__(self, positions: Sequence[int]) -> list[Any]:
         """A whole batch (the DataLoader calls this): all lookups first, then the decodes;
         in place into one batch tensor where the pipeline allows (see fastlmdb.batch)."""
         indices = [int(self._index[i]) for i in positions]
@@ -209,7 +219,7 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):
         labels.numpy()[:] = label_list
         return batch.samples(images, labels, label_list)
 
-class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
+class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: ignore[type-arg]
     """Iterable dataset reading ``root/<split>.lmdb`` in key order.
 
     Each sample is yielded exactly once per epoch across all DataLoader workers and ranks.
@@ -231,10 +241,13 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
     in place into one uint8 tensor, as LMDBDataset does (fastlmdb.batch).
     """
 
-    def __init__(self, root, split, transform=None, target_transform=None, shuffle=False,
-                 imgtype=None, *, output="pil", decoder="simplejpeg", min_size=None,
-                 on_error="raise", seed=0, rank=None, world_size=None, drop_last=False,
-                 batch_size=None):
+    def __init__(self, root: StrPath, split: str, transform: Transform | None = None,
+                 target_transform: Transform | None = None, shuffle: bool = False,
+                 imgtype: str | None = None, *, output: str = "pil",
+                 decoder: str = "simplejpeg", min_size: Size | None = None,
+                 on_error: str = "raise", seed: int = 0, rank: int | None = None,
+                 world_size: int | None = None, drop_last: bool = False,
+                 batch_size: int | None = None) -> None:
         super().__init__(root, split, transform, target_transform, imgtype, output=output,
                          decoder=decoder, min_size=min_size, on_error=on_error)
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
@@ -244,14 +257,14 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
         # This process's own: samples its iteration handed out, and a worker's resume point.
         self._yielded = self._skip = 0
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch: int) -> None:
         self._position[0], self._position[1] = int(epoch), 0
 
     @property
-    def epoch(self):
+    def epoch(self) -> int:
         return int(self._position[0])
 
-    def state_dict(self, samples_seen=None):
+    def state_dict(self, samples_seen: int | None = None) -> dict[str, Any]:
         """Where this rank stands after consuming `samples_seen` more samples of the epoch.
 
         Without `samples_seen`: where this process's iteration is, which is what torchdata's
@@ -264,7 +277,7 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
             state["samples_seen"] += self._yielded
         return state
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if (state["seed"], state["shuffle"]) != (self.seed, self.shuffle):
             raise ValueError(f"state is for seed={state['seed']}, shuffle={state['shuffle']}; "
                              f"this dataset has seed={self.seed}, shuffle={self.shuffle}")
@@ -276,14 +289,14 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
     def _ranks(self):
         return sampler.ranks(self._rank, self._world_size)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return order.per_rank(len(self._labels), self._ranks()[1], self.drop_last)
 
     @property
-    def targets(self):
-        return self._labels.tolist()
+    def targets(self) -> list[int]:
+        return self._labels.tolist()  # type: ignore[no-any-return]
 
-    def indices(self):
+    def indices(self) -> np.ndarray[Any, np.dtype[np.int64]]:
         """The record indices this process yields this epoch, in order."""
         rank, world_size = self._ranks()
         epoch_order = order.epoch_order(len(self._labels), shuffle=self.shuffle,
@@ -297,7 +310,7 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
             return order.batch_share(share, worker.id, worker.num_workers, self.batch_size)
         return order.worker_share(share, worker.id, worker.num_workers)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         self._yielded, self._skip = self._skip, 0
         indices = self.indices()[self._yielded:]
         if self.batch_size and self._decodes_in_place():

@@ -7,6 +7,8 @@ A copy is checked record by record (sizes and CRC-32s against the record table) 
 takes the final name, and is made again when the source changes (size or mtime of any file).
 """
 
+from __future__ import annotations
+
 import json
 import logging
 import os
@@ -17,6 +19,7 @@ import filelock
 
 from fastlmdb.core import catalog, files
 from fastlmdb.tools import verify
+from fastlmdb.tools.verify import StrPath
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import DatabaseError
 
@@ -25,7 +28,7 @@ log = logging.getLogger(__name__)
 STAMP = ".staged-from.json"
 
 
-def stage(db, local_dir, *, procs=1):
+def stage(db: StrPath, local_dir: StrPath, *, procs: int = 1) -> str:
     """The path of a checked copy of database `db` (file or sharded folder) in `local_dir`."""
     source = os.path.abspath(os.fspath(db)).rstrip(os.sep)
     catalog.read_catalog(source)  # a finished database, or a clear error now
