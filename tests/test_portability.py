@@ -95,3 +95,21 @@ def test_windows_merge_same_as_one_file(tree, tmp_path, monkeypatch):
     merged = merge.merge(db(tmp_path / "sharded"))
     assert assert_same_database(merged, db(tmp_path / "one")) == 12
     assert not os.path.exists(files.lock_path(merged + ".partial"))
+
+
+def test_python_dash_m_fastlmdb_is_the_command():
+    done = subprocess.run([sys.executable, "-m", "fastlmdb", "--help"], capture_output=True,
+                          text=True, timeout=60, check=False,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert done.returncode == 0, done.stderr
+    assert "convert" in done.stdout and "verify" in done.stdout
+
+
+def test_top_level_api_is_typed_and_torch_free():
+    done = subprocess.run([sys.executable, "-c", "import sys, fastlmdb\n"
+                           "from fastlmdb import Options, Report, Stats, convert, merge, "
+                           "stage, verify\nprint('torch' in sys.modules)"],
+                          capture_output=True, text=True, timeout=60, check=False,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert done.stdout.strip() == "False", done.stderr
+    assert os.path.exists(os.path.join(ROOT, "fastlmdb", "py.typed"))
