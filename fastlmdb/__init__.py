@@ -5,6 +5,8 @@ decoding, the ImageFolder scan) under ``converter`` (making databases), ``loadin
 PyTorch side, the only part that imports torch), ``tools`` (verify, stage, merge) and ``cli``.
 """
 
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
 from fastlmdb.core.errors import (  # noqa: E402
@@ -16,6 +18,16 @@ from fastlmdb.core.errors import (  # noqa: E402
     IncompleteDatabaseError,
 )
 
+if TYPE_CHECKING:  # what the lazy names are, for type checkers
+    from fastlmdb.converter.conversion import Options, Stats, convert
+    from fastlmdb.loading.batch import collate
+    from fastlmdb.loading.crops import RandomResizedCrop, ResizeCenterCrop
+    from fastlmdb.loading.dataset import LMDBDataset, LMDBIterDataset
+    from fastlmdb.loading.sampler import EpochSampler
+    from fastlmdb.tools.merge import merge
+    from fastlmdb.tools.stage import stage
+    from fastlmdb.tools.verify import Report, verify
+
 __all__ = [
     "ConversionError",
     "DatabaseError",
@@ -26,15 +38,29 @@ __all__ = [
     "IncompleteDatabaseError",
     "LMDBDataset",
     "LMDBIterDataset",
+    "Options",
     "RandomResizedCrop",
+    "Report",
     "ResizeCenterCrop",
+    "Stats",
     "__version__",
     "collate",
+    "convert",
+    "merge",
+    "stage",
+    "verify",
 ]
 
-# The names that import torch, and where they live: `import fastlmdb` (and the converter)
-# stays torch-free.
+# Where the other names live, imported on first use: `import fastlmdb` stays light, and
+# torch-free (only the loading names import torch).
 _LAZY = {
+    "convert": "fastlmdb.converter.conversion",
+    "Options": "fastlmdb.converter.conversion",
+    "Stats": "fastlmdb.converter.conversion",
+    "verify": "fastlmdb.tools.verify",
+    "Report": "fastlmdb.tools.verify",
+    "merge": "fastlmdb.tools.merge",
+    "stage": "fastlmdb.tools.stage",
     "LMDBDataset": "fastlmdb.loading.dataset",
     "LMDBIterDataset": "fastlmdb.loading.dataset",
     "EpochSampler": "fastlmdb.loading.sampler",
@@ -44,7 +70,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 

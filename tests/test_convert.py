@@ -1,6 +1,5 @@
 """The converter: round trips, bad files, refusals, map growth, resume, and dying children."""
 
-import fcntl
 import json
 import multiprocessing
 import os
@@ -12,6 +11,7 @@ import time
 import types
 import zlib
 
+import filelock
 import lmdb
 import numpy as np
 import pytest
@@ -19,7 +19,7 @@ import simplejpeg
 
 from fastlmdb import converter
 from fastlmdb.converter import pipeline, prepare, writer
-from fastlmdb.core import folder, store
+from fastlmdb.core import files, folder, store
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import ConversionError, DatabaseError, IncompleteDatabaseError
 from helpers import (AWKWARD_LAYOUT, BAD, TRANSCODED, assert_same_database, db, imagefolder,
@@ -353,11 +353,12 @@ def test_partial_database_is_never_opened_as_complete(interrupted, dst):
 
 def test_a_second_conversion_of_the_same_split_is_refused(tree, dst):
     os.makedirs(dst)
-    with open(fmt.partial_path(db(dst)), "ab") as held:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running conversion does
+    lock_path = files.lock_path(fmt.partial_path(db(dst)))
+    with filelock.FileLock(lock_path):  # as a running conversion holds it
         with pytest.raises(ConversionError, match="another fastlmdb process is writing"):
             run_convert(tree, dst)
     assert run_convert(tree, dst).images == 12  # the lock is released: it works now
+    assert not os.path.exists(lock_path)  # and removed
 
 
 # Dying children. Monkeypatching cannot reach spawned processes, and killing "some time

@@ -6,10 +6,13 @@ interruption resumes after the last committed transaction (of each shard). How o
 is made: pipeline.py (local processes) or shards.py (one task per shard, here or on a cluster).
 """
 
+from __future__ import annotations
+
 import dataclasses
 import logging
 import os
 import time
+from typing import Any, Callable
 
 from fastlmdb.converter import pipeline, prepare, shards
 from fastlmdb.core import catalog, files, sources
@@ -18,8 +21,12 @@ from fastlmdb.core.errors import ON_ERROR, ConversionError
 
 log = logging.getLogger(__name__)
 
-def default_procs():
-    return len(os.sched_getaffinity(0))
+def default_procs() -> int:
+    """The CPUs this process may use; all of the machine's where the OS cannot say (macOS,
+    Windows have no os.sched_getaffinity)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,25 +47,26 @@ class Options:
     shards: int = 1  # 1: one file; K: K shard files in a folder, one writer each
     shard_size: int = 0  # if set, as many shards as make about this many files each
     backend: str = "local"  # how shards are run: see shards.BACKENDS
-    scheduler: str = None  # the dask scheduler's address (backend "dask"); None: a local one
-    from_archive: str = None  # instead of from_dir: a tar or zip holding the split
-    labels: str = None  # the classes of a flat split's files (see core/labels.py)
-    classes_from: str = None  # a database or tree whose class list this split uses
+    scheduler: str | None = None  # the dask scheduler's address (backend "dask"); None: local
+    from_archive: str | None = None  # instead of from_dir: a tar or zip holding the split
+    labels: str | None = None  # the classes of a flat split's files (see core/labels.py)
+    classes_from: str | None = None  # a database or tree whose class list this split uses
 
 
 @dataclasses.dataclass(frozen=True)
 class Stats:
     path: str
     images: int
-    skipped: list
-    transcoded: list
+    skipped: list[Any]
+    transcoded: list[Any]
     bytes_in: int
     bytes_out: int
     seconds: float
     resumed_at: int  # source files already done when this run started
 
 
-def convert(options, on_progress=None):
+def convert(options: Options,
+            on_progress: Callable[[int, int, int], object] | None = None) -> Stats:
     """Convert one split; returns Stats. `on_progress(done, total, bytes_in)` is optional."""
     _validate(options)
     scan = sources.scan(options)

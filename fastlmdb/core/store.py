@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import struct
+import sys
 
 import lmdb
 import numpy as np
@@ -231,13 +232,26 @@ class Reader:
         self._pid = self._txn = None
 
 
+WINDOWS_FIRST_MAP = 64 << 20
+
+
+def _first_map_size(path, map_size):
+    """`map_size`, a virtual reservation; but on Windows LMDB makes the file as large as its
+    map, so there the map starts at the file's size (64 MiB at least) and grows when full."""
+    if sys.platform != "win32":
+        return map_size
+    existing = os.path.getsize(path) if os.path.exists(path) else 0
+    return max(existing, min(map_size, WINDOWS_FIRST_MAP))
+
+
 class Writer:
     """The writer process's handle: append-only batched commits, map growth, metadata last."""
 
     def __init__(self, path, *, map_size):
         self.path = os.fspath(path)
         # lock=False: the converter holds its own exclusive lock on the file (see convert).
-        self.env = _open(self.path, map_size=map_size, lock=False, meminit=False,
+        self.env = _open(self.path, map_size=_first_map_size(self.path, map_size), lock=False,
+                         meminit=False,
                          readahead=False)
         self.images = self.env.open_db(fmt.IMAGES_DB)
         self.rows = self.env.open_db(fmt.ROWS_DB)

@@ -15,7 +15,10 @@ is a contiguous ``[B, 3, H, W]`` tensor, as ``default_collate`` would stack, and
 those of the per-sample path (same transform objects, same random draws, in the same order).
 """
 
+from __future__ import annotations
+
 import math
+from typing import Any, Sequence
 
 import torch
 import torch.utils.data
@@ -74,7 +77,7 @@ def samples(images, labels, label_list):
     return [Sample(images[k], label, batch, k) for k, label in enumerate(label_list)]
 
 
-def collate(batch):
+def collate(batch: Sequence[Any]) -> Any:
     """`collate_fn` for a DataLoader over LMDBDataset: a batch decoded in place is returned as
     it is, ``[images, labels]``; anything else goes to torch's ``default_collate``.
 

@@ -14,8 +14,11 @@ Without the compiled region decoder (``fastlmdb._jpegcrop``) the whole image is 
 that scale and cropped.
 """
 
+from __future__ import annotations
+
 import math
 import sys
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -32,22 +35,23 @@ SCALES = (8, 4, 2, 1)
 class DecodeCrop:
     """Base of the decode-aware ops: `box(height, width)` -> (top, left, h, w), and `size`."""
 
-    size = (0, 0)
+    size: tuple[int, int] = (0, 0)
 
-    def box(self, height, width):
+    def box(self, height: int, width: int) -> tuple[int, int, int, int]:
         raise NotImplementedError
 
 
 class RandomResizedCrop(DecodeCrop):
     """torchvision's RandomResizedCrop, run on the stored bytes; output `size` (h, w)."""
 
-    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    def __init__(self, size: int | Sequence[int], scale: Sequence[float] = (0.08, 1.0),
+                 ratio: Sequence[float] = (3 / 4, 4 / 3)) -> None:
         self.size = _pair(size)
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         # torchvision takes the log in float32 on every call; the same values, once.
         self._log_ratio = tuple(float(x) for x in torch.log(torch.tensor(self.ratio)))
 
-    def box(self, height, width):
+    def box(self, height: int, width: int) -> tuple[int, int, int, int]:
         area = height * width
         for _ in range(10):
             target_area = area * torch.empty(1).uniform_(*self.scale).item()
@@ -60,7 +64,7 @@ class RandomResizedCrop(DecodeCrop):
                 return top, left, h, w
         return _central_box(height, width, self.ratio)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"fastlmdb.RandomResizedCrop(size={self.size}, scale={self.scale}, "
                 f"ratio={self.ratio})")
 
@@ -68,20 +72,21 @@ class RandomResizedCrop(DecodeCrop):
 class ResizeCenterCrop(DecodeCrop):
     """Resize(resize) then CenterCrop(crop), the usual validation transform, in one step."""
 
-    def __init__(self, resize=256, crop=224):
+    def __init__(self, resize: int = 256, crop: int | Sequence[int] = 224) -> None:
         self.resize, self.size = resize, _pair(crop)
 
-    def box(self, height, width):
+    def box(self, height: int, width: int) -> tuple[int, int, int, int]:
         scale = self.resize / min(height, width)
         h = min(height, round(self.size[0] / scale))
         w = min(width, round(self.size[1] / scale))
         return (height - h) // 2, (width - w) // 2, h, w
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"fastlmdb.ResizeCenterCrop(resize={self.resize}, crop={self.size})"
 
 
-def _central_box(height, width, ratio):
+def _central_box(height: int, width: int,
+                 ratio: Sequence[float]) -> tuple[int, int, int, int]:
     in_ratio = width / height
     if in_ratio < min(ratio):
         w, h = width, int(round(width / min(ratio)))
@@ -92,7 +97,7 @@ def _central_box(height, width, ratio):
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _pair(size):
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 

@@ -5,8 +5,11 @@ key order, each sample exactly once per epoch across DataLoader workers and dist
 With crops.py, the only modules that import torch.
 """
 
+from __future__ import annotations
+
 import logging
 import os
+from typing import Any, Callable, Iterator, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -20,6 +23,11 @@ from fastlmdb.core.errors import ON_ERROR, DatabaseError, DecodeError
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("pil", "tensor", "numpy")
+
+Transform = Callable[[Any], Any]
+StrPath = Union[str, "os.PathLike[str]"]
+Size = Union[int, Tuple[int, int]]  # (height, width), or one number for both
+
 
 class _Records:
     """What both datasets share: the catalog, lazy per-process reads, decode, transforms."""
@@ -46,11 +54,11 @@ class _Records:
         self.errors = 0  # records skipped in this process because they failed to decode
 
     @property
-    def transform(self):
+    def transform(self) -> Transform | None:
         return self._transform
 
     @transform.setter
-    def transform(self, transform):
+    def transform(self, transform: Transform | None) -> None:
         # Code written for ImageFolder reassigns `dataset.transform`: split it again.
         self._transform = transform
         self._crop, self._rest = crops.split_pipeline(transform, self.decode_aware)
@@ -121,7 +129,7 @@ class _Records:
         self.errors += 1
         log.warning("skipping: %s", exc)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         lines = [f"Dataset {type(self).__name__}", f"    Number of datapoints: {len(self)}",
                  f"    Root location: {self.root}",
                  f"    Split: {self.split} ({self.imgtype} records, output={self.output!r})"]
@@ -133,7 +141,7 @@ class _Records:
         return "\n".join(lines)
 
 
-class LMDBDataset(_Records, torch.utils.data.Dataset):
+class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
     """Map-style dataset over ``root/<split>.lmdb``; a drop-in for ``ImageFolder``.
 
     Args:
@@ -158,9 +166,11 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):
     one uint8 tensor each and handed over without stacking (fastlmdb.batch).
     """
 
-    def __init__(self, root, split, transform=None, target_transform=None, shuffle=False,
-                 imgtype=None, *, output="pil", decoder="simplejpeg", min_size=None,
-                 on_error="raise", seed=0, decode_aware=False):
+    def __init__(self, root: StrPath, split: str, transform: Transform | None = None,
+                 target_transform: Transform | None = None, shuffle: bool = False,
+                 imgtype: str | None = None, *, output: str = "pil",
+                 decoder: str = "simplejpeg", min_size: Size | None = None,
+                 on_error: str = "raise", seed: int = 0, decode_aware: bool = False) -> None:
         super().__init__(root, split, transform, target_transform, imgtype, output=output,
                          decoder=decoder, min_size=min_size, on_error=on_error,
                          decode_aware=decode_aware)
@@ -169,14 +179,14 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):
         self._index = (np.random.default_rng(seed).permutation(count) if shuffle
                        else np.arange(count))
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._index)
 
     @property
-    def targets(self):
-        return self._labels[self._index].tolist()
+    def targets(self) -> list[int]:
+        return self._labels[self._index].tolist()  # type: ignore[no-any-return]
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int) -> Any:
         index = int(self._index[i])
         for attempt in range(len(self._index)):
             probe = (index + attempt) % len(self._index)
@@ -186,7 +196,7 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):
                 self._skip_or_raise(exc)
         raise DatabaseError(f"no record of {self.path} could be decoded")
 
-    def __getitems__(self, positions):
+    def __getitems__(self, positions: Sequence[int]) -> list[Any]:
         """A whole batch (the DataLoader calls this): all lookups first, then the decodes;
         in place into one batch tensor where the pipeline allows (see fastlmdb.batch)."""
         indices = [int(self._index[i]) for i in positions]
@@ -215,7 +225,7 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):
         labels.numpy()[:] = label_list
         return batch.samples(images, labels, label_list)
 
-class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
+class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: ignore[type-arg]
     """Iterable dataset reading ``root/<split>.lmdb`` in key order.
 
     Each sample is yielded exactly once per epoch across all DataLoader workers and ranks.
@@ -239,10 +249,13 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
     in place into one uint8 tensor, as LMDBDataset does (fastlmdb.batch).
     """
 
-    def __init__(self, root, split, transform=None, target_transform=None, shuffle=False,
-                 imgtype=None, *, output="pil", decoder="simplejpeg", min_size=None,
-                 on_error="raise", seed=0, rank=None, world_size=None, drop_last=False,
-                 batch_size=None, decode_aware=False):
+    def __init__(self, root: StrPath, split: str, transform: Transform | None = None,
+                 target_transform: Transform | None = None, shuffle: bool = False,
+                 imgtype: str | None = None, *, output: str = "pil",
+                 decoder: str = "simplejpeg", min_size: Size | None = None,
+                 on_error: str = "raise", seed: int = 0, rank: int | None = None,
+                 world_size: int | None = None, drop_last: bool = False,
+                 batch_size: int | None = None, decode_aware: bool = False) -> None:
         super().__init__(root, split, transform, target_transform, imgtype, output=output,
                          decoder=decoder, min_size=min_size, on_error=on_error,
                          decode_aware=decode_aware)
@@ -253,14 +266,14 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
         # This process's own: samples its iteration handed out, and a worker's resume point.
         self._yielded = self._skip = 0
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch: int) -> None:
         self._position[0], self._position[1] = int(epoch), 0
 
     @property
-    def epoch(self):
+    def epoch(self) -> int:
         return int(self._position[0])
 
-    def state_dict(self, samples_seen=None):
+    def state_dict(self, samples_seen: int | None = None) -> dict[str, Any]:
         """Where this rank stands after consuming `samples_seen` more samples of the epoch.
 
         Without `samples_seen`: where this process's iteration is, which is what torchdata's
@@ -273,7 +286,7 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
             state["samples_seen"] += self._yielded
         return state
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if (state["seed"], state["shuffle"]) != (self.seed, self.shuffle):
             raise ValueError(f"state is for seed={state['seed']}, shuffle={state['shuffle']}; "
                              f"this dataset has seed={self.seed}, shuffle={self.shuffle}")
@@ -285,7 +298,7 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
     def _ranks(self):
         return sampler.ranks(self._rank, self._world_size)
 
-    def __getstate__(self):
+    def __getstate__(self) -> dict[str, Any]:
         # A DataLoader worker started by spawn or forkserver has no process group and would
         # take itself for rank 0 of 1: the process that pickles the dataset for its workers
         # (the one iterating the loader) carries its rank along. Without a process group here
@@ -295,14 +308,14 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
             state["_rank"], state["_world_size"] = self._ranks()
         return state
 
-    def __len__(self):
+    def __len__(self) -> int:
         return order.per_rank(len(self._labels), self._ranks()[1], self.drop_last)
 
     @property
-    def targets(self):
-        return self._labels.tolist()
+    def targets(self) -> list[int]:
+        return self._labels.tolist()  # type: ignore[no-any-return]
 
-    def indices(self):
+    def indices(self) -> np.ndarray[Any, np.dtype[np.int64]]:
         """The record indices this process yields this epoch, in order."""
         rank, world_size = self._ranks()
         epoch_order = order.epoch_order(len(self._labels), shuffle=self.shuffle,
@@ -316,7 +329,7 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
             return order.batch_share(share, worker.id, worker.num_workers, self.batch_size)
         return order.worker_share(share, worker.id, worker.num_workers)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         self._yielded, self._skip = self._skip, 0
         indices = self.indices()[self._yielded:]
         if self.batch_size and self._decodes_in_place():

@@ -7,13 +7,17 @@ torchdata's ``StatefulDataLoader`` protocol (it calls them at the right moment, 
 prefetching); with a plain DataLoader pass the number of samples consumed.
 """
 
+from __future__ import annotations
+
+from typing import Any, Iterator, Mapping, Sized
+
 import numpy as np
 import torch.utils.data
 
 from fastlmdb.loading import order
 
 
-def ranks(rank=None, world_size=None):
+def ranks(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
     """(rank, world_size): as given, else from torch.distributed when initialised, else (0, 1)."""
     if world_size is not None:
         return rank or 0, world_size
@@ -24,14 +28,14 @@ def ranks(rank=None, world_size=None):
     return 0, 1
 
 
-def distributed():
+def distributed() -> bool:
     """Whether this process has joined a torch.distributed process group."""
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
 
 
-class EpochSampler(torch.utils.data.Sampler):
+class EpochSampler(torch.utils.data.Sampler[int]):
     """Indices of this rank's share of each epoch; ``set_epoch`` before each epoch.
 
     Args:
@@ -40,8 +44,9 @@ class EpochSampler(torch.utils.data.Sampler):
         seed, rank, world_size, drop_last: as for ``DistributedSampler``.
     """
 
-    def __init__(self, dataset, shuffle=True, seed=0, rank=None, world_size=None,
-                 drop_last=False):
+    def __init__(self, dataset: Sized, shuffle: bool = True, seed: int = 0,
+                 rank: int | None = None, world_size: int | None = None,
+                 drop_last: bool = False) -> None:
         self.count = len(dataset)
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.rank, self.world_size = ranks(rank, world_size)
@@ -49,13 +54,13 @@ class EpochSampler(torch.utils.data.Sampler):
         self.start = 0  # where the next iteration starts in this rank's share
         self.begun = self.yielded = 0  # where the running one started, and where it is now
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch: int) -> None:
         self.epoch, self.start = int(epoch), 0
 
-    def __len__(self):
+    def __len__(self) -> int:
         return order.per_rank(self.count, self.world_size, self.drop_last)
 
-    def share(self):
+    def share(self) -> np.ndarray[Any, np.dtype[np.int64]]:
         """This rank's whole share of the epoch, in order."""
         if self.shuffle:
             epoch_order = np.random.default_rng([self.seed, self.epoch]).permutation(self.count)
@@ -63,21 +68,21 @@ class EpochSampler(torch.utils.data.Sampler):
             epoch_order = np.arange(self.count)
         return order.rank_share(epoch_order, self.rank, self.world_size, self.drop_last)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         share, begun = self.share(), self.start
         self.start, self.begun, self.yielded = 0, begun, begun
         for index in share[begun:].tolist():
             self.yielded += 1
             yield index
 
-    def state_dict(self, samples_seen=None):
+    def state_dict(self, samples_seen: int | None = None) -> dict[str, Any]:
         """Where this rank stands: after the indices handed out so far (what StatefulDataLoader
         asks for), or after `samples_seen` samples of the running iteration were consumed."""
         seen = self.yielded if samples_seen is None else self.begun + samples_seen
         return {"seed": self.seed, "shuffle": self.shuffle, "epoch": self.epoch,
                 "samples_seen": int(seen)}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if (state["seed"], state["shuffle"]) != (self.seed, self.shuffle):
             raise ValueError(f"state is for seed={state['seed']}, shuffle={state['shuffle']}; "
                              f"this sampler has seed={self.seed}, shuffle={self.shuffle}")

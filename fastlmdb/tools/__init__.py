@@ -1,1 +1,2 @@
-"""Tools that read and copy finished databases: verify, stage, merge."""
+"""Tools that read and copy finished databases: verify, stage, merge. Their functions are
+importable from the top: ``from fastlmdb import verify, stage, merge``."""

@@ -1,7 +1,10 @@
 """`merge`: join the shards of a sharded database into one database file, in place or not."""
 
+from __future__ import annotations
+
 import logging
 import os
+from typing import Callable, Union
 
 import numpy as np
 
@@ -13,8 +16,11 @@ log = logging.getLogger(__name__)
 
 MERGE_BATCH_BYTES = 64 << 20
 
+StrPath = Union[str, "os.PathLike[str]"]
 
-def merge(path, output=None, on_progress=None):
+
+def merge(path: StrPath, output: StrPath | None = None,
+          on_progress: Callable[[int, int], object] | None = None) -> str:
     """Join the shards of `path` into one database file at `output` (default: replace `path`
     itself). Returns the output path. An interrupted merge starts again."""
     path = os.fspath(path)

@@ -7,15 +7,19 @@ A copy is checked record by record (sizes and CRC-32s against the record table) 
 takes the final name, and is made again when the source changes (size or mtime of any file).
 """
 
-import fcntl
+from __future__ import annotations
+
 import json
 import logging
 import os
 import shutil
 import time
 
+import filelock
+
 from fastlmdb.core import catalog, files
 from fastlmdb.tools import verify
+from fastlmdb.tools.verify import StrPath
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import DatabaseError
 
@@ -24,15 +28,15 @@ log = logging.getLogger(__name__)
 STAMP = ".staged-from.json"
 
 
-def stage(db, local_dir, *, procs=1):
+def stage(db: StrPath, local_dir: StrPath, *, procs: int = 1) -> str:
     """The path of a checked copy of database `db` (file or sharded folder) in `local_dir`."""
     source = os.path.abspath(os.fspath(db)).rstrip(os.sep)
     catalog.read_catalog(source)  # a finished database, or a clear error now
     os.makedirs(local_dir, exist_ok=True)
     name = os.path.basename(source)
     target = os.path.join(local_dir, name)
-    with open(os.path.join(local_dir, f".{name}.stage-lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # waits while another rank of this node copies
+    # Waits while another rank of this node copies (flock on POSIX, msvcrt on Windows).
+    with filelock.FileLock(os.path.join(local_dir, f".{name}.stage-lock")):
         identity = _identity(source)
         if _stamp_of(local_dir, name) == identity and os.path.exists(target):
             return target

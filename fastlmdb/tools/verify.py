@@ -3,9 +3,12 @@
 Work is spread over processes with joblib; each opens the database itself.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import os
 import zlib
+from typing import Callable, Union
 
 import joblib
 from joblib.externals.loky import get_reusable_executor
@@ -18,19 +21,23 @@ from fastlmdb.core.errors import FastLMDBError
 
 CHUNK = 512
 
+StrPath = Union[str, "os.PathLike[str]"]
+
 
 @dataclasses.dataclass(frozen=True)
 class Report:
     path: str
     records: int
-    problems: list  # one line each
+    problems: list[str]  # one line each
 
     @property
-    def ok(self):
+    def ok(self) -> bool:
         return not self.problems
 
 
-def verify(path, *, source=None, labels=None, procs=1, decode=True, on_progress=None):
+def verify(path: StrPath, *, source: StrPath | None = None, labels: StrPath | None = None,
+           procs: int = 1, decode: bool = True,
+           on_progress: Callable[[int, int], object] | None = None) -> Report:
     """Report on every record of `path`; `source` is the split's folder or archive to compare
     against (`labels`: the label file of a flat one); decode=False checks sizes and checksums
     only (about disk speed)."""
