@@ -97,7 +97,9 @@ class RemoteDatabase:
     def _info(self, path, missing_ok=False):
         try:
             return self.fs.info(path)
-        except FileNotFoundError:
+        except FileNotFoundError as exc:
+            if _denied(exc):
+                raise _error(self._url_of(path), exc) from exc
             if missing_ok:
                 return None
             raise DatabaseError(f"{self._url_of(path)}: no such object; check the URL (a "
@@ -148,10 +150,15 @@ def _version(info):
     return {key: str(info[key]) for key in VERSION_KEYS if info.get(key) not in (None, "")}
 
 
+def _denied(exc):
+    """Whether a FileNotFoundError stands for a 401/403 (fsspec's http turns them into one)."""
+    return any(getattr(e, "status", None) in (401, 403) for e in (exc.__cause__, exc.__context__))
+
+
 def _error(url, exc, during="access"):
     """A DatabaseError naming `url` and saying what to do, for an error of any backend."""
-    status = getattr(exc, "status", None) or getattr(exc, "code", None)
-    if isinstance(exc, PermissionError) or status in (401, 403):
+    status = getattr(exc, "status", None)
+    if isinstance(exc, PermissionError) or status in (401, 403) or _denied(exc):
         return DatabaseError(f"{url}: access denied ({exc}); check the credentials (S3: "
                              "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE; gs://: "
                              "GOOGLE_APPLICATION_CREDENTIALS) and that they may read it")
