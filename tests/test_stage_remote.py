@@ -207,12 +207,20 @@ def test_a_missing_backend_says_what_to_install(tmp_path, monkeypatch):
         stage.stage("nosuchfs://b/train.lmdb", tmp_path / "local")
 
 
-def test_cli_stage_from_s3(made, s3, capsys):
+def test_cli_stage_from_s3(made, s3, capsys, monkeypatch):
     base, source = made
-    _, bucket, fs = s3
+    endpoint, bucket, fs = s3
     url = _upload(fs, source, bucket)
     assert cli.main(["stage", url, os.fspath(base / "local"), "--procs", "1"]) == 0
     assert capsys.readouterr().out.strip() == os.path.join(base / "local", "train.lmdb")
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the endpoint given as an fsspec option instead
+    options = f'{{"client_kwargs": {{"endpoint_url": "{endpoint}"}}}}'
+    assert cli.main(["stage", url, os.fspath(base / "l3"), "--storage-options", options]) == 0
+    assert_same_database(capsys.readouterr().out.strip(), source)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    with pytest.raises(SystemExit):
+        cli.main(["stage", url, os.fspath(base / "l4"), "--storage-options", "[1]"])
+    assert "--storage_options: must be a JSON object, got '[1]'" in capsys.readouterr().err
     missing = f"s3://{bucket}/other.lmdb"
     assert cli.main(["stage", missing, os.fspath(base / "l2")]) == 1
     assert f"{missing}: no such object" in capsys.readouterr().err
