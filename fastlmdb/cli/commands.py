@@ -153,11 +153,28 @@ def _add_stage(commands):
                                         "unless an up-to-date copy is there, check every "
                                         "record's checksum, and print the local path. Ranks "
                                         "of one node may run it together: one copies.")
-    p.add_argument("db", help="a DST/<split>.lmdb file or folder, e.g. on NFS")
+    p.add_argument("db", help="a DST/<split>.lmdb file or folder, e.g. on NFS, or its URL: "
+                              "s3://bucket/prefix/train.lmdb, gs://..., https://... (pip "
+                              "install 'fastlmdb[remote]'; S3 not on AWS, e.g. MinIO: set "
+                              "AWS_ENDPOINT_URL)")
     p.add_argument("local_dir", help="a folder on node-local disk")
     p.add_argument("--procs", type=_positive, default=converter.default_procs(),
                    help="processes checking the copy (default: the CPUs this process may use)")
+    p.add_argument("--storage-options", "--storage_options", type=_json_object, default=None,
+                   metavar="JSON", help="for a URL: fsspec options as a JSON object, e.g. "
+                                        "'{\"anon\": true}' or '{\"client_kwargs\": "
+                                        "{\"endpoint_url\": \"http://minio:9000\"}}'")
     p.set_defaults(run=_stage)
+
+
+def _json_object(text):
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r} ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
 
 
 def _convert(args):
@@ -203,7 +220,8 @@ def _merge(args):
 def _stage(args):
     from fastlmdb.tools import stage
 
-    print(stage.stage(args.db, args.local_dir, procs=args.procs))
+    print(stage.stage(args.db, args.local_dir, procs=args.procs,
+                      storage_options=args.storage_options))
     return 0
 
 

@@ -4,7 +4,9 @@ On a network filesystem a cold random read costs a round trip per page fault; on
 copy per node runs at the network's bandwidth instead. Every rank of a node may call `stage`:
 the first takes the node's lock and copies, the others wait for it and then use its copy.
 A copy is checked record by record (sizes and CRC-32s against the record table) before it
-takes the final name, and is made again when the source changes (size or mtime of any file).
+takes the final name, and is made again when the source changes (size or mtime of any file;
+for a URL, size and ETag or modification time). A URL (s3://, gs://, http(s)://, any fsspec
+URL) is read through fsspec: see remote.py.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 import filelock
 
 from fastlmdb.core import catalog, files
-from fastlmdb.tools import verify
+from fastlmdb.tools import remote, verify
 from fastlmdb.tools.verify import StrPath
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import DatabaseError
@@ -28,38 +30,77 @@ log = logging.getLogger(__name__)
 STAMP = ".staged-from.json"
 
 
-def stage(db: StrPath, local_dir: StrPath, *, procs: int = 1) -> str:
-    """The path of a checked copy of database `db` (file or sharded folder) in `local_dir`."""
-    source = os.path.abspath(os.fspath(db)).rstrip(os.sep)
-    catalog.read_catalog(source)  # a finished database, or a clear error now
+def stage(db: StrPath, local_dir: StrPath, *, procs: int = 1,
+          storage_options: dict | None = None) -> str:
+    """The path of a checked copy of database `db` (file or sharded folder, a local path or an
+    fsspec URL) in `local_dir`. `storage_options` go to fsspec for a URL, e.g.
+    ``{"client_kwargs": {"endpoint_url": "http://minio:9000"}}``."""
+    source = remote.RemoteDatabase(db, storage_options) if remote.is_url(db) \
+        else _LocalDatabase(db)
     os.makedirs(local_dir, exist_ok=True)
-    name = os.path.basename(source)
-    target = os.path.join(local_dir, name)
+    target = os.path.join(local_dir, source.name)
     # Waits while another rank of this node copies (flock on POSIX, msvcrt on Windows).
-    with filelock.FileLock(os.path.join(local_dir, f".{name}.stage-lock")):
-        identity = _identity(source)
-        if _stamp_of(local_dir, name) == identity and os.path.exists(target):
+    with filelock.FileLock(os.path.join(local_dir, f".{source.name}.stage-lock")):
+        identity = source.identity()
+        if _stamp_of(local_dir, source.name) == identity and os.path.exists(target):
             return target
         started = time.monotonic()
-        partial = _copy(source, target)
-        report = verify.verify(partial, procs=procs, decode=False)
-        if not report.ok:
+        partial = target + ".partial"
+        if os.path.lexists(partial):
             files.remove(partial)
-            raise DatabaseError(f"the copy of {source} in {local_dir} does not match its "
-                                f"checksums ({report.problems[0]}); check the local disk and "
-                                "run again")
+        try:
+            source.copy(partial)
+            _check(partial, source.url, local_dir, procs)
+        except BaseException:
+            if os.path.lexists(partial):
+                files.remove(partial)
+            raise
         files.publish(partial, target)
-        files.write_json_atomically(_stamp_path(local_dir, name), identity)
-        log.info("staged %s to %s in %.1f s", source, target, time.monotonic() - started)
+        files.write_json_atomically(_stamp_path(local_dir, source.name), identity)
+        log.info("staged %s to %s in %.1f s", source.url, target, time.monotonic() - started)
     return target
 
 
-def _identity(source):
-    """What says the source is unchanged: every file's name, size and mtime."""
-    paths = [os.path.join(source, n) for n in sorted(os.listdir(source))] \
-        if os.path.isdir(source) else [source]
-    stats = [(os.path.basename(p), os.stat(p)) for p in paths]
-    return {"source": source, "files": [[name, st.st_size, st.st_mtime_ns] for name, st in stats]}
+def _check(partial, url, local_dir, procs):
+    """Every record of the copy against its record table, or DatabaseError naming `url`."""
+    try:
+        report = verify.verify(partial, procs=procs, decode=False)
+    except DatabaseError as exc:
+        raise DatabaseError(f"the copy of {url} in {local_dir} is not a readable database "
+                            f"({exc}); the source is damaged or was cut short: check it and "
+                            "run again") from exc
+    if not report.ok:
+        raise DatabaseError(f"the copy of {url} in {local_dir} does not match its "
+                            f"checksums ({report.problems[0]}); check the source and the "
+                            "local disk and run again")
+
+
+class _LocalDatabase:
+    """A database on a mounted filesystem (NFS, Lustre, local)."""
+
+    def __init__(self, db):
+        self.url = os.path.abspath(os.fspath(db)).rstrip(os.sep)
+        self.name = os.path.basename(self.url)
+        catalog.read_catalog(self.url)  # a finished database, or a clear error now
+
+    def identity(self):
+        """What says the source is unchanged: every file's name, size and mtime."""
+        source = self.url
+        paths = [os.path.join(source, n) for n in sorted(os.listdir(source))] \
+            if os.path.isdir(source) else [source]
+        stats = [(os.path.basename(p), os.stat(p)) for p in paths]
+        return {"source": source,
+                "files": [[name, st.st_size, st.st_mtime_ns] for name, st in stats]}
+
+    def copy(self, partial):
+        """Copy to `partial` (a file, or a folder whose index is copied last)."""
+        if not os.path.isdir(self.url):
+            shutil.copyfile(self.url, partial)
+            return
+        os.makedirs(partial)
+        names = sorted(os.listdir(self.url), key=lambda n: n == fmt.SHARD_INDEX)
+        for name in names:
+            shutil.copyfile(os.path.join(self.url, name), os.path.join(partial, name))
 
 
 def _stamp_path(local_dir, name):
@@ -72,18 +113,3 @@ def _stamp_of(local_dir, name):
             return json.load(file)
     except (OSError, ValueError):
         return None
-
-
-def _copy(source, target):
-    """Copy to `target`.partial (a file, or a folder whose index is copied last)."""
-    partial = target + ".partial"
-    if os.path.lexists(partial):
-        files.remove(partial)
-    if not os.path.isdir(source):
-        shutil.copyfile(source, partial)
-        return partial
-    os.makedirs(partial)
-    names = sorted(os.listdir(source), key=lambda n: n == fmt.SHARD_INDEX)
-    for name in names:
-        shutil.copyfile(os.path.join(source, name), os.path.join(partial, name))
-    return partial
