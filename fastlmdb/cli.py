@@ -190,7 +190,10 @@ def print_summary(stats):
         print(f"  changed  #{index} {path}: {why}")
     for path, why in stats.skipped:
         print(f"  skipped  {path}: {why}")
-    print(f"  {len(stats.transcoded)} changed, {len(stats.skipped)} skipped")
+    for index, path, why in stats.warnings:
+        print(f"  warning  #{index} {path}: {why}")
+    print(f"  {len(stats.transcoded)} changed, {len(stats.skipped)} skipped, "
+          f"{len(stats.warnings)} kept with warnings")
 
 
 def _verify(args):
@@ -201,7 +204,11 @@ def _verify(args):
                                decode=args.decode, on_progress=bar.update)
     for problem in report.problems:
         print(f"  {problem}")
+    for warning in report.warnings:
+        print(f"  warning: {warning}")
     verdict = "OK" if report.ok else f"{len(report.problems)} problem(s)"
+    if report.warnings:
+        verdict += f", {len(report.warnings)} warning(s)"
     print(f"{report.path}: {report.records} records checked: {verdict}")
     return 0 if report.ok else 1
 
@@ -237,6 +244,7 @@ def _info(args):
               f"width {rows['width'].min()}-{rows['width'].max()}, "
               f"mean record {rows['nbytes'].mean() / 1e3:.1f} KB")
     print(f"  {len(info['transcoded'])} changed at conversion, {len(info['skipped'])} skipped, "
+          f"{len(info.get('warnings', []))} kept with warnings, "
           f"{info.get('resized', 0)} resized to --max-size {info.get('max_size', 0)}")
     return 0
 
