@@ -20,7 +20,6 @@ import functools
 import io
 import logging
 import os
-import warnings
 
 import numpy as np
 
@@ -78,25 +77,15 @@ def decode_simplejpeg(data, *, min_height=None, min_width=None):
 def decode_turbojpeg(data, *, min_height=None, min_width=None):
     import turbojpeg
 
-    jpeg = _turbojpeg()
+    jpeg = _turbojpeg()  # raises on libjpeg's warnings too (see _turbojpeg_for)
     try:
-        # PyTurboJPEG reports libjpeg's warnings with warnings.warn (once per distinct text and
-        # process), and libjpeg-turbo 2.x reports a fatal error that follows a warning as a
-        # warning too, with the image half filled: caught here, and such a record decoded
-        # again by the fallback, which logs once per process. (catch_warnings is
-        # process-wide before Python 3.14; DataLoader workers are processes.)
-        with warnings.catch_warnings(record=True) as caught:
-            factor = None
-            if min_height or min_width:
-                width, height, _, _ = jpeg.decode_header(data)  # PyTurboJPEG: (width, height, ..)
-                factor = _scale_factor(height, width, min_height, min_width,
-                                       jpeg.scaling_factors)
-            pixels = jpeg.decode(data, pixel_format=turbojpeg.TJPF_RGB, scaling_factor=factor)
+        factor = None
+        if min_height or min_width:
+            width, height, _, _ = jpeg.decode_header(data)  # PyTurboJPEG: (width, height, ...)
+            factor = _scale_factor(height, width, min_height, min_width, jpeg.scaling_factors)
+        return jpeg.decode(data, pixel_format=turbojpeg.TJPF_RGB, scaling_factor=factor)
     except Exception as exc:  # noqa: BLE001 - whatever TurboJPEG refuses, libjpeg may read
         return _fall_back("PyTurboJPEG", exc, data, min_height, min_width)
-    if caught:
-        return _fall_back("PyTurboJPEG", caught[0].message, data, min_height, min_width)
-    return pixels
 
 
 def decode_libjpeg(data, *, min_height=None, min_width=None):
@@ -211,7 +200,20 @@ def decode_pil(data, *, min_height=None, min_width=None):
 def _turbojpeg_for(pid):
     import turbojpeg
 
-    return turbojpeg.TurboJPEG()
+    jpeg = turbojpeg.TurboJPEG()
+    # PyTurboJPEG hands every non-zero TurboJPEG status to its private __report_error, which
+    # for a warning calls warnings.warn (once per distinct text and process: log spam) and
+    # returns the image, even when a fatal error followed the warning (libjpeg-turbo 2.x then
+    # says "warning" too) and the image is half filled. This object's raises instead, so such
+    # a record goes to the lenient fallback. Only this instance: the class and other users of
+    # PyTurboJPEG are untouched; normal files never reach it (status 0).
+    if hasattr(jpeg, "_TurboJPEG__report_error"):
+        jpeg._TurboJPEG__report_error = functools.partial(_turbojpeg_raise, jpeg)
+    return jpeg
+
+
+def _turbojpeg_raise(jpeg, handle):
+    raise OSError(jpeg._TurboJPEG__get_error_string(handle))
 
 
 def _turbojpeg():

@@ -546,6 +546,12 @@ def test_lenient_decoding_is_logged_once_per_process(lenient, decoder, caplog, m
     assert escaped == []
     logged = [r for r in caplog.records if r.name == "fastlmdb.jpeg"]
     assert len(logged) == 1 and "Not logged again in this process" in logged[0].getMessage()
+    if decoder == "turbojpeg":  # only fastlmdb's own PyTurboJPEG object raises on warnings
+        import turbojpeg
+
+        junk = next(v for path, v in zip(paths, values) if kind_of(path) == "junk-before-dqt")
+        with pytest.warns(UserWarning, match="extraneous bytes"):
+            turbojpeg.TurboJPEG().decode(junk)
 
 
 @pytest.mark.parametrize("decoder", [d for d in DECODERS if d != "pil"])
