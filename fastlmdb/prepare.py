@@ -15,6 +15,7 @@ import dataclasses
 import io
 import os
 import stat
+import typing
 
 import numpy as np
 
@@ -61,8 +62,7 @@ class Record:
     warning: str = ""  # why the record loads only leniently or through the fallback, if so
 
 
-@dataclasses.dataclass(frozen=True)
-class _Jpeg:
+class _Jpeg(typing.NamedTuple):  # a NamedTuple: 1 us less per file than a frozen dataclass
     """What a JPEG's header says; PIL's pixels where simplejpeg could not read the header."""
 
     height: int
