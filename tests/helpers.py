@@ -19,15 +19,30 @@ from fastlmdb.core import format as fmt
 from fastlmdb.core import catalog
 from fastlmdb.cli.sample_tree import synthetic_photo
 
+# JPEGs PIL reads that libjpeg decodes only with warnings (strict decoders refuse them): real
+# encoders' output (cjpeg, simplejpeg) with bytes inserted before a marker, a scan cut short and
+# closed with an end marker, bytes of 1s in the scan (a bad Huffman code), a JFIF version 2.
+LIBJPEG_WARNS = ("junk-before-dqt", "junk-before-dht", "junk-before-sof", "junk-before-sos",
+                 "junk-before-rst", "junk-before-eoi", "cut-scan-eoi", "damaged-scan",
+                 "jfif-revision", "sampling-junk")
+# Of those, the ones whose warning comes while reading the header (found without decoding).
+HEADER_WARNS = ("junk-before-dqt", "junk-before-dht", "junk-before-sof", "junk-before-sos",
+                "jfif-revision")
+# Legal JPEGs whose sampling factors TurboJPEG's API (simplejpeg, PyTurboJPEG) cannot name;
+# libjpeg's own API (PIL, the region decoder) reads them. cjpeg -sample, as in the wild.
+ODD_SAMPLING = ("sampling-mixed", "sampling-fine-chroma", "sampling-rgb", "sampling-junk")
+# Odd bytes that no decoder here warns about: RGB-coded components, bytes after the end marker.
+HARMLESS = ("rgb", "junk-after-eoi")
 # Files ImageFolder's loader reads fine but that are not plain baseline RGB JPEGs.
-GOOD_AWKWARD = ("cmyk", "gray", "progressive", "png", "exif")
+GOOD_AWKWARD = ("cmyk", "gray", "progressive", "png", "exif",
+                *dict.fromkeys(LIBJPEG_WARNS + ODD_SAMPLING + HARMLESS))
 # Of those, the ones jpeg mode cannot store as they are (it transcodes them to an RGB JPEG).
 TRANSCODED = ("cmyk", "png")
 # Files no loader can read: conversions must refuse them (on_error="raise") or skip them.
 BAD = ("truncated", "header-only", "zero", "text")
 # Rarer JPEGs: arithmetic-coded ones decode (made with jpegtran), the others do not.
 ARITHMETIC = ("arithmetic", "arithmetic-progressive", "arithmetic-gray", "arithmetic-cmyk")
-UNDECODABLE = ("12-bit", "damaged-scan")
+UNDECODABLE = ("12-bit",)
 KINDS = ("plain", *GOOD_AWKWARD, *BAD, *ARITHMETIC, *UNDECODABLE)
 
 
@@ -35,14 +50,22 @@ KINDS = ("plain", *GOOD_AWKWARD, *BAD, *ARITHMETIC, *UNDECODABLE)
 AWKWARD_LAYOUT = {
     "train": {
         "n00000000": ["a_plain.JPEG", ("b_cmyk.JPEG", "cmyk"), ("c_gray.JPEG", "gray"),
-                      "d_plain.jpg"],
+                      "d_plain.jpg", ("e_sampling-mixed.JPEG", "sampling-mixed")],
         "n00000001": [("a_progressive.JPEG", "progressive"), ("b_png.JPEG", "png"),
                       "c_plain.JPEG"],
         "n00000002": ["a_plain.JPEG", ("b_exif.JPEG", "exif"), ("c_cmyk.jpeg", "cmyk"),
-                      ("d_gray.JPEG", "gray")],
+                      ("d_gray.JPEG", "gray"), ("e_junk-before-dqt.JPEG", "junk-before-dqt")],
     },
     "val": {"n00000000": 1, "n00000001": 1, "n00000002": [("a_png.JPEG", "png")]},
 }
+
+
+# Every JPEG that libjpeg warns about or that the fast decoders cannot read, and the harmless
+# odd ones, with plain JPEGs, in two classes: names "<letter>_<kind>.JPEG".
+LENIENT_LAYOUT = {"train": {
+    f"n{c:08d}": [(f"{chr(97 + k)}_{kind}.JPEG", kind) for k, kind in enumerate(
+        ("plain", *dict.fromkeys(LIBJPEG_WARNS + ODD_SAMPLING + HARMLESS)))]
+    for c in range(2)}}
 
 
 def photo(rng, height=None, width=None):
@@ -60,11 +83,51 @@ def _pil_bytes(image, **save):
 
 def jpegtran(data, *args):
     """JPEG bytes through `jpegtran ARGS`: lossless, the DCT coefficients stay the same."""
-    if shutil.which("jpegtran") is None:
-        pytest.fail("jpegtran is missing: install libjpeg-turbo-progs "
+    return _run_tool("jpegtran", args, data)
+
+
+def cjpeg(pixels, *args):
+    """HxWx3 uint8 `pixels` encoded by libjpeg's own encoder, `cjpeg ARGS` (quality 90)."""
+    height, width = pixels.shape[:2]
+    ppm = b"P6\n%d %d\n255\n" % (width, height) + np.ascontiguousarray(pixels).tobytes()
+    return _run_tool("cjpeg", ("-quality", "90", *args), ppm)
+
+
+def _run_tool(name, args, data):
+    """stdout of libjpeg-turbo's command-line tool `name` fed `data`; never a skip."""
+    if shutil.which(name) is None:
+        pytest.fail(f"{name} is missing: install libjpeg-turbo-progs "
                     "(apt-get install libjpeg-turbo-progs; scripts/test.sh does)")
-    return subprocess.run(["jpegtran", *args], input=data, capture_output=True,
-                          check=True).stdout
+    return subprocess.run([name, *args], input=data, capture_output=True, check=True).stdout
+
+
+def marker_offset(data, marker):
+    """Offset of the first `marker` (0xDB for DQT, ...) in JPEG `data`: the header is walked
+    segment by segment; RSTn and EOI are found in the scan data, where a 0xFF data byte is
+    always followed by 0x00."""
+    pos = 2
+    while data[pos + 1] != 0xDA:  # the segments before the first scan
+        if data[pos + 1] == marker:
+            return pos
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    if marker == 0xDA:
+        return pos
+    return data.index(bytes([0xFF, marker]), pos + 2)
+
+
+def with_bytes_before(data, marker, junk=b"\0\0\0\0"):
+    """JPEG `data` with `junk` just before its first `marker`: libjpeg skips such bytes with
+    the warning "Corrupt JPEG data: 4 extraneous bytes before marker 0x.."."""
+    at = marker_offset(data, marker)
+    return data[:at] + junk + data[at:]
+
+
+def cut_scan_closed(data):
+    """JPEG `data` cut in the middle of its scan and closed with an end marker, as a broken
+    download someone "repaired": libjpeg warns (premature end of data segment) and fills the
+    rest with gray; PIL reads it, where it refuses the same cut without an end marker."""
+    start = marker_offset(data, 0xDA)
+    return data[:start + (len(data) - start) // 2] + b"\xff\xd9"
 
 
 def twelve_bit(data):
@@ -94,6 +157,8 @@ def image_bytes(kind, rng):
         return twelve_bit(image_bytes("plain", rng))
     if kind == "damaged-scan":
         return damage_scan(image_bytes("plain", rng))
+    if kind in _CJPEG_KINDS:
+        return _CJPEG_KINDS[kind](rng)
     if kind == "zero":
         return b""
     if kind == "text":
@@ -129,6 +194,39 @@ def image_bytes(kind, rng):
         data = simplejpeg.encode_jpeg(pixels, quality=90)
         return data[:data.index(b"\xff\xda")]  # every header, no scan data, no end marker
     raise ValueError(f"unknown kind {kind!r}; one of {KINDS}")
+
+
+_SAMPLING = {"sampling-mixed": ("-sample", "2x2,2x1,1x2"),
+             "sampling-fine-chroma": ("-sample", "1x1,2x2,2x2"),
+             "sampling-rgb": ("-rgb", "-sample", "2x2,2x2,1x1")}
+_JUNK_BEFORE = {"dqt": 0xDB, "dht": 0xC4, "sof": 0xC0, "sos": 0xDA}
+# After scan data libjpeg's bit reader may already have taken up to 4 of the bytes (they then
+# count as data, no warning): 16 always leave some extraneous.
+_SCAN_JUNK = b"\0" * 16
+
+
+def _jfif_2(data):
+    """JPEG `data` whose JFIF header says version 2.01: libjpeg warns, PIL reads it."""
+    at = data.index(b"JFIF\0") + 5
+    return data[:at] + b"\x02" + data[at + 1:]
+
+
+_CJPEG_KINDS = {
+    **{kind: (lambda rng, args=args: cjpeg(photo(rng), *args)) for kind, args in _SAMPLING.items()},
+    "sampling-junk": lambda rng: with_bytes_before(cjpeg(photo(rng), *_SAMPLING["sampling-mixed"]),
+                                                   0xDB),
+    "rgb": lambda rng: cjpeg(photo(rng), "-rgb"),
+    **{f"junk-before-{name}": (lambda rng, marker=marker: with_bytes_before(cjpeg(photo(rng)),
+                                                                           marker))
+       for name, marker in _JUNK_BEFORE.items()},
+    # a restart marker every MCU row: the bytes land between two entropy-coded segments
+    "junk-before-rst": lambda rng: with_bytes_before(cjpeg(photo(rng), "-restart", "1"), 0xD0,
+                                                     _SCAN_JUNK),
+    "junk-before-eoi": lambda rng: with_bytes_before(cjpeg(photo(rng)), 0xD9, _SCAN_JUNK),
+    "junk-after-eoi": lambda rng: cjpeg(photo(rng)) + b"<html>not found</html>\n",
+    "cut-scan-eoi": lambda rng: cut_scan_closed(cjpeg(photo(rng))),
+    "jfif-revision": lambda rng: _jfif_2(cjpeg(photo(rng))),
+}
 
 
 def write_image(path, kind="plain", rng=None):

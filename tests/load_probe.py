@@ -3,7 +3,7 @@
 Runs in a process of its own, so that a decoder crashing on a hostile record fails the test
 with its exit status instead of killing pytest. Prints JSON: for each way of loading (every
 usable decoder, and the decode-aware crop) the records loaded and those skipped
-(``on_error="skip"``), and the problems `fastlmdb verify` finds.
+(``on_error="skip"``), and the problems and warnings `fastlmdb verify` finds.
 """
 
 import json
@@ -33,8 +33,9 @@ def main(root, split):
     ways = {backend: load(root, split, decoder=backend)
             for backend in jpeg.BACKENDS if usable(backend)}
     ways["crop"] = load(root, split, transform=ResizeCenterCrop(48, 32))
-    problems = verify.verify(fmt.db_path(root, split)).problems
-    print(json.dumps({"ways": ways, "verify": problems}))
+    report = verify.verify(fmt.db_path(root, split))
+    print(json.dumps({"ways": ways, "verify": report.problems,
+                      "verify_warnings": report.warnings}))
 
 
 if __name__ == "__main__":

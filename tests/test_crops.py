@@ -13,7 +13,7 @@ import fastlmdb
 from fastlmdb import converter
 from fastlmdb.cli import sample_tree
 from fastlmdb.loading import crops
-from helpers import psnr
+from helpers import psnr, with_bytes_before
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +95,25 @@ def test_region_decoder_rejects_truncated_data_and_boxes_outside(photo):
         crops._jpegcrop.decode_region(photo, 400, 0, 10, 10, 1)
     with pytest.raises(ValueError, match="denom"):
         crops._jpegcrop.decode_region(photo, 0, 0, 10, 10, 3)
+
+
+def test_region_decoder_reads_leniently_unless_strict(photo):
+    if crops._jpegcrop is None:
+        pytest.fail("region decoder not built; see test_the_region_decoder_is_built...")
+    decode = crops._jpegcrop.decode_region
+    clean, rows, cols, _ = decode(photo, 40, 64, 100, 120, 2)
+    junk = with_bytes_before(photo, 0xDB)  # same coefficients, 4 extraneous bytes
+    assert decode(junk, 40, 64, 100, 120, 2) == (clean, rows, cols, 0)  # lenient by default
+    assert decode(junk, 40, 64, 100, 120, 2, strict=False)[0] == clean
+    with pytest.raises(ValueError, match="4 extraneous bytes before marker 0xdb"):
+        decode(junk, 40, 64, 100, 120, 2, strict=True)
+    for strict in (False, True):  # running out of data is an error in both, as in PIL
+        with pytest.raises(ValueError, match="Premature end of JPEG file"):
+            decode(photo[:len(photo) // 2], 300, 0, 30, 30, 1, strict=strict)
+    raw, rows, cols, offset = decode(photo, 0, 0, 1 << 30, 1 << 30, 1)  # clipped to the image
+    assert (rows, cols, offset) == (333, 517, 0)
+    whole = np.frombuffer(raw, np.uint8).reshape(rows, cols, 3)
+    np.testing.assert_array_equal(whole, simplejpeg.decode_jpeg(photo))
 
 
 @pytest.mark.parametrize("which", ["jpeg", "numpy"])

@@ -1,7 +1,11 @@
-"""Rarer hostile files, in both modes: arithmetic-coded and 12-bit JPEGs, damaged scan data
-(--check-decode), and fuzzed files. The common kinds are in test_convert.py."""
+"""Rarer hostile files, in both modes: arithmetic-coded and 12-bit JPEGs, JPEGs that libjpeg
+decodes only with warnings or whose sampling the fast decoders cannot read (kept, listed as
+warnings, loaded by every decoder), damaged scan data (--check-decode), and fuzzed files. The
+common kinds are in test_convert.py. A file is bad iff PIL (ImageFolder's loader) cannot read
+it."""
 
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -15,12 +19,14 @@ import pytest
 
 import fastlmdb
 from fastlmdb import LMDBDataset
+from fastlmdb.cli import main
 from fastlmdb.converter import prepare
 from fastlmdb.core import folder, jpeg
-from fastlmdb.cli.commands import main
 from fastlmdb.core.errors import ConversionError, ImageError
-from helpers import (db, image_bytes, imagefolder, jpegtran, make_tree, pil_rgb, pixels_of,
-                     psnr, read_db, run_convert, usable_decoders, write_image)
+from fastlmdb.tools import verify
+from helpers import (HEADER_WARNS, LENIENT_LAYOUT, LIBJPEG_WARNS, ODD_SAMPLING, db, image_bytes,
+                     imagefolder, jpegtran, make_tree, pil_rgb, pixels_of, psnr, read_db,
+                     run_convert, usable_decoders, write_image)
 
 # Every test here starts spawn-context producer and writer processes: none may hang.
 pytestmark = pytest.mark.timeout(60)
@@ -133,29 +139,48 @@ def test_a_12_bit_jpeg_is_reported_with_what_to_do(tree, dst, save_as):
 
 @pytest.fixture
 def damaged(tree):
-    """A JPEG with damaged scan data (headers and end marker intact) in `tree`'s train split."""
+    """A JPEG with damaged scan data (a bad Huffman code; headers and end marker intact) in
+    `tree`'s train split: strict decoders refuse it, PIL reads it."""
     path = write_image(os.path.join(tree, "train", "n00000001", "damaged.JPEG"), "damaged-scan")
     with open(path, "rb") as file:
         data = file.read()
-    with pytest.raises(ValueError):
-        jpeg.decode_simplejpeg(data)  # really undecodable
+    with pytest.raises(ValueError, match="bad Huffman code"):
+        jpeg.simplejpeg_strict(data)
+    assert pil_rgb(path).shape[2] == 3  # ImageFolder trains on it
     return path
 
 
-def test_damaged_scan_data_is_stored_unless_check_decode(tree, damaged, dst, tmp_path):
-    stats = run_convert(tree, tmp_path / "unchecked")
-    assert stats.images == 13 and stats.skipped == []  # JPEG mode reads headers only
+DAMAGED_WHY = ("strict decoding fails (Corrupt JPEG data: bad Huffman code); kept as it is: "
+               "the loaders decode it leniently, as PIL does")
 
-    reason = r"truncated or corrupt JPEG \(.+\)"
-    with pytest.raises(ConversionError, match=re.escape(damaged) + ": " + reason):
+
+def test_damaged_scan_data_is_kept_and_check_decode_warns(tree, damaged, dst, tmp_path):
+    stats = run_convert(tree, tmp_path / "unchecked")
+    assert stats.images == 13 and stats.skipped == []
+    assert stats.warnings == []  # JPEG mode reads headers only
+
+    stats = run_convert(tree, dst, check_decode=True)  # a warning, not a refusal
+    index = folder.scan(os.path.join(tree, "train")).paths.index(damaged)
+    assert stats.images == 13 and stats.skipped == []
+    assert stats.warnings == [[index, damaged, DAMAGED_WHY]]
+    _, _, values = read_db(db(dst))
+    with open(damaged, "rb") as file:
+        assert values[index] == file.read()
+    for decoder in DECODERS:
+        pixels = LMDBDataset(dst, "train", output="numpy", decoder=decoder)[index][0]
+        np.testing.assert_array_equal(pixels, pil_rgb(damaged), err_msg=decoder)
+
+
+def test_a_run_started_with_check_decode_resumes_only_with_it(tree, dst, bad_files):
+    (bad,) = bad_files(os.path.join(tree, "train", "n00000001"), kinds=["truncated"])
+    with pytest.raises(ConversionError, match=re.escape(bad) + ": truncated or corrupt JPEG"):
         run_convert(tree, dst, check_decode=True)
     with pytest.raises(ConversionError,
                        match=r"started with --check-decode on, this run asks for off.*"
                              r"--overwrite"):
         run_convert(tree, dst, on_error="skip")
     stats = run_convert(tree, dst, check_decode=True, on_error="skip")
-    assert [path for path, _ in stats.skipped] == [damaged]
-    assert re.fullmatch(reason, stats.skipped[0][1])
+    assert [path for path, _ in stats.skipped] == [bad]
     assert stats.images == 12 and stats.resumed_at > 0
 
 
@@ -164,8 +189,9 @@ def test_check_decode_on_the_command_line(tree, damaged, dst, capsys):
             "--check-decode", "--on-error", "skip"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert f"  skipped  {damaged}: truncated or corrupt JPEG (" in out
-    assert "  0 changed, 1 skipped" in out
+    index = folder.scan(os.path.join(tree, "train")).paths.index(damaged)
+    assert f"  warning  #{index} {damaged}: {DAMAGED_WHY}\n" in out
+    assert "  0 changed, 0 skipped, 1 kept with warnings" in out
 
 
 # Fuzzing: real JPEGs with bytes overwritten in the headers or the scan data, cut anywhere, or
@@ -230,15 +256,51 @@ def test_fuzzed_files_are_stored_or_reported_and_stored_ones_load(fuzz_tree, dst
     assert 0 < len(skipped) < FUZZ_FILES
     assert all(isinstance(why, str) and why.strip() for _, why in stats.skipped)
 
+    # A file is bad iff ImageFolder's loader (PIL) cannot read it.
+    readable = [path for path in paths if pil_reads(path)]
+    unreadable = [path for path in stored if not pil_reads(path)]
+    assert 0 < len(readable) < FUZZ_FILES
+    if save_as == "numpy" or check_decode:
+        assert sorted(stored) == sorted(readable)  # decoded at conversion: PIL decides
+    else:  # headers and end markers only: damaged scan data is found at load
+        assert set(readable) < set(stored) and unreadable
+    lenient = {path for path in readable if not strictly_decodable(path)}
+    warned = {path for _, path, _ in stats.warnings}
+    if save_as == "numpy" or check_decode:
+        assert warned == lenient  # every file kept that a strict decoder refuses is listed
+    else:
+        assert warned <= lenient  # those whose header says so
+
     loaded = load_in_a_child(os.path.dirname(db(dst)))
     for way, (ok, failed) in loaded["ways"].items():
         assert ok + failed == len(values), way
-    strict_failures = loaded["ways"]["simplejpeg"][1]
-    assert len(loaded["verify"]) == strict_failures  # verify decodes as strictly
-    if save_as == "numpy" or check_decode:
-        assert strict_failures == 0  # what was checked at conversion loads
-    else:
-        assert strict_failures > 0  # damaged scan data, found only at load without the flag
+        # Every decoder falls back to lenient libjpeg as PIL reads, so all fail on exactly the
+        # records PIL cannot read; a crop that stops above the damage may still load.
+        if way == "crop":
+            assert failed <= len(unreadable)
+        else:
+            assert failed == len(unreadable), way
+    assert len(loaded["verify"]) == len(unreadable)
+    strict_failures = [p for p in stored if p not in unreadable and not strictly_decodable(p)]
+    assert len(loaded["verify_warnings"]) == (0 if save_as == "numpy" else len(strict_failures))
+
+
+def pil_reads(path):
+    try:
+        pil_rgb(path)
+    except (OSError, SyntaxError, ValueError):
+        return False
+    return True
+
+
+def strictly_decodable(path):
+    with open(path, "rb") as file:
+        data = file.read()
+    try:
+        jpeg.decode_strict(data)
+    except ValueError:
+        return False
+    return True
 
 
 def _claiming(data, marker, height, width):
@@ -319,3 +381,203 @@ def test_lossless_jpegs_become_what_every_decoder_reads(tree, dst, save_as):
         assert psnr(dataset[index][0], pil_rgb(path)) > 30, decoder  # q95 4:4:4, as CMYK
     crop = LMDBDataset(dst, "train", fastlmdb.RandomResizedCrop(32), output="numpy")
     assert crop[index][0].shape == (32, 32, 3)
+
+
+# Files ImageFolder's loader reads although libjpeg warns about them, or although TurboJPEG's
+# API (simplejpeg, PyTurboJPEG) cannot read their sampling: kept (byte for byte in JPEG mode),
+# listed as warnings, and loaded by every decoder, the crop path and the in-place batches.
+WAYS = {"jpeg": {}, "checked": {"check_decode": True}, "numpy": {"save_as": "numpy"}}
+
+
+@pytest.fixture(scope="module")
+def lenient(tmp_path_factory):
+    """(SRC/train, its file paths, {way: (DST, Stats)}) for helpers.LENIENT_LAYOUT converted
+    with default flags in JPEG mode ("jpeg"), with --check-decode ("checked"), and in numpy
+    mode ("numpy")."""
+    base = tmp_path_factory.mktemp("lenient")
+    src = make_tree(base / "src", LENIENT_LAYOUT)
+    made = {way: (os.fspath(base / way), run_convert(src, base / way, **options))
+            for way, options in WAYS.items()}
+    split = os.path.join(src, "train")
+    return split, [path for path, _ in imagefolder(split).samples], made
+
+
+def expected_warned(way):
+    """The kinds whose records a conversion (or verify) lists as warnings."""
+    region = jpeg.region_decoder_built()  # libjpeg's strict mode for what simplejpeg cannot read
+    return {"jpeg": set(HEADER_WARNS) | set(ODD_SAMPLING),  # what the header tells
+            "checked": set(LIBJPEG_WARNS) | set(ODD_SAMPLING),
+            "numpy": set(LIBJPEG_WARNS) - (set() if region else {"sampling-junk"}),
+            "verify": set(LIBJPEG_WARNS) | (set() if region else set(ODD_SAMPLING))}[way]
+
+
+def test_the_lenient_kinds_are_what_they_claim(lenient):
+    _, paths, _ = lenient
+    for path in paths:
+        with open(path, "rb") as file:
+            data = file.read()
+        kind = kind_of(path)
+        assert pil_rgb(path).ndim == 3, path  # ImageFolder reads every one
+        strict = strictly_decodable(path)
+        assert strict == (kind not in LIBJPEG_WARNS and (kind not in ODD_SAMPLING or
+                                                         jpeg.region_decoder_built())), path
+        if kind in ODD_SAMPLING:
+            with pytest.raises(ValueError, match="Could not determine subsampling"):
+                jpeg.simplejpeg_strict(data)
+        if kind.startswith("junk-before"):
+            with pytest.raises(ValueError, match="extraneous bytes before marker"):
+                jpeg.simplejpeg_strict(data)
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_files_pil_reads_are_kept_and_listed_as_warnings(lenient, way):
+    _, paths, made = lenient
+    dst, stats = made[way]
+    info, rows, values = read_db(db(dst))
+    assert stats.skipped == [] and stats.transcoded == [] and len(values) == len(paths)
+    for path, value, row in zip(paths, values, rows):
+        if way == "numpy":  # exactly ImageFolder's pixels, also where simplejpeg cannot decode
+            np.testing.assert_array_equal(pixels_of(value, row), pil_rgb(path), err_msg=path)
+        else:
+            with open(path, "rb") as file:
+                assert value == file.read(), f"{path} was not stored byte for byte"
+    assert stats.warnings == info["warnings"]
+    assert {kind_of(path) for _, path, _ in stats.warnings} == expected_warned(way)
+    for index, path, why in stats.warnings:
+        assert paths[index] == path
+        kind = kind_of(path)
+        if kind in ODD_SAMPLING and way != "numpy":
+            assert why.startswith("simplejpeg and PyTurboJPEG cannot read it (tjDecompress"), why
+        if kind in LIBJPEG_WARNS and kind in expected_warned(way) - set(ODD_SAMPLING):
+            assert re.search(r"strict decoding fails \(.*(extraneous bytes|premature end of "
+                             r"data segment|bad Huffman code|JFIF revision)", why), why
+
+
+@pytest.mark.parametrize("region_decoder", [True, False], ids=["region", "pil-fallback"])
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_every_decoder_loads_them_as_pil_does(lenient, decoder, region_decoder, monkeypatch):
+    if not region_decoder:  # the fallback is then PIL itself
+        monkeypatch.setattr(jpeg, "_jpegcrop", None)
+    _, paths, made = lenient
+    dataset = LMDBDataset(made["jpeg"][0], "train", output="numpy", decoder=decoder)
+    small = LMDBDataset(made["jpeg"][0], "train", output="numpy", decoder=decoder,
+                        min_size=(20, 20))
+    for i, path in enumerate(paths):
+        expected = pil_rgb(path)
+        np.testing.assert_array_equal(dataset[i][0], expected, err_msg=f"{decoder} {path}")
+        reduced = small[i][0]  # every image is at least 40 px a side
+        assert min(reduced.shape[:2]) >= 20 and reduced.shape[2] == 3, path
+        if decoder != "pil":  # PIL's draft() may keep the full size
+            assert reduced.shape[0] <= -(-expected.shape[0] // 2), path
+
+
+def test_the_pil_output_is_imagefolders(lenient):
+    split, _, made = lenient
+    reference = imagefolder(split)
+    dataset = LMDBDataset(made["jpeg"][0], "train")
+    assert dataset.classes == reference.classes and len(dataset) == len(reference)
+    for i in range(len(reference)):
+        (image, label), (expected, expected_label) = dataset[i], reference[i]
+        assert label == expected_label and image.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(image), np.asarray(expected))
+
+
+@pytest.mark.parametrize("region_decoder", [True, False], ids=["region", "fallback"])
+def test_crops_and_in_place_batches_take_them(lenient, region_decoder, monkeypatch):
+    import torch
+
+    from fastlmdb import LMDBIterDataset
+    from fastlmdb.loading import batch, crops
+
+    if not region_decoder:
+        monkeypatch.setattr(crops, "_jpegcrop", None)
+        monkeypatch.setattr(jpeg, "_jpegcrop", None)
+    _, paths, made = lenient
+    _, _, values = read_db(db(made["jpeg"][0]))
+    for path, value in zip(paths, values):
+        expected = pil_rgb(path)
+        h, w = expected.shape[:2]
+        whole = crops.decode_box(value, (0, 0, h, w), (h, w), h, w, jpeg.decode_simplejpeg)
+        np.testing.assert_array_equal(whole, expected, err_msg=path)
+        box = (h // 4, w // 3, h // 2, w // 2)
+        part = crops.decode_box(value, box, box[2:], h, w, jpeg.decode_simplejpeg)
+        inside = expected[box[0]:box[0] + box[2], box[1]:box[1] + box[3]]
+        assert part.shape == inside.shape and psnr(part, inside) > 40, path
+
+    crop = fastlmdb.RandomResizedCrop(24)
+    dataset = LMDBDataset(made["jpeg"][0], "train", crop, output="tensor")
+    positions = list(range(len(paths)))
+    torch.manual_seed(0)
+    built = dataset.__getitems__(positions)  # decoded in place into one batch tensor
+    torch.manual_seed(0)
+    reference = [dataset[i] for i in positions]  # the per-sample path, same draws
+    assert all(isinstance(sample, batch.Sample) for sample in built)
+    for (image, label), (expected, expected_label) in zip(built, reference):
+        assert torch.equal(image, expected) and label == expected_label
+    stream = LMDBIterDataset(made["jpeg"][0], "train", crop, output="tensor", batch_size=8)
+    assert sum(1 for _ in stream) == len(paths) and stream.errors == 0
+
+
+def test_verify_passes_them_with_warnings(lenient, capsys):
+    split, paths, made = lenient
+    report = verify.verify(db(made["jpeg"][0]), source=split)
+    assert report.ok and report.problems == [] and report.records == len(paths)
+    warned = [paths[int(re.match(r"record (\d+): ", w).group(1))] for w in report.warnings]
+    assert {kind_of(path) for path in warned} == expected_warned("verify")
+    assert all("the loaders decode it leniently, as PIL does" in w for w in report.warnings)
+    assert verify.verify(db(made["numpy"][0])).warnings == []  # pixels: nothing to decode
+
+    assert main(["verify", db(made["jpeg"][0]), "--procs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("  warning: record ") == len(report.warnings)
+    assert f"OK, {len(report.warnings)} warning(s)" in out
+
+
+@pytest.mark.parametrize("decoder", [d for d in DECODERS if d != "pil"])
+def test_lenient_decoding_is_logged_once_per_process(lenient, decoder, caplog, monkeypatch):
+    import warnings
+
+    _, paths, made = lenient
+    _, _, values = read_db(db(made["jpeg"][0]))
+    odd = [v for path, v in zip(paths, values) if kind_of(path) in LIBJPEG_WARNS + ODD_SAMPLING]
+    monkeypatch.setattr(jpeg, "_lenient_logged", set())
+    decode = jpeg.decoder(decoder)
+    with warnings.catch_warnings(record=True) as escaped, \
+            caplog.at_level(logging.WARNING, logger="fastlmdb.jpeg"):
+        warnings.simplefilter("always")  # PyTurboJPEG's UserWarnings would show here
+        for value in odd:
+            decode(value)
+    assert escaped == []
+    logged = [r for r in caplog.records if r.name == "fastlmdb.jpeg"]
+    assert len(logged) == 1 and "Not logged again in this process" in logged[0].getMessage()
+    if decoder == "turbojpeg":  # only fastlmdb's own PyTurboJPEG object raises on warnings
+        import turbojpeg
+
+        junk = next(v for path, v in zip(paths, values) if kind_of(path) == "junk-before-dqt")
+        with pytest.warns(UserWarning, match="extraneous bytes"):
+            turbojpeg.TurboJPEG().decode(junk)
+
+
+@pytest.mark.parametrize("decoder", [d for d in DECODERS if d != "pil"])
+def test_plain_records_never_reach_the_fallback(tree, dst, decoder, monkeypatch):
+    run_convert(tree, dst)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a plain JPEG went to the fallback decoder")
+
+    monkeypatch.setattr(jpeg, "decode_libjpeg", refuse)
+    dataset = LMDBDataset(dst, "train", output="numpy", decoder=decoder)
+    assert all(dataset[i][0].ndim == 3 for i in range(len(dataset)))
+
+
+def test_a_missing_encoder_fails_with_the_install_line(monkeypatch):
+    import shutil
+
+    import helpers
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    for make in (lambda: helpers.cjpeg(np.zeros((8, 8, 3), np.uint8)),
+                 lambda: helpers.jpegtran(b"")):
+        with pytest.raises(pytest.fail.Exception,
+                           match="missing: install libjpeg-turbo-progs"):
+            make()

@@ -17,7 +17,7 @@ from fastlmdb.tools import merge, verify
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import ConversionError, DatabaseError, IncompleteDatabaseError
 
-LAYOUT = {"train": {**AWKWARD_LAYOUT["train"], "n00000003": 9}}  # 22 files, 4 classes
+LAYOUT = {"train": {**AWKWARD_LAYOUT["train"], "n00000003": 9}}  # 22 images, 4 classes
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_cli_convert_info_verify_merge(source, dst, capsys):
     assert cli.main(["verify", db(dst), "--source", os.path.join(source, "train")]) == 0
     assert ": OK" in capsys.readouterr().out
     assert cli.main(["merge", db(dst)]) == 0
-    assert "20 records in one file" in capsys.readouterr().out
+    assert "22 records in one file" in capsys.readouterr().out
     assert cli.main(["verify", db(dst), "--source", os.path.join(source, "train")]) == 0
 
 

@@ -18,7 +18,7 @@ pytest.importorskip("s3fs", reason="pip install 'fastlmdb[remote]' to test objec
 moto_server = pytest.importorskip("moto.server", reason="pip install 'fastlmdb[test]'")
 from werkzeug.serving import make_server  # noqa: E402 (moto's server runs on werkzeug)
 
-from fastlmdb import cli  # noqa: E402
+from fastlmdb import cli
 from fastlmdb.core.errors import DatabaseError  # noqa: E402
 from fastlmdb.tools import stage  # noqa: E402
 

@@ -202,7 +202,11 @@ def _verify(args):
                                decode=args.decode, on_progress=bar.update)
     for problem in report.problems:
         print(f"  {problem}")
+    for warning in report.warnings:
+        print(f"  warning: {warning}")
     verdict = "OK" if report.ok else f"{len(report.problems)} problem(s)"
+    if report.warnings:
+        verdict += f", {len(report.warnings)} warning(s)"
     print(f"{report.path}: {report.records} records checked: {verdict}")
     return 0 if report.ok else 1
 
@@ -241,6 +245,7 @@ def _info(args):
               f"width {rows['width'].min()}-{rows['width'].max()}, "
               f"mean record {rows['nbytes'].mean() / 1e3:.1f} KB")
     print(f"  {len(info['transcoded'])} changed at conversion, {len(info['skipped'])} skipped, "
+          f"{len(info.get('warnings', []))} kept with warnings, "
           f"{info['resized']} resized to --max-size {info['max_size']}")
     return 0
 

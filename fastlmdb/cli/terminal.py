@@ -36,4 +36,7 @@ def print_summary(stats):
         print(f"  changed  #{index} {path}: {why}")
     for path, why in stats.skipped:
         print(f"  skipped  {path}: {why}")
-    print(f"  {len(stats.transcoded)} changed, {len(stats.skipped)} skipped")
+    for index, path, why in stats.warnings:
+        print(f"  warning  #{index} {path}: {why}")
+    print(f"  {len(stats.transcoded)} changed, {len(stats.skipped)} skipped, "
+          f"{len(stats.warnings)} kept with warnings")

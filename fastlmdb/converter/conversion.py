@@ -63,6 +63,9 @@ class Stats:
     bytes_out: int
     seconds: float
     resumed_at: int  # source files already done when this run started
+    # [index, path, why] of records kept although they decode only leniently or through the
+    # loaders' fallback decoder (prepare.Record.warning)
+    warnings: list = dataclasses.field(default_factory=list)
 
 
 def convert(options: Options,
@@ -109,8 +112,11 @@ def _check_layout(partial, options):
 
 def _stats(final, results, seconds):
     info = catalog.merged_info([info for info, _ in results], final)
+    for index, path, why in info["warnings"]:
+        log.warning("%s (record %d): %s", path, index, why)
     return Stats(final, info["count"], info["skipped"], info["transcoded"], info["bytes_in"],
-                 files.size(final), seconds, sum(resumed for _, resumed in results))
+                 files.size(final), seconds, sum(resumed for _, resumed in results),
+                 info["warnings"])
 
 
 def _validate(o):

@@ -227,7 +227,7 @@ def entry(path, settings):
     return {"path": path, "payload": None if unchanged else record.payload,
             "height": record.height, "width": record.width, "crc32": zlib.crc32(record.payload),
             "source_bytes": record.source_bytes, "transcoded": record.transcoded,
-            "resized": record.resized}
+            "resized": record.resized, "warning": record.warning}
 
 
 def _exit_reason(code):

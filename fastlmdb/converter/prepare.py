@@ -1,16 +1,21 @@
 """A producer's work on one source file: read it, check it, and make the record to store.
 
-JPEG mode keeps the source bytes whenever libjpeg-turbo can decode them to RGB; CMYK/YCCK
-JPEGs and non-JPEG files (PNG bytes named .JPEG, ...) are converted to RGB exactly as
-ImageFolder's loader would (PIL ``convert("RGB")``) and stored as a high-quality JPEG.
-Numpy mode stores the pixels ImageFolder's loader would produce. JPEGs with other than 8-bit
-samples (12-bit medical/scientific files) are refused: no decoder here reads them.
+A file is bad only if ImageFolder's loader cannot read it (PIL open + ``convert("RGB")``; PIL
+refuses truncated files). JPEG mode keeps the source bytes whenever libjpeg decodes them to
+RGB, also when it warns (extraneous bytes before a marker, a bad Huffman code) or when the
+fast decoders cannot read the file's sampling factors: such records load through the loaders'
+lenient libjpeg fallback, and the Record's `warning` says so. CMYK/YCCK JPEGs and non-JPEG
+files (PNG bytes named .JPEG, ...) are converted to RGB exactly as ImageFolder's loader would
+(PIL ``convert("RGB")``) and stored as a high-quality JPEG. Numpy mode stores the pixels
+ImageFolder's loader would produce. JPEGs with other than 8-bit samples (12-bit
+medical/scientific files) are refused: no decoder here reads them, PIL included.
 """
 
 import dataclasses
 import io
 import os
 import stat
+import typing
 
 import numpy as np
 
@@ -29,6 +34,12 @@ TRANSCODE_QUALITY = 95
 # DCT JPEGs; simplejpeg and PIL read lossless ones: store what every decoder reads.
 LOSSLESS_WHY = "lossless JPEG (SOF3) re-encoded: libjpeg-turbo 2.x decoders cannot read it"
 DEFAULT_MAX_PIXELS = 1 << 27  # 134 M pixels, ~400 MB decoded: far above any real photo
+# Warnings: files kept although a strict decoder or the fast ones refuse them (PIL reads them).
+LENIENT_WHY = ("strict decoding fails ({}); kept as it is: the loaders decode it leniently, "
+               "as PIL does")
+NUMPY_LENIENT_WHY = "strict decoding fails ({}); stored as PIL decodes it"
+FALLBACK_WHY = ("simplejpeg and PyTurboJPEG cannot read it ({}); kept as it is: the loaders "
+                "decode it with libjpeg's own API, slower")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +59,23 @@ class Record:
     source_bytes: int
     transcoded: str = ""  # why the stored bytes differ from the source, if they do
     resized: bool = False  # made smaller because of max_size
+    warning: str = ""  # why the record loads only leniently or through the fallback, if so
+
+
+class _Jpeg(typing.NamedTuple):  # a NamedTuple: 1 us less per file than a frozen dataclass
+    """What a JPEG's header says; PIL's pixels where simplejpeg could not read the header."""
+
+    height: int
+    width: int
+    colorspace: str
+    lossless: bool
+    header_warned: bool = False  # libjpeg warned while reading the header
+    fallback: str = ""  # why the fast decoders cannot read it (FALLBACK_WHY), if they cannot
+    pixels: np.ndarray = None
+
+
+class _TooManyPixels(ImageError):
+    """A decompression bomb: refused whichever decoder read the header."""
 
 
 def prepare(path, settings=Settings()):
@@ -57,14 +85,17 @@ def prepare(path, settings=Settings()):
         record = _as_jpeg(data, settings)
         if not _too_large(record.height, record.width, settings.max_size):
             return record
-        pixels = _shrink(_strict_decode(record.payload), settings.max_size)
+        pixels, _ = _loader_pixels(record.payload, settings.max_pixels)
+        pixels = _shrink(pixels, settings.max_size)
+        # Re-encoded by us: it decodes strictly, whatever the source did.
         return Record(_encode(pixels, settings.quality, "420"), *pixels.shape[:2], len(data),
                       record.transcoded, resized=True)
-    pixels, _ = _pixels(data, settings.max_pixels)
+    pixels, _, problem = _pixels(data, settings.max_pixels)
     resized = _too_large(*pixels.shape[:2], settings.max_size)
     if resized:
         pixels = _shrink(pixels, settings.max_size)
-    return Record(pixels.tobytes(), *pixels.shape[:2], len(data), resized=resized)
+    return Record(pixels.tobytes(), *pixels.shape[:2], len(data), resized=resized,
+                  warning=NUMPY_LENIENT_WHY.format(problem) if problem else "")
 
 
 def _too_large(height, width, max_size):
@@ -97,18 +128,26 @@ def read(path):
 
 
 def _as_jpeg(data, settings):
-    if data.startswith(JPEG_MAGIC):
-        height, width, colorspace, lossless = _jpeg_header(data, settings.max_pixels)
-        if lossless:
-            return _transcoded(_strict_decode(data), len(data), LOSSLESS_WHY)
-        if colorspace not in ("CMYK", "YCCK"):
-            # Without an end marker the file may be truncated; damaged scan data is found only
-            # by decoding, which --check-decode asks for.
-            if settings.check_decode or not data.rstrip(b"\0\r\n ").endswith(JPEG_EOI):
-                _strict_decode(data)
-            return Record(data, height, width, len(data))
-    pixels, why = _pixels(data, settings.max_pixels)
-    return _transcoded(pixels, len(data), why)
+    if not data.startswith(JPEG_MAGIC):
+        pixels, why = _pil_rgb(data, settings.max_pixels)
+        return _transcoded(pixels, len(data), why)
+    head = _jpeg_header(data, settings.max_pixels)
+    if head.lossless or _cmyk(head):
+        pixels, why, _ = _pixels(data, settings.max_pixels, head)
+        return _transcoded(pixels, len(data), LOSSLESS_WHY if head.lossless else why)
+    warning = head.fallback
+    # Decoded when asked, when the file may be truncated (no end marker), or when its header
+    # is not plain: PIL decides whether it is bad, strict decoding what to warn about. Damaged
+    # scan data is found only by decoding (--check-decode).
+    if (settings.check_decode or head.header_warned or head.fallback
+            or not data.rstrip(b"\0\r\n ").endswith(JPEG_EOI)):
+        _, problem = _loader_pixels(data, settings.max_pixels, head)
+        warning = "; ".join(w for w in (warning, problem and LENIENT_WHY.format(problem)) if w)
+    return Record(data, head.height, head.width, len(data), warning=warning)
+
+
+def _cmyk(head):
+    return head.colorspace in ("CMYK", "YCCK")
 
 
 def _transcoded(pixels, source_bytes, why):
@@ -116,27 +155,67 @@ def _transcoded(pixels, source_bytes, why):
     return Record(payload, pixels.shape[0], pixels.shape[1], source_bytes, why)
 
 
-def _pixels(data, max_pixels):
-    """RGB pixels as ImageFolder's loader sees them, and why PIL had to be used (or "")."""
+def _pixels(data, max_pixels, head=None):
+    """(RGB pixels as ImageFolder's loader sees them, why PIL had to convert them or "",
+    what keeps them from decoding strictly or "")."""
     if data.startswith(JPEG_MAGIC):
-        _, _, colorspace, _ = _jpeg_header(data, max_pixels)
-        if colorspace not in ("CMYK", "YCCK"):
-            return _strict_decode(data), ""
-    return _pil_rgb(data, max_pixels)
+        head = head or _jpeg_header(data, max_pixels)
+        if not _cmyk(head):
+            pixels, problem = _loader_pixels(data, max_pixels, head)
+            return pixels, "", problem
+    pixels, why = _pil_rgb(data, max_pixels)
+    return pixels, why, ""
+
+
+def _loader_pixels(data, max_pixels, head=None):
+    """(pixels, problem) of a JPEG that is not CMYK: exactly ImageFolder's pixels (simplejpeg's
+    strict decode where it succeeds, equal to PIL's; else PIL's own), and what keeps it from
+    decoding strictly ("" if nothing). ImageError if PIL cannot read it either."""
+    pixels = head.pixels if head is not None else None
+    if pixels is None:
+        try:
+            return jpeg.simplejpeg_strict(data), ""
+        except ValueError:  # a libjpeg warning, or sampling TurboJPEG cannot name: PIL decides
+            pixels, _ = _pil_rgb(data, max_pixels, unreadable="truncated or corrupt JPEG")
+    if head is not None and head.fallback and not jpeg.region_decoder_built():
+        return pixels, ""  # the one strict decoder here, simplejpeg, cannot read it at all
+    try:
+        jpeg.decode_strict(data)
+    except ValueError as exc:
+        return pixels, str(exc)
+    return pixels, ""
 
 
 def _jpeg_header(data, max_pixels):
-    """(height, width, colorspace, lossless) of JPEG bytes that the decoders can read; else
-    ImageError."""
+    """The _Jpeg of JPEG bytes whose header ImageFolder's loader can read (the sample
+    precision, then simplejpeg's header, else PIL's decode); else ImageError."""
     marker, bits = _frame(data) or (None, None)
     if bits is not None and bits != 8:
         # Checked here: libjpeg-turbo 3 (simplejpeg) reads such a header and only refuses to
         # decode it, so jpeg mode would store a file that no loader decodes.
         raise ImageError(f"{bits}-bit JPEG: libjpeg-turbo decodes 8-bit samples only; "
                          "convert it to 8-bit first")
-    height, width, colorspace = jpeg.header(data)
+    lossless = marker in JPEG_LOSSLESS_SOF
+    try:
+        height, width, colorspace, warning = jpeg.header(data)
+    except ImageError as refused:
+        return _pil_decoded_jpeg(data, max_pixels, lossless, refused)
     _check_pixels(height, width, max_pixels)
-    return height, width, colorspace, marker in JPEG_LOSSLESS_SOF
+    return _Jpeg(height, width, colorspace, lossless, header_warned=bool(warning))
+
+
+def _pil_decoded_jpeg(data, max_pixels, lossless, refused):
+    """The _Jpeg of a JPEG whose header simplejpeg refused (`refused`, its ImageError): PIL,
+    which reads every sampling factor, decodes it; if it cannot either, `refused` is raised."""
+    try:
+        pixels, _, mode = _pil_open_rgb(data, max_pixels, "not a readable image")
+    except _TooManyPixels:
+        raise
+    except ImageError:
+        raise refused from None
+    reason = str(refused).removeprefix("unreadable JPEG header (").removesuffix(")")
+    return _Jpeg(*pixels.shape[:2], mode, lossless, fallback=FALLBACK_WHY.format(reason),
+                 pixels=pixels)
 
 
 def _frame(data):
@@ -171,32 +250,34 @@ def _frame_precision(data, pos):
     return bits if bits in allowed and components and length_ok else None
 
 
-def _strict_decode(data):
-    try:
-        return jpeg.decode_simplejpeg(data)
-    except ValueError as exc:
-        raise ImageError(f"truncated or corrupt JPEG ({exc})") from None
+def _pil_rgb(data, max_pixels, unreadable="not a readable image"):
+    """(pixels, why) from ImageFolder's loader, PIL open + convert("RGB"); ImageError
+    "`unreadable` (PIL's reason)" if it cannot."""
+    pixels, image_format, mode = _pil_open_rgb(data, max_pixels, unreadable)
+    return pixels, f"{image_format} {mode} image converted to RGB JPEG"
 
 
-def _pil_rgb(data, max_pixels):
+def _pil_open_rgb(data, max_pixels, unreadable):
+    """(RGB pixels, format, mode) of the file from PIL; ImageError if it cannot read it."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as image:
             _check_pixels(image.height, image.width, max_pixels)
-            why = f"{image.format} {image.mode} image converted to RGB JPEG"
-            return np.asarray(image.convert("RGB")), why
+            return np.asarray(image.convert("RGB")), image.format, image.mode
     except Image.UnidentifiedImageError:
         # Not PIL's message: it names a memory address, and metadata must be reproducible.
-        raise ImageError("not a readable image (no image format recognised)") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"not a readable image ({exc})") from None
+        raise ImageError(f"{unreadable} (no image format recognised)") from None
+    except Image.DecompressionBombError as exc:
+        raise _TooManyPixels(f"{unreadable} ({exc})") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"{unreadable} ({exc})") from None
 
 
 def _check_pixels(height, width, max_pixels):
     if height * width > max_pixels:
-        raise ImageError(f"{width}x{height} pixels exceeds the limit of {max_pixels} "
-                         "(raise it with --max-pixels if the image is genuine)")
+        raise _TooManyPixels(f"{width}x{height} pixels exceeds the limit of {max_pixels} "
+                             "(raise it with --max-pixels if the image is genuine)")
 
 
 def _encode(pixels, quality, subsampling):

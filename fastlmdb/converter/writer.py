@@ -111,10 +111,12 @@ class _Writer:
         self.plan_saved = plan is not None
         if plan is None:
             return {"next_source": 0, "stored": 0, "bytes_in": 0, "skipped": [],
-                    "transcoded": [], "resized": 0, "started": time.time()}
+                    "transcoded": [], "warnings": [], "resized": 0, "started": time.time()}
         if plan != self.job.plan:
             raise _PlanMismatch(plan)
-        return self.db.read_meta(fmt.PROGRESS_KEY)
+        progress = self.db.read_meta(fmt.PROGRESS_KEY)
+        progress.setdefault("warnings", [])  # a partial database from before warnings existed
+        return progress
 
     def run(self, results):
         p = self.progress
@@ -173,6 +175,8 @@ class _Writer:
         p["resized"] += entry["resized"]
         if entry["transcoded"]:
             p["transcoded"].append([p["stored"], entry["path"], entry["transcoded"]])
+        if entry.get("warning"):
+            p["warnings"].append([p["stored"], entry["path"], entry["warning"]])
         self.payloads.append(payload)
         self.pending_rows.append((self.job.labels[source], entry["height"], entry["width"],
                                   len(payload), entry["crc32"], self.first_source + source,
@@ -221,6 +225,7 @@ class _Writer:
             "class_to_idx": {name: i for i, name in enumerate(job.classes)},
             "split": job.plan["split"], "source": job.plan["source"],
             "transcoded": p["transcoded"], "skipped": p["skipped"], "resized": p["resized"],
+            "warnings": p["warnings"],
             "max_size": job.plan["max_size"], "quality": job.plan["quality"],
             "bytes_in": p["bytes_in"], "made_by": f"fastlmdb {__version__}",
             "started": p["started"], "finished": time.time(),

@@ -91,6 +91,8 @@ def merged_info(infos, path):
         transcoded=[[offset + i, p, why] for info, offset in zip(infos, offsets)
                     for i, p, why in info["transcoded"]],
         skipped=[s for info in infos for s in info["skipped"]],
+        warnings=[[offset + i, p, why] for info, offset in zip(infos, offsets)
+                  for i, p, why in info.get("warnings", [])],  # absent from older databases
         resized=sum(info["resized"] for info in infos),
         bytes_in=sum(info["bytes_in"] for info in infos),
         started=min(info["started"] for info in infos),

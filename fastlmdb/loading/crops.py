@@ -11,7 +11,8 @@ the box's rows and iMCU columns at the smallest libjpeg-turbo scale (1/8 .. 1) t
 covers the output size, and resizes it with antialiasing. `RandomResizedCrop` draws boxes
 exactly as torchvision's does, from torch's global random generator, so seeds behave the same.
 Without the compiled region decoder (``fastlmdb._jpegcrop``) the whole image is decoded at
-that scale and cropped.
+that scale and cropped. The region decoder reads leniently, as PIL does: a JPEG that decodes
+only with libjpeg warnings, or whose sampling the fast decoders cannot read, crops like any.
 """
 
 from __future__ import annotations
@@ -174,7 +175,8 @@ def decode_box(data, box, size, height, width, decode):
     top, left, h, w = box
     denom = scale_for(h, w, size)
     if _jpegcrop is not None:
-        raw, rows, cols, offset = _jpegcrop.decode_region(data, top, left, h, w, denom)
+        raw, rows, cols, offset = _jpegcrop.decode_region(data, top, left, h, w, denom,
+                                                          strict=False)
         pixels = np.frombuffer(raw, np.uint8).reshape(rows, cols, 3)
         return pixels[:, offset:offset + -(-w // denom)]
     pixels = decode(data, min_height=-(-height // denom), min_width=-(-width // denom))

@@ -1,5 +1,8 @@
 """Check a database record by record: checksums, decodes, shapes, labels, and the source tree.
 
+A JPEG record that decodes only leniently (libjpeg warns: extraneous bytes, a bad Huffman
+code) is a warning, not a problem: the loaders decode it as PIL does. A problem is a record
+that the loaders cannot decode, or that differs from what the table or the source says.
 Work is spread over processes with joblib; each opens the database itself.
 """
 
@@ -29,6 +32,7 @@ class Report:
     path: str
     records: int
     problems: list[str]  # one line each
+    warnings: list[str] = dataclasses.field(default_factory=list)  # one line each; still ok
 
     @property
     def ok(self) -> bool:
@@ -52,10 +56,11 @@ def verify(path: StrPath, *, source: StrPath | None = None, labels: StrPath | No
     work = (joblib.delayed(_check_records)(reader, info["imgtype"], decode, rows[c.start:c.stop],
                                            c.start, paths and paths[c.start:c.stop])
             for c in chunks)
-    done = 0
+    done, warnings = 0, []
     try:
-        for found in joblib.Parallel(n_jobs=procs, return_as="generator")(work):
+        for found, warned in joblib.Parallel(n_jobs=procs, return_as="generator")(work):
             problems += found
+            warnings += warned
             done += CHUNK
             if on_progress:
                 on_progress(min(done, len(rows)), len(rows))
@@ -63,7 +68,7 @@ def verify(path: StrPath, *, source: StrPath | None = None, labels: StrPath | No
         reader.close()
         if procs > 1:
             get_reusable_executor().shutdown(wait=True)
-    return Report(os.fspath(path), len(rows), problems)
+    return Report(os.fspath(path), len(rows), problems, warnings)
 
 
 def _check_catalog(info, rows):
@@ -107,35 +112,52 @@ def _scan(source, labels, info):
 
 
 def _check_records(reader, imgtype, decode, rows, first, paths):
-    problems = []
+    """(problems, warnings) of records first .. first + len(rows)."""
+    problems, warnings = [], []
     try:
         values = reader.scan(first, first + len(rows))
     except FastLMDBError as exc:
-        return [str(exc)]
+        return [str(exc)], []
     for k, (row, value) in enumerate(zip(rows, values)):
-        why = _check_value(imgtype, decode, row, value)
+        why, warning = _check_value(imgtype, decode, row, value)
         if why is None and paths is not None and not row["transcoded"]:
             why = _compare_source(imgtype, value, paths[k])
         if why:
             problems.append(f"record {first + k}: {why}")
-    return problems
+        if warning:
+            warnings.append(f"record {first + k}: {warning}")
+    return problems, warnings
 
 
 def _check_value(imgtype, decode, row, value):
+    """(problem or None, warning or None) of one record."""
     if len(value) != row["nbytes"]:
-        return f"{len(value)} bytes stored, {row['nbytes']} recorded"
+        return f"{len(value)} bytes stored, {row['nbytes']} recorded", None
     if zlib.crc32(value) != row["crc32"]:
-        return "checksum mismatch: the stored bytes changed"
+        return "checksum mismatch: the stored bytes changed", None
     shape = (int(row["height"]), int(row["width"]))
     if not decode:
-        return None
+        return None, None
     if imgtype == "numpy":
-        return None if len(value) == shape[0] * shape[1] * 3 else "size does not match its shape"
+        size_ok = len(value) == shape[0] * shape[1] * 3
+        return (None if size_ok else "size does not match its shape"), None
     try:
-        decoded = jpeg.decode_simplejpeg(value).shape[:2]
+        decoded, warning = _decode_jpeg(value)
     except ValueError as exc:
-        return f"does not decode ({exc})"
-    return None if decoded == shape else f"decodes to {decoded}, {shape} recorded"
+        return f"does not decode ({exc})", None
+    return (None if decoded == shape else f"decodes to {decoded}, {shape} recorded"), warning
+
+
+def _decode_jpeg(value):
+    """(decoded shape, None) of a JPEG that decodes strictly, (shape, warning) of one that the
+    loaders decode only leniently; ValueError if they cannot decode it."""
+    try:
+        return jpeg.decode_strict(value).shape[:2], None
+    except ValueError as exc:
+        strict = exc
+    decoded = jpeg.decode_libjpeg(value).shape[:2]  # what every loader falls back to
+    return decoded, (f"strict decoding fails ({strict}); the loaders decode it leniently, "
+                     "as PIL does")
 
 
 def _compare_source(imgtype, value, source_path):
