@@ -543,12 +543,12 @@ def test_lenient_decoding_is_logged_once_per_process(lenient, decoder, caplog, m
     monkeypatch.setattr(jpeg, "_lenient_logged", set())
     decode = jpeg.decoder(decoder)
     with warnings.catch_warnings(record=True) as escaped, \
-            caplog.at_level(logging.WARNING, logger="fastlmdb.jpeg"):
+            caplog.at_level(logging.WARNING, logger="fastlmdb.core.jpeg"):
         warnings.simplefilter("always")  # PyTurboJPEG's UserWarnings would show here
         for value in odd:
             decode(value)
     assert escaped == []
-    logged = [r for r in caplog.records if r.name == "fastlmdb.jpeg"]
+    logged = [r for r in caplog.records if r.name == "fastlmdb.core.jpeg"]
     assert len(logged) == 1 and "Not logged again in this process" in logged[0].getMessage()
     if decoder == "turbojpeg":  # only fastlmdb's own PyTurboJPEG object raises on warnings
         import turbojpeg
