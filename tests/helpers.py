@@ -181,11 +181,12 @@ def run_convert(src, dst, split="train", **options):
 
 
 def read_db(path):
-    """(info, rows, values) of a finished database; values[i] is record i as bytes."""
+    """(info, rows, values) of a finished database; values[i] is record i (logical order,
+    stored under key rows["key"][i]) as bytes."""
     info, rows = catalog.read_catalog(path)
     reader = catalog.reader(path)
     try:
-        values = [bytes(reader.get(i)) for i in range(info["count"])]
+        values = [bytes(reader.get(int(key))) for key in rows["key"]]
     finally:
         reader.close()
     return info, rows, values
