@@ -54,7 +54,7 @@ def convert(options, scan, sources, partial, plan, settings, on_progress=None):
         results = [_make_here(job, progress) for job in jobs]
     else:
         results = _make_as_tasks(jobs, options, progress)
-    catalog.write_tables(partial)
+    catalog.write_tables(partial, [job.final for job in jobs])
     write_index(partial, plan, [os.path.basename(job.final) for job in jobs],
                        [info for info, _ in results])
     return results

@@ -120,9 +120,10 @@ def read_tables(path):
     return _merged(path, catalogs, logical), rows, logical
 
 
-def write_tables(path):
-    """Write the mapped tables of the finished shards in the folder `path`."""
-    rows = split_table([store.read_catalog(p)[1] for p in shard_paths(path)])
+def write_tables(path, shards):
+    """Write the mapped tables of the finished `shards` (paths, in order) in the folder `path`,
+    before its index."""
+    rows = split_table([store.read_catalog(p)[1] for p in shards])
     for name, array in ((TABLE_FILE, rows), (LOGICAL_FILE, fmt.logical_of_keys(rows))):
         partial = os.path.join(path, name + ".partial")
         np.save(partial, array, allow_pickle=False)

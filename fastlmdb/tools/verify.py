@@ -38,9 +38,11 @@ def verify(path, *, source=None, procs=1, decode=True, on_progress=None):
     paths = _source_paths(source, info, rows, problems) if source else None
     chunks = [range(start, min(start + CHUNK, len(rows))) for start in range(0, len(rows), CHUNK)]
     reader = catalog.reader(path)  # picklable: each process begins its own transaction
-    work = (joblib.delayed(_check_records)(reader, info["imgtype"], decode, rows[c.start:c.stop],
-                                           c.start, paths and paths[c.start:c.stop])
-            for c in chunks)
+    by_key = np.argsort(rows["key"], kind="stable")  # read in key order: sequential I/O
+    work = (joblib.delayed(_check_records)(
+        reader, info["imgtype"], decode, rows[by_key[c.start:c.stop]], c.start,
+        by_key[c.start:c.stop].tolist(), paths and [paths[i] for i in by_key[c.start:c.stop]])
+        for c in chunks)
     done = 0
     for found in joblib.Parallel(n_jobs=procs, return_as="generator")(work):
         problems += found
@@ -80,10 +82,11 @@ def _source_paths(source, info, rows, problems):
     return [scan.paths[s] for s in rows["source"].tolist()]
 
 
-def _check_records(reader, imgtype, decode, rows, first, paths):
+def _check_records(reader, imgtype, decode, rows, first_key, indices, paths):
+    """Problems of the records with keys first_key.. (`rows`, at record `indices`)."""
     problems = []
     try:
-        values = reader.scan(first, first + len(rows))
+        values = reader.scan(first_key, first_key + len(rows))
     except FastLMDBError as exc:
         return [str(exc)]
     for k, (row, value) in enumerate(zip(rows, values)):
@@ -91,7 +94,7 @@ def _check_records(reader, imgtype, decode, rows, first, paths):
         if why is None and paths is not None and not row["transcoded"]:
             why = _compare_source(imgtype, value, paths[k])
         if why:
-            problems.append(f"record {first + k}: {why}")
+            problems.append(f"record {indices[k]}: {why}")
     return problems
 
 
