@@ -48,7 +48,7 @@ def convert(options, scan, sources, partial, plan, settings, on_progress=None):
     order, `sources` the files' positions in the split's scan.
     Returns [(info, files done before this run)], one per shard in order."""
     _check_plan(partial, plan, options.overwrite)
-    jobs = [_job(options, scan, sources, settings, partial, k) for k in range(options.shards)]
+    jobs = [_job(options, scan, settings, partial, k, sources) for k in range(options.shards)]
     progress = _Progress(on_progress, len(scan))
     if options.backend == "local":
         results = [_make_here(job, progress) for job in jobs]
@@ -86,7 +86,7 @@ def _check_plan(partial, plan, overwrite):
     files.write_json_atomically(path, plan)
 
 
-def _job(options, scan, sources, settings, partial, k):
+def _job(options, scan, settings, partial, k, sources=None):
     start, stop = fmt.shard_bounds(len(scan), options.shards, k)
     part = dataclasses.replace(scan, paths=scan.paths[start:stop], labels=scan.labels[start:stop])
     # first_source: the shard's first position in write order (in the source order: its
@@ -95,7 +95,7 @@ def _job(options, scan, sources, settings, partial, k):
     name = fmt.shard_file(options.split, k, options.shards)
     return ShardJob(options, settings, part, {**pipeline.plan_of(options, part), "shard": shard},
                     os.path.join(partial, fmt.partial_path(name)), os.path.join(partial, name),
-                    sources[start:stop])
+                    None if sources is None else sources[start:stop])
 
 
 def _finished(job):

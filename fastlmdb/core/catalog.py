@@ -68,6 +68,13 @@ def read_catalog(path):
     path = os.fspath(path)
     if not is_sharded(path):
         return store.read_catalog(path)
+    catalogs = _shard_catalogs(path)
+    rows = split_table([rows for _, rows in catalogs])
+    return _merged(path, catalogs, fmt.logical_of_keys(rows)), rows
+
+
+def _shard_catalogs(path):
+    """(info, rows) of every shard of `path`, checked against its index."""
     index = read_index(path)
     catalogs = [store.read_catalog(p) for p in shard_paths(path)]
     for entry, (info, _) in zip(index["shards"], catalogs):
@@ -75,8 +82,7 @@ def read_catalog(path):
             raise DatabaseError(f"{path}/{entry['file']} holds {info['count']} records, the "
                                 f"index says {entry['count']}: the database is damaged; "
                                 "convert it again")
-    rows = split_table([rows for _, rows in catalogs])
-    return _merged(path, catalogs, fmt.logical_of_keys(rows)), rows
+    return catalogs
 
 
 def _merged(path, catalogs, logical):
@@ -112,7 +118,7 @@ def read_tables(path):
         return info, rows, fmt.logical_of_keys(rows)
     rows = np.load(os.path.join(path, TABLE_FILE), mmap_mode="r", allow_pickle=False)
     logical = np.load(os.path.join(path, LOGICAL_FILE), mmap_mode="r", allow_pickle=False)
-    catalogs = [store.read_catalog(p) for p in shard_paths(path)]
+    catalogs = _shard_catalogs(path)
     count = sum(info["count"] for info, _ in catalogs)
     if rows.dtype != fmt.TABLE or rows.shape != (count,) or logical.shape != (count,):
         raise DatabaseError(f"{path}/{TABLE_FILE} does not match the shards; the database is "
