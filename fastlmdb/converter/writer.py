@@ -135,7 +135,7 @@ class _Writer:
         return self.progress["next_source"] >= len(self.job.labels)
 
     def take_chunk(self, entries):
-        """Add the next chunk in source order; False if a bad file stopped the run."""
+        """Add the next chunk in write order; False if a bad file stopped the run."""
         p = self.progress
         if not self._take(entries):
             self._commit()

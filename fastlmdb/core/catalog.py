@@ -1,5 +1,5 @@
 """Any database path, one file or a folder of shards, read as one database: the catalog and a
-reader of global record indices.
+reader of global keys.
 
 A sharded split is the folder ``DST/<split>.lmdb`` holding ``<split>-0000k-of-0000K.lmdb``
 shard files (each a complete database of its own) and ``index.json``, written last:

@@ -304,7 +304,7 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):
                          decoder=decoder, min_size=min_size, on_error=on_error)
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self._rank, self._world_size, self.batch_size = rank, world_size, batch_size
-        if shuffle and self.order == "source" and self._count > order.BLOCK:
+        if shuffle and self.order == "source":
             warnings.warn(
                 f"{self.path} stores its records in class order: shuffle=True mixes blocks of "
                 f"{order.BLOCK} within windows of {order.BLOCK * order.WINDOW_BLOCKS} records, so "
