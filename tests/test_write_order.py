@@ -230,7 +230,10 @@ def _tiny_database(root, count):
     table["key"] = np.arange(count)
     info = {"format": fmt.FORMAT_NAME, "version": fmt.FORMAT_VERSION, "imgtype": "numpy",
             "count": count, "classes": [str(c) for c in range(10)],
-            "class_to_idx": {str(c): c for c in range(10)}, "source": os.fspath(root)}
+            "class_to_idx": {str(c): c for c in range(10)}, "source": os.fspath(root),
+            "split": "train", "transcoded": [], "skipped": [], "resized": 0, "max_size": 0,
+            "quality": 90, "bytes_in": 0, "made_by": "a test", "started": 0, "finished": 0,
+            "order": "source"}
     writer.commit(count, [], rows[:0], {fmt.TABLE_KEY: fmt.dump_table(table),
                                         fmt.LOGICAL_KEY: fmt.dump_table(table["key"], "<u4"),
                                         fmt.INFO_KEY: info})

@@ -67,7 +67,10 @@ class _Records:
 
     def _keys(self, indices):
         """The keys of the records at logical `indices` (an integer array)."""
-        return self._rows["key"][indices].astype(np.int64)
+        rows = self._rows
+        if "key" not in rows.dtype.names:  # version 1: key = index
+            return np.asarray(indices, dtype=np.int64)
+        return rows["key"][indices].astype(np.int64)
 
     def _logical(self, keys):
         """The logical indices of the records with `keys` (version 1: the keys themselves)."""
@@ -239,8 +242,7 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):
         for attempt in range(self._count):
             probe = (index + attempt) % self._count
             try:
-                key = int(self._rows["key"][probe])
-                return self._record(probe, self._reader.get(key))
+                return self._record(probe, self._reader.get(int(self._keys(probe))))
             except DecodeError as exc:
                 self._skip_or_raise(exc)
         raise DatabaseError(f"no record of {self.path} could be decoded")
