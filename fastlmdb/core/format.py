@@ -2,10 +2,12 @@
 
 A split is one LMDB file, ``DST/<split>.lmdb`` (``subdir=False``), with three named databases:
 
-``images``  key = 8-byte big-endian index, value = the stored image: the original JPEG bytes
+``images``  key = 8-byte big-endian position in the write order (``write_order``: a seeded
+            shuffle of the source files, or their order; version 1: the index), value = the
+            stored image: the original JPEG bytes
             (``imgtype="jpeg"``) or raw uint8 HxWx3 pixels (``imgtype="numpy"``).
-``rows``    key = 8-byte big-endian index of a transaction's first record, value = that
-            transaction's rows of the record table (``ROW`` dtype, little-endian, no header).
+``rows``    key = 8-byte big-endian key of a transaction's first record, value = that
+            transaction's rows (``ROW`` dtype, little-endian, no header), in key order.
 ``meta``    ``plan``: JSON, what the conversion was asked to do (written with the first records);
             ``progress``: JSON, how far it got (rewritten in every transaction);
             ``table``: the whole record table as one ``.npy``, in logical (ImageFolder) order,
@@ -194,7 +196,7 @@ def _check_fields(info, path):
 
 
 # A sharded split: the folder DST/<split>.lmdb holds K complete databases, shard k holding a
-# contiguous range of the split's files in source order (its rows keep their `source`
+# contiguous range of the split's files in write order (its rows keep their `source`
 # positions in the whole split), and an index written last.
 SHARD_INDEX = "index.json"
 SHARDS_FORMAT = "fastlmdb-shards"
@@ -206,5 +208,6 @@ def shard_file(split, index, count):
 
 
 def shard_bounds(files, count, index):
-    """Source positions [start, stop) of shard `index` of `count`: equal ranges of files."""
+    """Positions [start, stop) in the write order of shard `index` of `count`: equal ranges
+    of files."""
     return files * index // count, files * (index + 1) // count
