@@ -192,6 +192,12 @@ def read_db(path):
     return info, rows, values
 
 
+def key_of(txn, meta, index):
+    """The key of record `index` (keys are the write order), read in an open transaction."""
+    table = np.load(io.BytesIO(txn.get(fmt.TABLE_KEY, db=meta)), allow_pickle=False)
+    return int(table["key"][index])
+
+
 def db(dst, split="train"):
     return fmt.db_path(dst, split)
 

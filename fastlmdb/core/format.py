@@ -147,6 +147,8 @@ def load_npy(raw, dtypes, count, what, path):
         read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                        else np.lib.format.read_array_header_2_0)
         shape, fortran, dtype = read_header(head)
+        if dtype.hasobject:  # a pickle: never loaded
+            raise ValueError("it holds Python objects, which fastlmdb never unpickles")
         ok = dtype in dtypes and shape == (count,) and not fortran
         array = np.frombuffer(raw, dtype=dtype, count=count, offset=head.tell()) if ok else None
     except Exception as exc:  # noqa: BLE001 - numpy's header parser raises many kinds

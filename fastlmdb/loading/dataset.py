@@ -72,6 +72,11 @@ class _Records:
             return np.asarray(indices, dtype=np.int64)
         return rows["key"][indices].astype(np.int64)
 
+    def _key(self, index):
+        """The key of record `index` (the per-sample path: no array made)."""
+        rows = self._rows
+        return int(rows["key"][index]) if "key" in rows.dtype.names else index
+
     def _logical(self, keys):
         """The logical indices of the records with `keys` (version 1: the keys themselves)."""
         self._rows  # noqa: B018 - maps the tables in this process
@@ -242,7 +247,7 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):
         for attempt in range(self._count):
             probe = (index + attempt) % self._count
             try:
-                return self._record(probe, self._reader.get(int(self._keys(probe))))
+                return self._record(probe, self._reader.get(self._key(probe)))
             except DecodeError as exc:
                 self._skip_or_raise(exc)
         raise DatabaseError(f"no record of {self.path} could be decoded")
