@@ -163,4 +163,4 @@ def test_fuzzed_header_bytes_of_a_real_table(made, position, junk):
         loaded = fmt.load_table(bytes(raw), info["count"], "p")
     except DatabaseError:
         return
-    assert loaded.dtype == fmt.ROW
+    assert loaded.dtype == fmt.TABLE  # version 1 tables come back with their keys
