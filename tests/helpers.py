@@ -279,14 +279,21 @@ def run_convert(src, dst, split="train", **options):
 
 
 def read_db(path):
-    """(info, rows, values) of a finished database; values[i] is record i as bytes."""
+    """(info, rows, values) of a finished database; values[i] is record i (logical order,
+    stored under key rows["key"][i]) as bytes."""
     info, rows = catalog.read_catalog(path)
     reader = catalog.reader(path)
     try:
-        values = [bytes(reader.get(i)) for i in range(info["count"])]
+        values = [bytes(reader.get(int(key))) for key in rows["key"]]
     finally:
         reader.close()
     return info, rows, values
+
+
+def key_of(txn, meta, index):
+    """The key of record `index` (keys are the write order), read in an open transaction."""
+    table = np.load(io.BytesIO(txn.get(fmt.TABLE_KEY, db=meta)), allow_pickle=False)
+    return int(table["key"][index])
 
 
 def db(dst, split="train"):

@@ -21,6 +21,7 @@ from fastlmdb.cli import sample_tree
 from fastlmdb.loading import batch, handover
 from fastlmdb.core import format as fmt
 from fastlmdb import DecodeError, LMDBDataset, LMDBIterDataset
+from helpers import key_of
 
 SIZE = 48
 COUNT = 21  # 3 classes x 7: batches of 4 and 8 leave a partial one
@@ -125,8 +126,9 @@ def test_other_pipelines_keep_the_per_sample_path(dbs, make, options):
 def _corrupt(db, tmp_path, index):
     shutil.copy(fmt.db_path(db, "train"), fmt.db_path(tmp_path, "train"))
     env = lmdb.open(fmt.db_path(tmp_path, "train"), subdir=False, max_dbs=3)
-    with env.begin(write=True, db=env.open_db(fmt.IMAGES_DB)) as txn:
-        txn.put(fmt.key(index), b"\x00garbage" * 40)
+    images, meta = env.open_db(fmt.IMAGES_DB), env.open_db(fmt.META_DB)
+    with env.begin(write=True, db=images) as txn:
+        txn.put(fmt.key(key_of(txn, meta, index)), b"\x00garbage" * 40)
     env.close()
     return os.fspath(tmp_path)
 

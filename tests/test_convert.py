@@ -116,13 +116,26 @@ def test_on_disk_layout_read_with_lmdb_directly(awkward_tree, dst):
     finally:
         env.close()
     assert [k for k, _ in records] == [struct.pack(">Q", i) for i in range(3)]
-    assert records[0][1] == open(paths[0], "rb").read()
-    assert records[2][1] != open(paths[2], "rb").read()  # the PNG, transcoded
-    assert set(meta_items) == {fmt.PLAN_KEY, fmt.PROGRESS_KEY, fmt.TABLE_KEY, fmt.INFO_KEY}
+    assert set(meta_items) == {fmt.PLAN_KEY, fmt.PROGRESS_KEY, fmt.TABLE_KEY, fmt.INFO_KEY,
+                               fmt.LOGICAL_KEY, fmt.PATHS_KEY}
     info = json.loads(meta_items[fmt.INFO_KEY])
-    assert info["format"] == "fastlmdb" and info["version"] == fmt.FORMAT_VERSION
+    assert info["format"] == "fastlmdb" and info["version"] == fmt.FORMAT_VERSION == 2
+    assert (info["order"], info["order_seed"]) == ("shuffled", 0)
+    # The table is in logical (ImageFolder) order; its key column says where each record is,
+    # in the write order fmt.write_order gives.
     table = fmt.load_table(meta_items[fmt.TABLE_KEY], 3, "x")
-    assert np.array_equal(np.concatenate([fmt.rows_from_bytes(v) for _, v in chunks]), table)
+    assert table["source"].tolist() == [0, 1, 2]
+    assert table["key"].tolist() == np.argsort(fmt.write_order(3, "shuffled", 0)).tolist()
+    keys = table["key"].tolist()
+    assert records[keys[0]][1] == open(paths[0], "rb").read()
+    assert records[keys[2]][1] != open(paths[2], "rb").read()  # the PNG, transcoded
+    by_key = np.concatenate([fmt.rows_from_bytes(v) for _, v in chunks])
+    assert by_key["source"].tolist() == fmt.write_order(3, "shuffled", 0).tolist()
+    assert np.frombuffer(meta_items[fmt.LOGICAL_KEY][-12:], "<u4")[table["key"]].tolist() \
+        == [0, 1, 2]
+    split_dir = os.path.join(awkward_tree, "val")
+    assert fmt.split_paths(meta_items[fmt.PATHS_KEY], 3) == [
+        os.path.relpath(p, split_dir) for p in paths]
     assert json.loads(meta_items[fmt.PLAN_KEY])["save_as"] == "jpeg"
 
 
@@ -285,12 +298,14 @@ def test_tiny_map_grows(tree, dst):
 
 @pytest.fixture
 def interrupted(tmp_path, dst, bad_files):
-    """A tree with a bad file at index 18 and a run that stopped there (on_error="raise")."""
+    """A tree with a bad file written 17th and a run that stopped there (on_error="raise")."""
     src = make_tree(tmp_path / "src", plain_layout(classes=3, train=12, val=0))
     (bad,) = bad_files(os.path.join(src, "train", "n00000001"), kinds=["truncated"],
                        prefix="n00000001_005x")
-    index = folder.scan(os.path.join(src, "train")).paths.index(bad)
-    assert index == 18  # past the first 16-file chunk: there are two commits before it
+    scan = folder.scan(os.path.join(src, "train"))
+    # Files are written in the shuffled write order: the bad one is the 17th written.
+    index = fmt.write_order(len(scan), "shuffled", 0).tolist().index(scan.paths.index(bad))
+    assert index == 16  # past the first 16-file chunk: there is a commit before it
     with pytest.raises(ConversionError, match=re.escape(bad)):
         run_convert(src, dst, batch_bytes=1)
     return types.SimpleNamespace(src=src, bad=bad, index=index)

@@ -8,7 +8,7 @@ import shutil
 import lmdb
 import numpy as np
 import pytest
-from helpers import db, run_convert
+from helpers import db, key_of, run_convert
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -94,9 +94,9 @@ def test_a_pickle_in_the_table_is_never_loaded(made, tmp_path):
 
 @pytest.mark.parametrize("save_as", ["jpeg", "numpy"])
 def test_truncated_or_garbage_records_raise_decode_errors(made, tmp_path, save_as):
-    def edit(txn, _meta, images):
-        txn.put(fmt.key(1), b"\xff\xd8\xff" + b"\0" * 50, db=images)
-        txn.put(fmt.key(2), b"", db=images)
+    def edit(txn, meta, images):
+        txn.put(fmt.key(key_of(txn, meta, 1)), b"\xff\xd8\xff" + b"\0" * 50, db=images)
+        txn.put(fmt.key(key_of(txn, meta, 2)), b"", db=images)
     dataset = fastlmdb.LMDBDataset(_tampered(made, tmp_path, save_as, edit), "train")
     for index in (1, 2):
         with pytest.raises(DecodeError, match=f"train record {index}"):
@@ -169,4 +169,4 @@ def test_fuzzed_header_bytes_of_a_real_table(made, position, junk):
         loaded = fmt.load_table(bytes(raw), info["count"], "p")
     except DatabaseError:
         return
-    assert loaded.dtype == fmt.ROW
+    assert loaded.dtype == fmt.TABLE  # version 1 tables come back with their keys

@@ -158,7 +158,8 @@ def test_decode_aware_pipeline_in_dataloader_workers(db):
 def test_reassigning_transform_takes_effect_as_with_imagefolder(db):
     _, dst, _ = db
     dataset = fastlmdb.LMDBDataset(dst, "train", output="numpy")
-    assert dataset[0][0].shape[:2] == (int(dataset._shapes[0][0]), int(dataset._shapes[0][1]))
+    row = dataset._rows[0]
+    assert dataset[0][0].shape[:2] == (int(row["height"]), int(row["width"]))
     dataset.transform = fastlmdb.ResizeCenterCrop(128, 112)
     assert dataset[0][0].shape == (112, 112, 3)
     dataset.transform = None

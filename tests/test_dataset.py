@@ -676,13 +676,14 @@ def test_newer_format_says_upgrade(db, tmp_path):
     assert info["version"] == fmt.FORMAT_VERSION
     _edit(dst, fmt.META_DB, fmt.INFO_KEY, json.dumps({**info, "version": 999}).encode())
     with pytest.raises(DatabaseError, match=r"format version 999, newer than this fastlmdb "
-                                            r"reads \(1\): upgrade"):
+                                            r"reads \(2\): upgrade"):
         LMDBDataset(dst, SPLIT)
 
 
 def _corrupt(db, tmp_path, index, garbage=b"\x00garbage" * 40):
+    key = int(store.read_catalog(fmt.db_path(db, SPLIT))[1]["key"][index])  # record index's
     dst = _copy_db(db, tmp_path)
-    _edit(dst, fmt.IMAGES_DB, fmt.key(index), garbage)
+    _edit(dst, fmt.IMAGES_DB, fmt.key(key), garbage)
     return dst
 
 

@@ -33,7 +33,10 @@ def _expected(root):
 def test_two_ranks_with_workers_read_each_sample_once_per_epoch(tmp_path):
     make_tree(tmp_path / "src", {"train": {"a": 40, "b": 40, "c": 41}})  # 121: uneven
     run_convert(tmp_path / "src", tmp_path / "dst")
-    port, env = _free_port(), {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}
+    # The tests' folder for the probe, and this checkout's fastlmdb before any installed one.
+    tests = os.path.dirname(os.path.abspath(__file__))
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.path.dirname(tests)])}
     ranks = [subprocess.Popen([sys.executable, PROBE, str(tmp_path / "dst"), str(r), "2",
                                str(port), str(EPOCHS)], stdout=subprocess.PIPE, env=env,
                               text=True) for r in range(2)]

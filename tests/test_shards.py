@@ -73,7 +73,11 @@ def test_each_shard_is_a_database_of_its_own(source, dst):
         report = verify.verify(os.path.join(db(dst), entry["file"]),
                                source=os.path.join(source, "train"))
         assert report.ok and report.records == entry["count"], report.problems
-        assert (rows["source"] >= entry["first_source"]).all()
+        # Shard k holds the k-th range of the split's write order (not of its source order).
+        order = fmt.write_order(index["plan"]["files"], "shuffled", 0)
+        start = entry["first_source"]
+        assert set(rows["source"].tolist()) <= set(order[start:start + info["shard"]["files"]])
+        assert sorted(rows["key"].tolist()) == list(range(info["count"]))
         first += entry["count"]
     assert first == index["count"]
 
@@ -133,20 +137,21 @@ def test_cli_convert_info_verify_merge(source, dst, capsys):
     assert cli.main(["verify", db(dst), "--source", os.path.join(source, "train")]) == 0
 
 
-def test_stopped_sharded_conversion_resumes_finished_shards_untouched(source, single, dst):
-    # The text file stops a run in shard 1; shard 0 is finished by then.
+def test_stopped_sharded_conversion_resumes_finished_shards_untouched(source, dst, tmp_path):
+    # In the source order the text file stops a run in shard 1; shard 0 is finished by then.
     with pytest.raises(ConversionError, match="bb_text.JPEG"):
-        run_convert(source, dst, shards=3)
+        run_convert(source, dst, shards=3, order="source")
     partial = fmt.partial_path(db(dst))
     finished = os.path.join(partial, fmt.shard_file("train", 0, 3))
     assert os.path.isfile(finished) and not os.path.exists(db(dst))
     with pytest.raises(IncompleteDatabaseError):
         catalog.read_catalog(partial)  # no index yet: never mistaken for a finished one
     mtime = os.stat(finished).st_mtime_ns
-    stats = run_convert(source, dst, shards=3, on_error="skip")  # allowed on resume
+    stats = run_convert(source, dst, shards=3, on_error="skip", order="source")  # on resume
     assert stats.resumed_at >= 7  # shard 0 (7 files) and what shard 1 committed
     assert os.stat(os.path.join(db(dst), fmt.shard_file("train", 0, 3))).st_mtime_ns == mtime
-    assert_same_as_single(db(dst), single)
+    run_convert(source, tmp_path / "one", on_error="skip", order="source")
+    assert_same_as_single(db(dst), db(tmp_path / "one"))
 
 
 def test_resume_with_other_shards_is_refused_naming_the_flag(source, dst):

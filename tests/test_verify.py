@@ -28,13 +28,18 @@ def made(awkward_tree, dst):
 
 
 def _poke(path, index, value):
+    """Replace (or delete) the value under key `index`; returns its record's index."""
     env = lmdb.open(path, subdir=False, max_dbs=3, lock=False)
     with env.begin(write=True, db=env.open_db(fmt.IMAGES_DB)) as txn:
         if value is None:
             txn.delete(fmt.key(index))
         else:
             txn.put(fmt.key(index), value)
+        meta = env.open_db(fmt.META_DB, txn=txn)
+        count = fmt.load_json(txn.get(fmt.INFO_KEY, db=meta), "info", path)["count"]
+        keys = fmt.load_table(txn.get(fmt.TABLE_KEY, db=meta), count, path)["key"]
     env.close()
+    return keys.tolist().index(index)
 
 
 @pytest.mark.parametrize("procs", [1, 2])
@@ -45,9 +50,9 @@ def test_a_sound_database_passes_against_its_source(made, awkward_tree, procs):
 
 
 def test_changed_bytes_are_found(made):
-    _poke(made, 3, b"\xff\xd8\xff" + b"x" * 100)
+    record = _poke(made, 3, b"\xff\xd8\xff" + b"x" * 100)
     report = verify.verify(made)
-    assert [p.split(":")[0] for p in report.problems] == ["record 3"]
+    assert [p.split(":")[0] for p in report.problems] == [f"record {record}"]
     assert "bytes stored" in report.problems[0] or "checksum" in report.problems[0]
 
 
@@ -76,12 +81,12 @@ def test_an_incomplete_database_is_a_problem_not_a_crash(made, tmp_path):
 def test_cli_exit_status_and_listing(made, tmp_path, capsys):
     damaged = str(tmp_path / "damaged.lmdb")
     shutil.copy(made, damaged)
-    _poke(damaged, 1, b"garbage")
+    record = _poke(damaged, 1, b"garbage")
     assert cli.main(["verify", made, "--procs", "1"]) == 0
     assert "OK" in capsys.readouterr().out
     assert cli.main(["verify", damaged, "--procs", "1"]) == 1
     out = capsys.readouterr().out
-    assert "record 1:" in out and "1 problem(s)" in out
+    assert f"record {record}:" in out and "1 problem(s)" in out
 
 
 def _files(root):

@@ -123,6 +123,12 @@ def _add_convert(commands):
     p.add_argument("--scheduler", metavar="ADDRESS",
                    help="the dask scheduler, e.g. tcp://10.0.0.1:8786 (--backend dask; "
                         "default: a local cluster of --procs workers)")
+    p.add_argument("--order", default="shuffled", choices=("shuffled", "source"),
+                   help="the records' physical order: shuffled (default: seeded, so "
+                        "LMDBIterDataset's sequential reads give well-mixed batches) or source "
+                        "(ImageFolder's, class by class); indices are ImageFolder's either way")
+    p.add_argument("--order-seed", "--order_seed", type=int, default=0, metavar="N",
+                   help="seed of the shuffled order (default 0)")
     p.add_argument("--check-decode", "--check_decode", action="store_true",
                    help="jpeg mode: decode every JPEG while converting, to report files with "
                         "damaged scan data (slower; numpy mode always decodes)")
@@ -185,7 +191,8 @@ def _convert(args):
             save_as=args.save_as,
             procs=args.procs, on_error=args.on_error, overwrite=args.overwrite,
             max_pixels=args.max_pixels, max_size=args.max_size, quality=args.quality,
-            check_decode=args.check_decode, shards=args.shards, shard_size=args.shard_size,
+            check_decode=args.check_decode, order=args.order, order_seed=args.order_seed,
+            shards=args.shards, shard_size=args.shard_size,
             backend=args.backend, scheduler=args.scheduler)
         with terminal.ProgressBar(split) as bar:
             stats = converter.convert(options, on_progress=bar.update)
@@ -237,6 +244,9 @@ def _info(args):
     when = datetime.datetime.fromtimestamp(info["finished"]).isoformat(timespec="seconds")
     print(f"{args.db}: fastlmdb format {info['version']}, made by {info['made_by']} on {when}")
     print(f"  split {info['split']} from {info['source']}")
+    order = info.get("order", "source")
+    print(f"  stored in {order} order"
+          + (f" (seed {info['order_seed']})" if order == "shuffled" else ""))
     print(f"  {info['count']} {info['imgtype']} images in {len(info['classes'])} classes, "
           f"{files.size(args.db) / 1e6:.1f} MB"
           + (f" in {info['shards']} shards" if "shards" in info else ""))

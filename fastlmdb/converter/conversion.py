@@ -42,6 +42,10 @@ class Options:
     max_size: int = 0  # re-encode images whose longer side is larger; 0: keep all as they are
     quality: int = 90  # JPEG quality of those re-encoded images
     check_decode: bool = False  # jpeg mode: decode every JPEG, so damaged scan data is found
+    # The records' physical order: "shuffled" (seeded, so sequential reads give mixed
+    # batches) or "source" (ImageFolder's). Indices stay ImageFolder's either way.
+    order: str = "shuffled"
+    order_seed: int = 0
     batch_bytes: int = 64 << 20
     map_size: int = 16 << 30  # virtual reservation only; grows by doubling when full
     shards: int = 1  # 1: one file; K: K shard files in a folder, one writer each
@@ -82,6 +86,7 @@ def convert(options: Options,
     os.makedirs(options.to_dir, exist_ok=True)
     partial = fmt.partial_path(final)
     plan = pipeline.plan_of(options, scan)
+    scan, positions = pipeline.in_write_order(scan, options)
     started = time.monotonic()
     _check_layout(partial, options)
     if options.shards > 1:
@@ -89,10 +94,11 @@ def convert(options: Options,
     with files.exclusive(partial):
         if options.shards == 1:
             results = [pipeline.run(options, scan, partial, plan, settings_of(options),
-                                    on_progress)]
+                                    on_progress, positions)]
         else:
-            results = shards.convert(options, scan, partial, {**plan, "shards": options.shards},
-                                      settings_of(options), on_progress)
+            results = shards.convert(options, scan, positions, partial,
+                                     {**plan, "shards": options.shards}, settings_of(options),
+                                     on_progress)
         files.publish(partial, final)
     return _stats(final, results, time.monotonic() - started)
 
@@ -111,7 +117,8 @@ def _check_layout(partial, options):
 
 
 def _stats(final, results, seconds):
-    info = catalog.merged_info([info for info, _ in results], final)
+    # Shards' record indices become the split's through the split's table.
+    info = results[0][0] if len(results) == 1 else catalog.read_catalog(final)[0]
     for index, path, why in info["warnings"]:
         log.warning("%s (record %d): %s", path, index, why)
     return Stats(final, info["count"], info["skipped"], info["transcoded"], info["bytes_in"],
@@ -144,6 +151,10 @@ def _validate(o):
         raise ValueError(f"--max-size must be >= 0 (0 keeps every size), got {o.max_size}")
     if not 1 <= o.quality <= 100:
         raise ValueError(f"--quality must be between 1 and 100, got {o.quality}")
+    if o.order not in fmt.ORDERS:
+        raise ValueError(f"--order must be one of {', '.join(fmt.ORDERS)}, got {o.order!r}")
+    if not isinstance(o.order_seed, int) or o.order_seed < 0:
+        raise ValueError(f"--order-seed must be a whole number >= 0, got {o.order_seed!r}")
     if not isinstance(o.shards, int) or o.shards < 1:
         raise ValueError(f"--shards must be a whole number >= 1, got {o.shards!r}")
     if o.shard_size < 0 or (o.shard_size and o.shards != 1):

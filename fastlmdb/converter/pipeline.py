@@ -1,6 +1,6 @@
 """The local conversion of one database: producer processes -> pipes -> one writer process.
 
-The coordinator (the calling process) hands the producers chunks of files in source order,
+The coordinator (the calling process) hands the producers chunks of files in write order,
 never more than a fixed window ahead of the writer (so memory stays bounded whatever the
 dataset size), relays progress, and watches every child. Each producer has its own task pipe
 and chunk pipe (one chunk in flight: a bounded queue per producer), so a producer that dies
@@ -8,6 +8,7 @@ breaks nothing shared: its chunks go to the others and the file it was preparing
 A writer that dies, or the last producer, fails the run within a second instead of hanging it.
 """
 
+import dataclasses
 import hashlib
 import logging
 import multiprocessing
@@ -20,6 +21,7 @@ import zlib
 from fastlmdb.converter import children, prepare
 from fastlmdb.converter.writer import Job, storage_message, writer_main
 from fastlmdb.core import archive
+from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import ConversionError, ImageError
 
 log = logging.getLogger(__name__)
@@ -28,9 +30,10 @@ CHUNK = 16  # files per task: small enough to balance, large enough to amortise 
 POLL_SECONDS = 0.25
 
 
-def run(options, scan, partial, plan, settings, on_progress=None):
-    """Convert `scan` into the database at `partial`; returns (info, files done before)."""
-    pipeline = _Pipeline(options, scan, partial, plan, settings, on_progress)
+def run(options, scan, partial, plan, settings, on_progress=None, sources=None):
+    """Convert `scan` (in write order; `sources`: the files' positions in the split's scan)
+    into the database at `partial`; returns (info, files done before)."""
+    pipeline = _Pipeline(options, scan, partial, plan, settings, on_progress, sources)
     return pipeline.run(), pipeline.resumed_at
 
 
@@ -51,17 +54,35 @@ def plan_of(options, scan):
     # flag existed still resume.
     if options.check_decode and options.save_as == "jpeg":
         plan["check_decode"] = True
+    if options.order != "source":  # absent: the source order, as before the flag existed
+        plan.update(order=options.order, order_seed=options.order_seed)
     return plan
 
 
-def writer_job(options, scan, partial, plan):
-    """What the writer needs to make the database at `partial` from `scan`."""
+def in_write_order(scan, options):
+    """(the scan's files in the order they are written, their positions in `scan`)."""
+    sources = fmt.write_order(len(scan), options.order, options.order_seed)
+    if options.order == "source":
+        return scan, sources
+    paths = [scan.paths[i] for i in sources.tolist()]
+    return dataclasses.replace(scan, paths=paths, labels=scan.labels[sources]), sources
+
+
+def writer_job(options, scan, partial, plan, sources=None):
+    """What the writer needs to make the database at `partial` from `scan` (in write order)."""
     return Job(partial, plan, scan.labels, scan.classes, options.on_error, options.batch_bytes,
-               options.map_size, options.overwrite)
+               options.map_size, options.overwrite, sources, _names(scan))
+
+
+def _names(scan):
+    """The scan's files relative to its folder, as fmt.join_paths joins them."""
+    prefix = os.path.join(scan.root, "")
+    return fmt.join_paths(path[len(prefix):] if path.startswith(prefix)
+                          else os.path.relpath(path, scan.root) for path in scan.paths)
 
 
 class _Pipeline:
-    def __init__(self, options, scan, partial, plan, settings, on_progress):
+    def __init__(self, options, scan, partial, plan, settings, on_progress, sources):
         self.options, self.scan, self.on_progress = options, scan, on_progress
         self.partial, self.plan = partial, plan
         self.window = (2 * options.procs + 2) * CHUNK
@@ -75,7 +96,7 @@ class _Pipeline:
         # Per producer: the chunk it is working on and the file it is preparing (-1: none),
         # so that a death can be pinned on a file and its chunk given to another producer.
         self.slots = ctx.RawArray("q", [-1] * (2 * options.procs))
-        job = writer_job(options, scan, partial, plan)
+        job = writer_job(options, scan, partial, plan, sources)
         self.writer = ctx.Process(
             target=writer_main, name="fastlmdb-writer",
             args=(job, [receive for receive, _ in self.pipes], self.status, os.getpid()))
@@ -256,14 +277,16 @@ def failure(kind, args, plan, partial, paths):
 
 _FLAGS = {"source": "--from_dir/--from-archive", "split": "--split", "save_as": "--save-as",
           "max_pixels": "--max-pixels", "max_size": "--max-size", "quality": "--quality",
-          "check_decode": "--check-decode", "shards": "--shards"}
+          "check_decode": "--check-decode", "order": "--order", "order_seed": "--order-seed",
+          "shards": "--shards"}
 _SWITCHES = {"check_decode"}  # flags without a value: absent from a plan when off
+_ABSENT = {"order": "source"}  # what a plan without the entry was made with
 
 
 def mismatch_message(old, new, partial):
     """Which flag differs between the plan a partial database was started with and this run's."""
     for name, flag in _FLAGS.items():
-        then, now = old.get(name), new.get(name)
+        then, now = old.get(name, _ABSENT.get(name)), new.get(name, _ABSENT.get(name))
         if name in _SWITCHES:
             then, now = ("on" if value else "off" for value in (then, now))
         if then != now:

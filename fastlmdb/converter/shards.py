@@ -1,7 +1,8 @@
 """Convert a split as K shards: K complete databases in one folder, one writer each, and an
 index written last.
 
-A shard is the unit of distributed work: it holds a contiguous range of the split's files, so
+A shard is the unit of distributed work: it holds a contiguous range of the split's files in
+write order (a contiguous range of keys), so
 shard k is the same database whoever makes it. With the "local" backend the shards are made
 one after another, each by the local multi-process pipeline. With a joblib backend each shard
 is one task that prepares and writes in its worker process, shards side by side: "loky" (local
@@ -20,7 +21,7 @@ import joblib
 from joblib.externals.loky import get_reusable_executor
 
 from fastlmdb.converter import pipeline, prepare, writer
-from fastlmdb.core import files, store
+from fastlmdb.core import catalog, files, store
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import ConversionError
 
@@ -39,20 +40,23 @@ class ShardJob:
     plan: dict
     partial: str
     final: str
+    sources: object = None  # the shard's files' positions in the split's scan (numpy)
 
 
-def convert(options, scan, partial, plan, settings, on_progress=None):
-    """Make every shard missing from the folder `partial`, then its index.
+def convert(options, scan, sources, partial, plan, settings, on_progress=None):
+    """Make every shard missing from the folder `partial`, then its index. `scan` is in write
+    order, `sources` the files' positions in the split's scan.
     Returns [(info, files done before this run)], one per shard in order."""
     _check_plan(partial, plan, options.overwrite)
-    jobs = [_job(options, scan, settings, partial, k) for k in range(options.shards)]
+    jobs = [_job(options, scan, settings, partial, k, sources) for k in range(options.shards)]
     progress = _Progress(on_progress, len(scan))
     if options.backend == "local":
         results = [_make_here(job, progress) for job in jobs]
     else:
         results = _make_as_tasks(jobs, options, progress)
+    catalog.write_tables(partial, [job.final for job in jobs])
     write_index(partial, plan, [os.path.basename(job.final) for job in jobs],
-                       [info for info, _ in results])
+                [info for info, _ in results])
     return results
 
 
@@ -82,13 +86,16 @@ def _check_plan(partial, plan, overwrite):
     files.write_json_atomically(path, plan)
 
 
-def _job(options, scan, settings, partial, k):
+def _job(options, scan, settings, partial, k, sources=None):
     start, stop = fmt.shard_bounds(len(scan), options.shards, k)
     part = dataclasses.replace(scan, paths=scan.paths[start:stop], labels=scan.labels[start:stop])
+    # first_source: the shard's first position in write order (in the source order: its
+    # first source position, as before the order existed).
     shard = {"index": k, "count": options.shards, "first_source": start, "files": stop - start}
     name = fmt.shard_file(options.split, k, options.shards)
     return ShardJob(options, settings, part, {**pipeline.plan_of(options, part), "shard": shard},
-                    os.path.join(partial, fmt.partial_path(name)), os.path.join(partial, name))
+                    os.path.join(partial, fmt.partial_path(name)), os.path.join(partial, name),
+                    None if sources is None else sources[start:stop])
 
 
 def _finished(job):
@@ -105,7 +112,8 @@ def _make_here(job, progress):
         return progress.finished(*_finished(job))
     with files.exclusive(job.partial):
         info, resumed_at = pipeline.run(job.options, job.scan, job.partial, job.plan,
-                                        job.settings, progress.of_shard(len(job.scan)))
+                                        job.settings, progress.of_shard(len(job.scan)),
+                                        job.sources)
         os.replace(job.partial, job.final)
     return progress.finished(info, resumed_at)
 
@@ -122,7 +130,8 @@ def make_shard(job):
         return job.final, _finished(job)
     with files.exclusive(job.partial):
         resumed_at, (kind, *args) = writer.write_inline(
-            pipeline.writer_job(job.options, job.scan, job.partial, job.plan), job.scan.paths,
+            pipeline.writer_job(job.options, job.scan, job.partial, job.plan, job.sources),
+            job.scan.paths,
             lambda paths: [pipeline.entry(path, job.settings) for path in paths],
             pipeline.CHUNK)
         if kind != "done":

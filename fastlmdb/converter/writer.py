@@ -1,6 +1,7 @@
 """The writer process: the one owner of the LMDB environment during a conversion.
 
-It receives chunks of prepared records from the producers, puts them back in source order,
+It receives chunks of prepared records from the producers, puts them back in write order
+(the physical order of keys: fmt.write_order, ImageFolder's order or a seeded shuffle of it),
 commits them in transactions of about `batch_bytes`, records in the same transaction how far
 it got (so a stopped run resumes exactly there), and writes the final metadata last.
 Everything it has to say travels to the coordinator as messages on `status`.
@@ -33,6 +34,10 @@ class Job:
     batch_bytes: int
     map_size: int
     overwrite: bool = False  # a partial database made with other arguments is started again
+    # Position in the whole split's scan of each file, in write order (None: first_source +
+    # position, the source order); the files (`labels`) come in write order.
+    sources: np.ndarray = None
+    names: bytes = b""  # fmt.join_paths of the files relative to the split folder, write order
 
 
 def writer_main(job, results, status, coordinator):
@@ -101,7 +106,9 @@ class _Writer:
         self.first = self.progress["stored"]
         self.committed_source = self.progress["next_source"]  # source files safely written
         # A shard's records keep their positions in the whole split's scan.
-        self.first_source = job.plan.get("shard", {}).get("first_source", 0)
+        first_source = job.plan.get("shard", {}).get("first_source", 0)
+        self.sources = (job.sources if job.sources is not None
+                        else np.arange(first_source, first_source + len(job.labels)))
 
     def _resume_progress(self):
         plan = self.db.read_meta(fmt.PLAN_KEY)
@@ -133,10 +140,11 @@ class _Writer:
 
     @property
     def complete(self):
+        # next_source counts files in write order (the name predates the shuffled order).
         return self.progress["next_source"] >= len(self.job.labels)
 
     def take_chunk(self, entries):
-        """Add the next chunk in source order; False if a bad file stopped the run."""
+        """Add the next chunk in write order; False if a bad file stopped the run."""
         p = self.progress
         if not self._take(entries):
             self._commit()
@@ -165,6 +173,7 @@ class _Writer:
                     self.bad = (entry["path"], entry["error"])
                     return False
                 p["skipped"].append([entry["path"], entry["error"]])
+                p.setdefault("skipped_at", []).append(int(self.sources[source]))
             else:
                 self._add(source, entry)
             p["next_source"] = source + 1
@@ -179,7 +188,7 @@ class _Writer:
             p["warnings"].append([p["stored"], entry["path"], entry["warning"]])
         self.payloads.append(payload)
         self.pending_rows.append((self.job.labels[source], entry["height"], entry["width"],
-                                  len(payload), entry["crc32"], self.first_source + source,
+                                  len(payload), entry["crc32"], self.sources[source],
                                   _changed(entry)))
         p["stored"] += 1
         p["bytes_in"] += entry["source_bytes"]
@@ -216,28 +225,61 @@ class _Writer:
     def finish(self):
         """Commit the open batch, then the record table and `info`: the database is complete."""
         self._commit()
-        table = np.concatenate(self.rows)
+        table = logical_table(np.concatenate(self.rows))
+        logical = fmt.logical_of_keys(table)
         p, job = self.progress, self.job
         info = {
             "format": fmt.FORMAT_NAME, "version": fmt.FORMAT_VERSION,
+            "order": job.plan.get("order", "source"), "order_seed": job.plan.get("order_seed"),
             "imgtype": job.plan["save_as"], "count": int(len(table)),
             "classes": job.classes,
             "class_to_idx": {name: i for i, name in enumerate(job.classes)},
             "split": job.plan["split"], "source": job.plan["source"],
-            "transcoded": p["transcoded"], "skipped": p["skipped"], "resized": p["resized"],
-            "warnings": p["warnings"],
+            "transcoded": sorted([int(logical[k]), path, why] for k, path, why in p["transcoded"]),
+            "warnings": sorted([int(logical[k]), path, why] for k, path, why in p["warnings"]),
+            "skipped": _in_source_order(p["skipped"], p.get("skipped_at", [])),
+            "resized": p["resized"],
             "max_size": job.plan["max_size"], "quality": job.plan["quality"],
             "bytes_in": p["bytes_in"], "made_by": f"fastlmdb {__version__}",
             "started": p["started"], "finished": time.time(),
         }
         if "shard" in job.plan:
             info["shard"] = job.plan["shard"]
-        self._write([], table[:0], {fmt.TABLE_KEY: fmt.dump_table(table), fmt.INFO_KEY: info})
+        meta = {fmt.TABLE_KEY: fmt.dump_table(table), fmt.INFO_KEY: info,
+                fmt.LOGICAL_KEY: fmt.dump_table(logical, "<u4")}
+        if job.names:
+            meta[fmt.PATHS_KEY] = self._logical_names(table)
+        self._write([], np.empty(0, fmt.ROW), meta)
         self.db.close()
         self.status.put(("done", info))
 
+    def _logical_names(self, table):
+        """The stored files' names in logical order."""
+        names = self.job.names.split(b"\0")
+        by_source = np.argsort(self.sources)
+        written = by_source[np.searchsorted(self.sources, table["source"], sorter=by_source)]
+        return b"\0".join(names[k] for k in written.tolist())
+
     def close(self):
         self.db.close()
+
+
+def _in_source_order(skipped, sources):
+    """Skipped files listed in source order (`sources`: theirs, as far as recorded)."""
+    if len(sources) != len(skipped):  # a partial database begun before they were recorded
+        return skipped
+    return [entry for _, entry in sorted(zip(sources, skipped), key=lambda pair: pair[0])]
+
+
+def logical_table(rows):
+    """The record table in logical order (by source position) with each record's key: rows
+    come in key order."""
+    by_source = np.argsort(rows["source"], kind="stable")
+    table = np.empty(len(rows), dtype=fmt.TABLE)
+    for name in fmt.ROW.names:
+        table[name] = rows[name][by_source]
+    table["key"] = by_source
+    return table
 
 
 def _receive(inputs):

@@ -1,12 +1,15 @@
 """Any database path, one file or a folder of shards, read as one database: the catalog and a
-reader of global record indices.
+reader of global keys.
 
 A sharded split is the folder ``DST/<split>.lmdb`` holding ``<split>-0000k-of-0000K.lmdb``
 shard files (each a complete database of its own) and ``index.json``, written last:
 ``{"format": "fastlmdb-shards", "version": 1, "count": N, "plan": {...},
 "shards": [{"file": ..., "count": ..., "first_source": ...}, ...]}``.
-Record i of the split is record i - offset of the shard holding it, so indices, labels and
-order are those of a one-file database of the same split.
+Shard k holds the k-th range of the split's keys (its write order): global key g is local key
+g - offset of the shard holding it. The split's record table (logical order, global keys) is
+built from the shards' tables, or mapped from ``table.npy`` and ``logical.npy`` in the folder
+(written with the index), so indices, labels and order are those of a one-file database of
+the same split.
 """
 
 import bisect
@@ -65,6 +68,13 @@ def read_catalog(path):
     path = os.fspath(path)
     if not is_sharded(path):
         return store.read_catalog(path)
+    catalogs = _shard_catalogs(path)
+    rows = split_table([rows for _, rows in catalogs])
+    return _merged(path, catalogs, fmt.logical_of_keys(rows)), rows
+
+
+def _shard_catalogs(path):
+    """(info, rows) of every shard of `path`, checked against its index."""
     index = read_index(path)
     catalogs = [store.read_catalog(p) for p in shard_paths(path)]
     for entry, (info, _) in zip(index["shards"], catalogs):
@@ -72,12 +82,76 @@ def read_catalog(path):
             raise DatabaseError(f"{path}/{entry['file']} holds {info['count']} records, the "
                                 f"index says {entry['count']}: the database is damaged; "
                                 "convert it again")
-    info = merged_info([info for info, _ in catalogs], path)
-    return {**info, "shards": len(catalogs)}, np.concatenate([rows for _, rows in catalogs])
+    return catalogs
 
 
-def merged_info(infos, path):
-    """The info of the one database the shards make together (as a one-file conversion's)."""
+def _merged(path, catalogs, logical):
+    offsets = np.cumsum([0] + [info["count"] for info, _ in catalogs]).tolist()
+    info = merged_info([info for info, _ in catalogs], path, lambda k, i: int(
+        logical[offsets[k] + int(catalogs[k][1]["key"][i])]))
+    return {**info, "shards": len(catalogs)}
+
+
+def split_table(tables):
+    """The record table of the whole split from its shards' (global keys, logical order)."""
+    offset, parts = 0, []
+    for table in tables:
+        part = np.array(table, dtype=fmt.TABLE)
+        part["key"] += offset
+        offset += len(part)
+        parts.append(part)
+    rows = np.concatenate(parts) if parts else np.empty(0, fmt.TABLE)
+    return rows[np.argsort(rows["source"], kind="stable")]
+
+
+TABLE_FILE, LOGICAL_FILE = "table.npy", "logical.npy"
+
+
+def read_tables(path):
+    """(info, rows, logical) as store.read_tables gives them, one file or sharded: the arrays
+    mapped (shared by every process), not copied, where the database allows."""
+    path = os.fspath(path)
+    if not is_sharded(path):
+        return store.read_tables(path)
+    if not os.path.exists(os.path.join(path, TABLE_FILE)):  # made before the files existed
+        info, rows = read_catalog(path)
+        return info, rows, fmt.logical_of_keys(rows)
+    rows = np.load(os.path.join(path, TABLE_FILE), mmap_mode="r", allow_pickle=False)
+    logical = np.load(os.path.join(path, LOGICAL_FILE), mmap_mode="r", allow_pickle=False)
+    catalogs = _shard_catalogs(path)
+    count = sum(info["count"] for info, _ in catalogs)
+    if rows.dtype != fmt.TABLE or rows.shape != (count,) or logical.shape != (count,):
+        raise DatabaseError(f"{path}/{TABLE_FILE} does not match the shards; the database is "
+                            "damaged: convert it again")
+    return _merged(path, catalogs, logical), rows, logical
+
+
+def write_tables(path, shards):
+    """Write the mapped tables of the finished `shards` (paths, in order) in the folder `path`,
+    before its index."""
+    rows = split_table([store.read_catalog(p)[1] for p in shards])
+    for name, array in ((TABLE_FILE, rows), (LOGICAL_FILE, fmt.logical_of_keys(rows))):
+        partial = os.path.join(path, name + ".partial")
+        np.save(partial, array, allow_pickle=False)
+        os.replace(partial + ".npy", os.path.join(path, name))
+
+
+def read_paths(path):
+    """Source paths relative to the split folder in logical order, or None if not recorded."""
+    path = os.fspath(path)
+    if not is_sharded(path):
+        return store.read_paths(path)
+    shards = [store.read_paths(p) for p in shard_paths(path)]
+    if any(names is None for names in shards):
+        return None
+    sources = np.concatenate([store.read_catalog(p)[1]["source"] for p in shard_paths(path)])
+    names = [name for names in shards for name in names]
+    return [names[k] for k in np.argsort(sources, kind="stable").tolist()]
+
+
+def merged_info(infos, path, index_of=None):
+    """The info of the one database the shards make together (as a one-file conversion's).
+    `index_of(shard, i)`: the split's index of record i of a shard (default: offset + i)."""
     first = infos[0]
     for info in infos[1:]:
         for name in ("classes", "imgtype", "split", "source", "max_size", "quality"):
@@ -86,13 +160,14 @@ def merged_info(infos, path):
                                     "by one conversion: convert the split again")
     merged = {name: value for name, value in first.items() if name != "shard"}
     offsets = np.cumsum([0] + [info["count"] for info in infos]).tolist()
+    index_of = index_of or (lambda k, i: offsets[k] + i)
     merged.update(
         count=offsets[-1],
-        transcoded=[[offset + i, p, why] for info, offset in zip(infos, offsets)
-                    for i, p, why in info["transcoded"]],
+        transcoded=sorted([index_of(k, i), p, why] for k, info in enumerate(infos)
+                          for i, p, why in info["transcoded"]),
         skipped=[s for info in infos for s in info["skipped"]],
-        warnings=[[offset + i, p, why] for info, offset in zip(infos, offsets)
-                  for i, p, why in info.get("warnings", [])],  # absent from older databases
+        warnings=sorted([index_of(k, i), p, why] for k, info in enumerate(infos)
+                        for i, p, why in info.get("warnings", [])),  # not in older databases
         resized=sum(info["resized"] for info in infos),
         bytes_in=sum(info["bytes_in"] for info in infos),
         started=min(info["started"] for info in infos),

@@ -2,13 +2,19 @@
 
 A split is one LMDB file, ``DST/<split>.lmdb`` (``subdir=False``), with three named databases:
 
-``images``  key = 8-byte big-endian index, value = the stored image: the original JPEG bytes
+``images``  key = 8-byte big-endian position in the write order (``write_order``: a seeded
+            shuffle of the source files, or their order; version 1: the index), value = the
+            stored image: the original JPEG bytes
             (``imgtype="jpeg"``) or raw uint8 HxWx3 pixels (``imgtype="numpy"``).
-``rows``    key = 8-byte big-endian index of a transaction's first record, value = that
-            transaction's rows of the record table (``ROW`` dtype, little-endian, no header).
+``rows``    key = 8-byte big-endian key of a transaction's first record, value = that
+            transaction's rows (``ROW`` dtype, little-endian, no header), in key order.
 ``meta``    ``plan``: JSON, what the conversion was asked to do (written with the first records);
             ``progress``: JSON, how far it got (rewritten in every transaction);
-            ``table``: the whole record table as one ``.npy`` (written last);
+            ``table``: the whole record table as one ``.npy``, in logical (ImageFolder) order,
+            its ``key`` column naming each record's key (written last);
+            ``logical``: ``.npy`` of ``<u4``, the logical index of each key (written last);
+            ``paths``: the source paths, relative to the split folder, in logical order:
+            ``os.fsencode``d names separated by NUL bytes (written last);
             ``info``: JSON, format version, classes, counts (written last: its absence means
             the conversion did not finish).
 
@@ -27,8 +33,9 @@ import numpy as np
 from fastlmdb.core.errors import DatabaseError
 
 FORMAT_NAME = "fastlmdb"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: records in a write order of their own (the `key` column)
 IMGTYPES = ("jpeg", "numpy")
+ORDERS = ("shuffled", "source")  # the write order: seeded random (default), or ImageFolder's
 
 IMAGES_DB = b"images"
 ROWS_DB = b"rows"
@@ -37,6 +44,8 @@ PLAN_KEY = b"plan"
 PROGRESS_KEY = b"progress"
 TABLE_KEY = b"table"
 INFO_KEY = b"info"
+LOGICAL_KEY = b"logical"
+PATHS_KEY = b"paths"
 
 # One row per stored record: what loaders and `verify` need without parsing any image.
 ROW = np.dtype(
@@ -50,6 +59,35 @@ ROW = np.dtype(
         ("transcoded", "u1"),  # 0: the source bytes, 1: converted to RGB JPEG, 2: resized
     ]
 )
+# The final record table (version 2): ROW and the record's key, rows in logical order.
+TABLE = np.dtype(ROW.descr + [("key", "<u4")])
+
+
+def write_order(files, order, seed):
+    """Source positions in the order they are written: a pure function of its arguments,
+    fixed before any file is prepared, so a resumed or sharded conversion agrees on it."""
+    if order == "source":
+        return np.arange(files, dtype=np.int64)
+    return np.random.default_rng([seed, files]).permutation(files)
+
+
+def logical_of_keys(table):
+    """The logical index of each key: the inverse of the table's `key` column."""
+    logical = np.empty(len(table), dtype="<u4")
+    logical[table["key"]] = np.arange(len(table), dtype="<u4")
+    return logical
+
+
+def join_paths(names):
+    return b"\0".join(os.fsencode(name) for name in names)
+
+
+def split_paths(raw, count):
+    names = [os.fsdecode(name) for name in bytes(raw).split(b"\0")] if count else []
+    if len(names) != count:
+        raise DatabaseError(f"{count} records but {len(names)} source paths recorded; "
+                            "the database is damaged: convert it again")
+    return names
 
 def db_path(to_dir, split):
     """Where the finished database of `split` lives."""
@@ -81,24 +119,46 @@ def load_json(raw, what, path):
     return obj
 
 
-def dump_table(rows):
+def dump_table(rows, dtype=TABLE):
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(rows, dtype=ROW), allow_pickle=False)
+    np.save(buf, np.ascontiguousarray(rows, dtype=dtype), allow_pickle=False)
     return buf.getvalue()
 
 
 def load_table(raw, count, path):
-    """The record table, checked against the expected dtype and length."""
-    try:
-        rows = np.load(io.BytesIO(bytes(raw)), allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001 - numpy's header parser raises many kinds
-        raise DatabaseError(f"{path}: the record table is unreadable ({exc!r}); "
-                            "the database is damaged: convert it again") from None
-    if rows.dtype != ROW or rows.shape != (count,):
-        raise DatabaseError(f"{path}: the record table has dtype {rows.dtype} and shape "
-                            f"{rows.shape}, expected {count} rows of {ROW}; "
-                            "the database is damaged: convert it again")
+    """The record table (TABLE dtype), checked against the expected dtype and length: a view
+    of `raw` (no copy) when it is a current one; a version-1 table gets key = index."""
+    rows = load_npy(raw, (TABLE, ROW), count, "record table", path)
+    if rows.dtype == ROW:
+        table = np.empty(count, dtype=TABLE)
+        for name in ROW.names:
+            table[name] = rows[name]
+        table["key"] = np.arange(count)
+        return table
     return rows
+
+
+def load_npy(raw, dtypes, count, what, path):
+    """An ``.npy`` of `count` items of one of `dtypes` as a view of the buffer `raw` (an LMDB
+    value read with buffers=True stays mapped, not copied); never unpickles."""
+    try:
+        head = io.BytesIO(bytes(raw[:4096]))
+        version = np.lib.format.read_magic(head)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(head)
+        if dtype.hasobject:  # a pickle: never loaded
+            raise ValueError("it holds Python objects, which fastlmdb never unpickles")
+        ok = dtype in dtypes and shape == (count,) and not fortran
+        array = np.frombuffer(raw, dtype=dtype, count=count, offset=head.tell()) if ok else None
+    except Exception as exc:  # noqa: BLE001 - numpy's header parser raises many kinds
+        raise DatabaseError(f"{path}: the {what} is unreadable ({exc!r}); "
+                            "the database is damaged: convert it again") from None
+    if array is None:
+        raise DatabaseError(f"{path}: the {what} has dtype {dtype} and shape {shape}, "
+                            f"expected {count} items of {dtypes[0]}; "
+                            "the database is damaged: convert it again")
+    return array
 
 
 def rows_from_bytes(raw):
@@ -171,7 +231,7 @@ def _field_error(path, name, what):
 
 
 # A sharded split: the folder DST/<split>.lmdb holds K complete databases, shard k holding a
-# contiguous range of the split's files in source order (its rows keep their `source`
+# contiguous range of the split's files in write order (its rows keep their `source`
 # positions in the whole split), and an index written last.
 SHARD_INDEX = "index.json"
 SHARDS_FORMAT = "fastlmdb-shards"
@@ -183,5 +243,6 @@ def shard_file(split, index, count):
 
 
 def shard_bounds(files, count, index):
-    """Source positions [start, stop) of shard `index` of `count`: equal ranges of files."""
+    """Positions [start, stop) in the write order of shard `index` of `count`: equal ranges
+    of files."""
     return files * index // count, files * (index + 1) // count

@@ -151,19 +151,64 @@ def _shared_env(path):
 
 
 def read_catalog(path):
-    """(info, rows) of a finished database."""
+    """(info, rows) of a finished database; rows in logical order (fmt.TABLE)."""
     env = _shared_env(path)
     meta = _open_db(env, fmt.META_DB, path)
     with env.begin(db=meta) as txn:
         raw_info, raw_table = txn.get(fmt.INFO_KEY), txn.get(fmt.TABLE_KEY)
+    info, rows = _catalog_of(raw_info, raw_table, path)
+    _open_db(env, fmt.IMAGES_DB, path)
+    return info, rows
+
+
+def _catalog_of(raw_info, raw_table, path):
+    info = _final_info(raw_info, raw_table, path)
+    return info, fmt.load_table(raw_table, info["count"], path)
+
+
+def _final_info(raw_info, raw_table, path):
     if raw_info is None or raw_table is None:
         raise IncompleteDatabaseError(
             f"{path} has no final metadata: its conversion did not finish; run the same "
             "`fastlmdb convert` command again to resume it")
-    info = fmt.check_info(fmt.load_json(raw_info, "info", path), path)
-    rows = fmt.load_table(raw_table, info["count"], path)
+    return fmt.check_info(fmt.load_json(raw_info, "info", path), path)
+
+
+# Per process and file: the long read transaction whose buffers the mapped tables are.
+_TABLE_TXNS = {}
+
+
+def read_tables(path):
+    """(info, rows, logical) of a finished database, the arrays read-only views of the map
+    (no copy: every process reading the file shares these pages). `logical`: the logical
+    index of each key, or None where keys are the indices (version 1, whose rows are
+    fmt.ROW, without a key column)."""
+    env = _shared_env(path)
+    txn = _TABLE_TXNS.get((path, os.getpid()))
+    if txn is None:
+        # A finished database never changes: the transaction lives as long as the process.
+        txn = _TABLE_TXNS[(path, os.getpid())] = env.begin(
+            db=_open_db(env, fmt.META_DB, path), buffers=True)
+    raw_info, raw_table = txn.get(fmt.INFO_KEY), txn.get(fmt.TABLE_KEY)
+    info = _final_info(raw_info, raw_table, path)
+    # A version-1 table (fmt.ROW, no key column: key = index) is mapped as it is, too.
+    rows = fmt.load_npy(raw_table, (fmt.TABLE, fmt.ROW), info["count"], "record table", path)
+    raw_logical = txn.get(fmt.LOGICAL_KEY)
+    logical = None if raw_logical is None else fmt.load_npy(
+        raw_logical, (np.dtype("<u4"),), info["count"], "key index", path)
     _open_db(env, fmt.IMAGES_DB, path)
-    return info, rows
+    return info, rows, logical
+
+
+def read_paths(path):
+    """The source paths of a database's records (relative to its split folder), in logical
+    order; None if it was made before they were recorded."""
+    env = _shared_env(path)
+    with env.begin(db=_open_db(env, fmt.META_DB, path)) as txn:
+        raw, raw_info = txn.get(fmt.PATHS_KEY), txn.get(fmt.INFO_KEY)
+    if raw is None:
+        return None
+    return fmt.split_paths(raw, fmt.load_json(raw_info, "info", path)["count"])
 
 
 def read_meta(path, name):

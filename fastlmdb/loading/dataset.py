@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import Any, Callable, Iterator, Mapping, Sequence, Tuple, Union
 
 import numpy as np
@@ -38,7 +39,7 @@ class _Records:
         self.path = fmt.db_path(self.root, split)
         self.decode_aware = decode_aware
         self.transform, self.target_transform = transform, target_transform
-        info, rows = catalog.read_catalog(self.path)
+        info, rows, logical = catalog.read_tables(self.path)
         if imgtype is not None and imgtype != info["imgtype"]:
             raise ValueError(f"imgtype={imgtype!r}, but {self.path} holds {info['imgtype']} "
                              f"records: pass imgtype={info['imgtype']!r} or leave it out")
@@ -48,10 +49,69 @@ class _Records:
         self.classes, self.class_to_idx = info["classes"], info["class_to_idx"]
         self._decode = jpeg.decoder(decoder) if self.imgtype == "jpeg" else None
         self.decoder, self.min_size = decoder, _pair(min_size)
-        self._labels = rows["label"].astype(np.int64)
-        self._shapes = np.stack([rows["height"], rows["width"]], axis=1).astype(np.int64)
+        self.order = info.get("order", "source")  # the records' physical order
+        self._source = info["source"]
+        self._count = len(rows)
+        # The per-sample tables are views of the database's map, not copies: every process
+        # maps the same pages (see _rows). Dropped on pickling, mapped again where unpickled.
+        self._tables, self._tables_pid = (rows, logical), os.getpid()
+        self._samples = None
         self._reader = catalog.reader(self.path)
         self.errors = 0  # records skipped in this process because they failed to decode
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tables": None, "_tables_pid": None, "_samples": None}
+
+    @property
+    def _rows(self):
+        """The record table in logical order (fmt.TABLE), mapped in this process."""
+        if self._tables_pid != os.getpid():
+            _, rows, logical = catalog.read_tables(self.path)
+            self._tables, self._tables_pid = (rows, logical), os.getpid()
+        return self._tables[0]
+
+    @property
+    def _labels(self):
+        return self._rows["label"]
+
+    def _keys(self, indices):
+        """The keys of the records at logical `indices` (an integer array)."""
+        rows = self._rows
+        if "key" not in rows.dtype.names:  # version 1: key = index
+            return np.asarray(indices, dtype=np.int64)
+        return rows["key"][indices].astype(np.int64)
+
+    def _key(self, index):
+        """The key of record `index` (the per-sample path: no array made)."""
+        rows = self._rows
+        return int(rows["key"][index]) if "key" in rows.dtype.names else index
+
+    def _logical(self, keys):
+        """The logical indices of the records with `keys` (version 1: the keys themselves)."""
+        self._rows  # noqa: B018 - maps the tables in this process
+        logical = self._tables[1]
+        return keys if logical is None else logical[keys].astype(np.int64)
+
+    @property
+    def samples(self):
+        """(path, target) of every record in this dataset's order, as ImageFolder has them;
+        read from the database on first use."""
+        if self._samples is None:
+            names = catalog.read_paths(self.path)
+            if names is None:
+                raise AttributeError(f"{self.path} does not record its source paths (made by "
+                                     "an older fastlmdb): convert it again to get `samples`")
+            root, labels = self._source, self._labels.tolist()
+            samples = [(os.path.join(root, name), label) for name, label in zip(names, labels)]
+            self._samples = [samples[i] for i in self._sample_order()]
+        return self._samples
+
+    @property
+    def imgs(self):
+        return self.samples
+
+    def _sample_order(self):
+        return range(self._count)
 
     @property
     def transform(self) -> Transform | None:
@@ -76,7 +136,8 @@ class _Records:
     def _pixels(self, index, value, out=None):
         """HWC uint8 pixels of a record: whole, or the crop box of a decode-aware head
         (resized into `out`, a 3xHxW uint8 tensor, when given)."""
-        height, width = (int(n) for n in self._shapes[index])
+        row = self._rows[index]
+        height, width = int(row["height"]), int(row["width"])
         crop = self._crop
         try:
             if self.imgtype == "numpy":
@@ -175,23 +236,34 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
                          decoder=decoder, min_size=min_size, on_error=on_error,
                          decode_aware=decode_aware)
         self.shuffle = shuffle
-        count = len(self._labels)
-        self._index = (np.random.default_rng(seed).permutation(count) if shuffle
-                       else np.arange(count))
+        # None: the identity, which costs no memory in every worker.
+        self._index = np.random.default_rng(seed).permutation(self._count) if shuffle else None
 
     def __len__(self) -> int:
-        return len(self._index)
+        return self._count
 
     @property
     def targets(self) -> list[int]:
-        return self._labels[self._index].tolist()  # type: ignore[no-any-return]
+        labels = self._labels if self._index is None else self._labels[self._index]
+        return labels.tolist()  # type: ignore[no-any-return]
+
+    def _sample_order(self):
+        return range(self._count) if self._index is None else self._index.tolist()
+
+    def _position(self, i):
+        """The record index of dataset position `i`."""
+        if self._index is None:
+            if not -self._count <= i < self._count:
+                raise IndexError(f"index {i} is out of range for {self._count} records")
+            return i % self._count
+        return int(self._index[i])
 
     def __getitem__(self, i: int) -> Any:
-        index = int(self._index[i])
-        for attempt in range(len(self._index)):
-            probe = (index + attempt) % len(self._index)
+        index = self._position(i)
+        for attempt in range(self._count):
+            probe = (index + attempt) % self._count
             try:
-                return self._record(probe, self._reader.get(probe))
+                return self._record(probe, self._reader.get(self._key(probe)))
             except DecodeError as exc:
                 self._skip_or_raise(exc)
         raise DatabaseError(f"no record of {self.path} could be decoded")
@@ -199,8 +271,8 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
     def __getitems__(self, positions: Sequence[int]) -> list[Any]:
         """A whole batch (the DataLoader calls this): all lookups first, then the decodes;
         in place into one batch tensor where the pipeline allows (see fastlmdb.batch)."""
-        indices = [int(self._index[i]) for i in positions]
-        values = self._reader.get_many(indices)
+        indices = [self._position(i) for i in positions]
+        values = self._reader.get_many(self._keys(indices).tolist())
         if self._decodes_in_place():
             return self._batch_in_place(positions, indices, values)
         samples = []
@@ -261,6 +333,13 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
                          decode_aware=decode_aware)
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self._rank, self._world_size, self.batch_size = rank, world_size, batch_size
+        if shuffle and self.order == "source":
+            warnings.warn(
+                f"{self.path} stores its records in class order: shuffle=True mixes blocks of "
+                f"{order.BLOCK} within windows of {order.BLOCK * order.WINDOW_BLOCKS} records, so "
+                "a batch holds only a few classes. Convert it again without --order source "
+                "(the default shuffles the write order), or use LMDBDataset with EpochSampler",
+                UserWarning, stacklevel=2)
         # [epoch, samples of it already consumed]: shared, so it reaches persistent workers.
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
         # This process's own: samples its iteration handed out, and a worker's resume point.
@@ -303,13 +382,13 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
         # take itself for rank 0 of 1: the process that pickles the dataset for its workers
         # (the one iterating the loader) carries its rank along. Without a process group here
         # nothing is fixed, so a copy unpickled in a distributed process still asks its own.
-        state = self.__dict__.copy()
+        state = super().__getstate__()
         if self._world_size is None and sampler.distributed():
             state["_rank"], state["_world_size"] = self._ranks()
         return state
 
     def __len__(self) -> int:
-        return order.per_rank(len(self._labels), self._ranks()[1], self.drop_last)
+        return order.per_rank(self._count, self._ranks()[1], self.drop_last)
 
     @property
     def targets(self) -> list[int]:
@@ -317,8 +396,14 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
 
     def indices(self) -> np.ndarray[Any, np.dtype[np.int64]]:
         """The record indices this process yields this epoch, in order."""
+        keys = self._epoch_share()
+        return self._logical(keys) if self.shuffle else keys
+
+    def _epoch_share(self):
+        """This process's share of the epoch: keys when shuffled (blocks of the physical
+        order, read sequentially), else the logical order."""
         rank, world_size = self._ranks()
-        epoch_order = order.epoch_order(len(self._labels), shuffle=self.shuffle,
+        epoch_order = order.epoch_order(self._count, shuffle=self.shuffle,
                                         seed=self.seed, epoch=self.epoch)
         share = order.rank_share(epoch_order, rank, world_size, self.drop_last)
         share = share[int(self._position[1]):]
@@ -365,12 +450,13 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
 
     def _read(self, piece):
         """Buffers of `piece`'s records, read in key order (sequential I/O), in piece order."""
-        keys = np.unique(piece)
+        wanted = self._keys(piece)
+        keys = np.unique(wanted)
         if keys[-1] - keys[0] + 1 == len(keys):
             values = self._reader.scan(int(keys[0]), int(keys[-1]) + 1)
         else:
             values = self._reader.get_many(keys.tolist())
-        return [values[i] for i in np.searchsorted(keys, piece).tolist()]
+        return [values[i] for i in np.searchsorted(keys, wanted).tolist()]
 
 
 def _stored_pixels(value, height, width):

@@ -36,12 +36,20 @@ def merge(path: StrPath, output: StrPath | None = None,
         files.remove(partial)
     with files.exclusive(partial):
         writer = store.Writer(partial, map_size=max(files.size(path), 1 << 20))
-        _copy_records(catalog.reader(path), writer, rows, on_progress)
+        # Records keep their keys (the write order); the table stays in logical order.
+        by_key = np.empty(len(rows), dtype=fmt.ROW)
+        for name in fmt.ROW.names:
+            by_key[name] = rows[name][np.argsort(rows["key"])]
+        _copy_records(catalog.reader(path), writer, by_key, on_progress)
         # The plan and info of the whole split, as a one-file conversion of it writes them.
         plan = {name: value for name, value in index["plan"].items() if name != "shards"}
         info = {name: value for name, value in info.items() if name != "shards"}
-        writer.commit(len(rows), [], rows[:0], {fmt.PLAN_KEY: plan, fmt.INFO_KEY: info,
-                                                fmt.TABLE_KEY: fmt.dump_table(rows)})
+        meta = {fmt.PLAN_KEY: plan, fmt.INFO_KEY: info, fmt.TABLE_KEY: fmt.dump_table(rows),
+                fmt.LOGICAL_KEY: fmt.dump_table(fmt.logical_of_keys(rows), "<u4")}
+        names = catalog.read_paths(path)
+        if names is not None:
+            meta[fmt.PATHS_KEY] = fmt.join_paths(names)
+        writer.commit(len(rows), [], by_key[:0], meta)
         writer.close()
         files.publish(partial, output)
     return output

@@ -53,9 +53,11 @@ def verify(path: StrPath, *, source: StrPath | None = None, labels: StrPath | No
     paths = _source_paths(source, labels, info, rows, problems) if source else None
     chunks = [range(start, min(start + CHUNK, len(rows))) for start in range(0, len(rows), CHUNK)]
     reader = catalog.reader(path)  # picklable: each process begins its own transaction
-    work = (joblib.delayed(_check_records)(reader, info["imgtype"], decode, rows[c.start:c.stop],
-                                           c.start, paths and paths[c.start:c.stop])
-            for c in chunks)
+    by_key = np.argsort(rows["key"], kind="stable")  # read in key order: sequential I/O
+    work = (joblib.delayed(_check_records)(
+        reader, info["imgtype"], decode, rows[by_key[c.start:c.stop]], c.start,
+        by_key[c.start:c.stop].tolist(), paths and [paths[i] for i in by_key[c.start:c.stop]])
+        for c in chunks)
     done, warnings = 0, []
     try:
         for found, warned in joblib.Parallel(n_jobs=procs, return_as="generator")(work):
@@ -111,11 +113,12 @@ def _scan(source, labels, info):
     return folder.scan(source)
 
 
-def _check_records(reader, imgtype, decode, rows, first, paths):
-    """(problems, warnings) of records first .. first + len(rows)."""
+def _check_records(reader, imgtype, decode, rows, first_key, indices, paths):
+    """(problems, warnings) of the records with keys first_key.. (`rows`, at record
+    `indices`)."""
     problems, warnings = [], []
     try:
-        values = reader.scan(first, first + len(rows))
+        values = reader.scan(first_key, first_key + len(rows))
     except FastLMDBError as exc:
         return [str(exc)], []
     for k, (row, value) in enumerate(zip(rows, values)):
@@ -123,9 +126,9 @@ def _check_records(reader, imgtype, decode, rows, first, paths):
         if why is None and paths is not None and not row["transcoded"]:
             why = _compare_source(imgtype, value, paths[k])
         if why:
-            problems.append(f"record {first + k}: {why}")
+            problems.append(f"record {indices[k]}: {why}")
         if warning:
-            warnings.append(f"record {first + k}: {warning}")
+            warnings.append(f"record {indices[k]}: {warning}")
     return problems, warnings
 
 
