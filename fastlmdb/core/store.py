@@ -108,10 +108,11 @@ def _open_db(env, name, path):
 _ENVS = {}  # (st_dev, st_ino) -> _Opened
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class _Opened:
     env: lmdb.Environment
     pid: int  # the process that opened it
+    tables: object = None  # the long read transaction whose buffers the mapped tables are
 
 
 def _drop_inherited():
@@ -136,18 +137,23 @@ def opened_by(path):
 
 
 def _shared_env(path):
+    return _opened(path).env
+
+
+def _opened(path):
+    """This process's _Opened record of the database file `path`, opened if need be."""
     try:
         # By file identity, as py-lmdb counts it: a database renamed since it was opened (a
         # shard moved into its finished folder) is the same file, one replaced since
         # (convert --overwrite) another; an open env keeps its inode from being reused.
         stat = os.stat(path)
         key = (stat.st_dev, stat.st_ino)
-    except OSError:
-        return _open_readonly(path)  # raises the error that says what is wrong
+    except OSError:  # _open_readonly says what is wrong (or, if it just appeared, opens it)
+        return _Opened(_open_readonly(path), os.getpid())
     opened = _ENVS.get(key)
     if opened is None:
         opened = _ENVS[key] = _Opened(_open_readonly(path), os.getpid())
-    return opened.env
+    return opened
 
 
 def read_catalog(path):
@@ -174,21 +180,18 @@ def _final_info(raw_info, raw_table, path):
     return fmt.check_info(fmt.load_json(raw_info, "info", path), path)
 
 
-# Per process and file: the long read transaction whose buffers the mapped tables are.
-_TABLE_TXNS = {}
-
-
 def read_tables(path):
     """(info, rows, logical) of a finished database, the arrays read-only views of the map
     (no copy: every process reading the file shares these pages). `logical`: the logical
     index of each key, or None where keys are the indices (version 1, whose rows are
     fmt.ROW, without a key column)."""
-    env = _shared_env(path)
-    txn = _TABLE_TXNS.get((path, os.getpid()))
-    if txn is None:
-        # A finished database never changes: the transaction lives as long as the process.
-        txn = _TABLE_TXNS[(path, os.getpid())] = env.begin(
-            db=_open_db(env, fmt.META_DB, path), buffers=True)
+    opened = _opened(path)
+    env = opened.env
+    if opened.tables is None:
+        # A finished database never changes: the transaction lives as long as its environment
+        # (per file, not per path: a database replaced by --overwrite is another file).
+        opened.tables = env.begin(db=_open_db(env, fmt.META_DB, path), buffers=True)
+    txn = opened.tables
     raw_info, raw_table = txn.get(fmt.INFO_KEY), txn.get(fmt.TABLE_KEY)
     info = _final_info(raw_info, raw_table, path)
     # A version-1 table (fmt.ROW, no key column: key = index) is mapped as it is, too.
