@@ -21,6 +21,8 @@ from torch.utils.data import DistributedSampler
 
 import dist_probe
 from fastlmdb import EpochSampler, LMDBDataset
+from fastlmdb.core import catalog
+from fastlmdb.core import format as fmt
 from fastlmdb.loading import order
 from lmdb_probes import checksum
 
@@ -72,12 +74,19 @@ def samples(uneven_db):
     return [tuple(ds[i]) for i in range(len(ds))]
 
 
-def _expected_share(name, samples, rank, epoch):
+@pytest.fixture(scope="module")
+def logical(uneven_db):
+    """The record index of each key: the iterable dataset's epoch order is over keys (the
+    order records were written in)."""
+    return catalog.read_tables(fmt.db_path(uneven_db, "train"))[2]
+
+
+def _expected_share(name, samples, logical, rank, epoch):
     """The indices rank `rank` must see in epoch `epoch` under configuration `name`."""
     if name.startswith("iter"):
         epoch_order = order.epoch_order(len(samples), shuffle=True, seed=dist_probe.SEED,
                                         epoch=epoch)
-        return order.rank_share(epoch_order, rank, WORLD).tolist()
+        return logical[order.rank_share(epoch_order, rank, WORLD)].tolist()
     if name == "map-EpochSampler":
         sampler = EpochSampler(samples, seed=dist_probe.SEED, rank=rank, world_size=WORLD)
     else:
@@ -87,7 +96,7 @@ def _expected_share(name, samples, rank, epoch):
     return list(sampler)
 
 
-def _check(results, samples, configs):
+def _check(results, samples, logical, configs):
     names = [config[0] for config in configs]
     assert all(list(result) == names for result in results)
     pad = -len(samples) % WORLD
@@ -101,28 +110,28 @@ def _check(results, samples, configs):
             assert set(union) == set(samples), f"{name}, epoch {epoch}: samples missing"
             assert sum(union.values()) - len(samples) == pad, f"{name}, epoch {epoch}"
             for rank in range(WORLD):  # and exactly each rank's share
-                share = _expected_share(name, samples, rank, epoch)
+                share = _expected_share(name, samples, logical, rank, epoch)
                 assert seen[rank] == collections.Counter(samples[i] for i in share), \
                     f"{name}, rank {rank}, epoch {epoch}: not its share"
         assert results[0][name][0] != results[0][name][1], f"{name}: set_epoch did not reach"
 
 
 @pytest.mark.timeout(SECONDS + 60)
-def test_ranks_started_by_torch_multiprocessing_spawn(uneven_db, samples, tmp_path):
+def test_ranks_started_by_torch_multiprocessing_spawn(uneven_db, samples, logical, tmp_path):
     launcher = subprocess.Popen(
         [sys.executable, PROBE, "spawn", str(uneven_db), str(tmp_path), str(_free_port()),
          str(SECONDS - 20)], env=_env(), stderr=subprocess.PIPE, text=True,
         start_new_session=True)
     _finish([launcher])
-    _check(_results(tmp_path), samples, dist_probe.CONFIGS)
+    _check(_results(tmp_path), samples, logical, dist_probe.CONFIGS)
 
 
 @pytest.mark.timeout(SECONDS + 60)
-def test_ranks_started_as_separate_programs(uneven_db, samples, tmp_path):
+def test_ranks_started_as_separate_programs(uneven_db, samples, logical, tmp_path):
     port = _free_port()
     ranks = [subprocess.Popen(
         [sys.executable, PROBE, "env", str(uneven_db), str(tmp_path), "60"],
         env=_env(RANK=rank, WORLD_SIZE=WORLD, MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
         stderr=subprocess.PIPE, text=True, start_new_session=True) for rank in range(WORLD)]
     _finish(ranks)
-    _check(_results(tmp_path), samples, dist_probe.PROGRAM_CONFIGS)
+    _check(_results(tmp_path), samples, logical, dist_probe.PROGRAM_CONFIGS)
