@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from fastlmdb.converter import pipeline, prepare, shards
 from fastlmdb.core import catalog, files, sources
@@ -69,7 +69,7 @@ class Stats:
     resumed_at: int  # source files already done when this run started
     # [index, path, why] of records kept although they decode only leniently or through the
     # loaders' fallback decoder (prepare.Record.warning)
-    warnings: list = dataclasses.field(default_factory=list)
+    warnings: list[Any] = dataclasses.field(default_factory=list)
 
 
 def convert(options: Options,
@@ -103,7 +103,7 @@ def convert(options: Options,
     return _stats(final, results, time.monotonic() - started)
 
 
-def _check_layout(partial, options):
+def _check_layout(partial: str, options: Options) -> None:
     """A partial database of the other layout (one file vs shards) is refused, or removed
     with --overwrite."""
     if not os.path.exists(partial) or os.path.isdir(partial) == (options.shards > 1):
@@ -116,7 +116,7 @@ def _check_layout(partial, options):
     files.remove(partial)
 
 
-def _stats(final, results, seconds):
+def _stats(final: str, results: Sequence[Any], seconds: float) -> Stats:
     # Shards' record indices become the split's through the split's table.
     info = results[0][0] if len(results) == 1 else catalog.read_catalog(final)[0]
     for index, path, why in info["warnings"]:
@@ -126,7 +126,7 @@ def _stats(final, results, seconds):
                  info["warnings"])
 
 
-def _validate(o):
+def _validate(o: Options) -> None:
     if (o.from_dir is None) == (o.from_archive is None):
         raise ValueError("give --from_dir SRC or --from-archive FILE (one of them), got "
                          f"{'both' if o.from_dir else 'neither'}")
@@ -167,6 +167,6 @@ def _validate(o):
                          "(K > 1, e.g. a few per worker)")
 
 
-def settings_of(options):
+def settings_of(options: Options) -> prepare.Settings:
     return prepare.Settings(options.save_as, options.max_pixels, options.max_size,
                             options.quality, options.check_decode)

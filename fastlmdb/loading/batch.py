@@ -18,29 +18,38 @@ those of the per-sample path (same transform objects, same random draws, in the 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, Tuple, cast
 
 import torch
 import torch.utils.data
 
 from fastlmdb.loading import crops, handover
 
+if TYPE_CHECKING:
+    _Pair = Tuple[Any, int]  # what mypy sees of the tuple a Sample is: (image, label)
+else:
+    _Pair = tuple
 
-class Sample(tuple):
+
+class Sample(_Pair):
     """(image, label) of sample `position` of a batch decoded in place: the image a view of
     ``batch[0]``, the label an int, as the per-sample path gives it; `batch` is the whole
     (images, labels)."""
 
-    def __new__(cls, image, label, batch, position):
+    batch: tuple[torch.Tensor, torch.Tensor]
+    position: int
+
+    def __new__(cls, image: torch.Tensor, label: int, batch: tuple[torch.Tensor, torch.Tensor],
+                position: int) -> Sample:
         sample = super().__new__(cls, (image, label))
         sample.batch, sample.position = batch, position
         return sample
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return tuple, (tuple(self),)  # pickled, it is the plain (image, label) it stands for
 
 
-def only_flips(transform):
+def only_flips(transform: Any) -> bool:
     """Whether `transform` keeps a uint8 CHW tensor's size and type: None, a torchvision flip,
     or a torchvision Compose of flips. Exact types: a subclass may do anything."""
     composed = type(transform) in crops.torchvision_types("Compose")
@@ -49,7 +58,7 @@ def only_flips(transform):
     return all(step is None or type(step) in flips for step in steps)
 
 
-def empty(count, size):
+def empty(count: int, size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(images, labels): uninitialised [count, 3, h, w] uint8 and [count] int64 tensors; in a
     DataLoader worker the images are in shared memory, reused where it can be (handover)."""
     shape = (count, 3, *size)
@@ -60,17 +69,18 @@ def empty(count, size):
     return images, torch.empty(count, dtype=torch.int64)
 
 
-def _shared(shape):
+def _shared(shape: tuple[int, ...]) -> Any:  # a uint8 tensor (see set_ below)
     try:
         # What torch's collate does for the batches it stacks; share_memory_() on an ordinary
         # tensor would allocate it twice and copy.
         storage = torch.UntypedStorage._new_shared(math.prod(shape))
     except AttributeError:  # not in this torch version
         return torch.empty(shape, dtype=torch.uint8).share_memory_()
-    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)  # type: ignore[call-overload]
 
 
-def samples(images, labels, label_list):
+def samples(images: torch.Tensor, labels: torch.Tensor,
+            label_list: Sequence[int]) -> list[Sample]:
     """The batch as a list of Sample views (labels as ints, as the per-sample path gives them),
     for any collate function."""
     batch = (images, labels)
@@ -87,10 +97,10 @@ def collate(batch: Sequence[Any]) -> Any:
     whole = _whole_batch(batch)
     if whole is not None:
         return handover.batch(*whole)
-    return torch.utils.data.default_collate(batch)
+    return torch.utils.data.default_collate(cast("list[Any]", batch))
 
 
-def _whole_batch(batch):
+def _whole_batch(batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The (images, labels) that `batch` is, sample for sample, in order; else None."""
     first = batch[0] if len(batch) else None
     if not isinstance(first, Sample) or len(batch) != len(first.batch[1]):
@@ -102,7 +112,7 @@ def _whole_batch(batch):
     return first.batch
 
 
-def _collate_samples(batch, *, collate_fn_map=None):
+def _collate_samples(batch: Sequence[Any], *, collate_fn_map: Any = None) -> Any:
     whole = _whole_batch(batch)
     if whole is not None:
         return handover.batch(*whole)
@@ -110,7 +120,7 @@ def _collate_samples(batch, *, collate_fn_map=None):
     return torch.utils.data.default_collate([tuple(sample) for sample in batch])
 
 
-def _register_with_default_collate():
+def _register_with_default_collate() -> None:
     try:
         from torch.utils.data._utils.collate import default_collate_fn_map
     except ImportError:  # then default_collate stacks the samples like any tuples: same values

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, cast
 
 import numpy as np
 import torch
@@ -28,7 +28,11 @@ import torch.nn.functional
 try:
     from fastlmdb.core import _jpegcrop
 except ImportError:  # no compiler or libjpeg headers at install time
-    _jpegcrop = None
+    _jpegcrop = None  # type: ignore[assignment]
+
+if TYPE_CHECKING:
+    Pixels = np.ndarray[Any, np.dtype[np.uint8]]  # HWC uint8
+    Transform = Callable[[Any], Any]
 
 SCALES = (8, 4, 2, 1)
 
@@ -60,8 +64,8 @@ class RandomResizedCrop(DecodeCrop):
             w = int(round(math.sqrt(target_area * aspect)))
             h = int(round(math.sqrt(target_area / aspect)))
             if 0 < w <= width and 0 < h <= height:
-                top = torch.randint(0, height - h + 1, size=(1,)).item()
-                left = torch.randint(0, width - w + 1, size=(1,)).item()
+                top = cast(int, torch.randint(0, height - h + 1, size=(1,)).item())
+                left = cast(int, torch.randint(0, width - w + 1, size=(1,)).item())
                 return top, left, h, w
         return _central_box(height, width, self.ratio)
 
@@ -99,15 +103,16 @@ def _central_box(height: int, width: int,
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else tuple(size)
+    return (size, size) if isinstance(size, int) else cast("tuple[int, int]", tuple(size))
 
 
-def split_pipeline(transform, decode_aware=False):
+def split_pipeline(transform: Transform | None,
+                   decode_aware: bool = False) -> tuple[DecodeCrop | None, Transform | None]:
     """(decode-aware head or None, the rest of the pipeline) of a transform. With
     `decode_aware`, torchvision's own crops at the head of a Compose count too."""
     if isinstance(transform, DecodeCrop):
         return transform, None
-    steps = getattr(transform, "transforms", None)
+    steps: Any = getattr(transform, "transforms", None)
     if steps and isinstance(steps[0], DecodeCrop):
         return steps[0], _rest(transform, steps, 1)
     if not decode_aware or transform is None:
@@ -120,11 +125,11 @@ def split_pipeline(transform, decode_aware=False):
     return head, _rest(transform, steps, taken)
 
 
-def _rest(transform, steps, taken):
+def _rest(transform: Any, steps: Sequence[Any], taken: int) -> Any:
     return type(transform)(list(steps[taken:])) if len(steps) > taken else None
 
 
-def torchvision_head(steps):
+def torchvision_head(steps: Sequence[Any]) -> tuple[DecodeCrop | None, int]:
     """(the decode-aware op, steps it replaces) for torchvision's RandomResizedCrop, or Resize(s)
     then CenterCrop, at the head of `steps` (v1 or v2, bilinear, antialiased); else (None, 0).
     The same random draws; pixels from a crop-then-resize at a reduced decode scale, within a
@@ -137,11 +142,11 @@ def torchvision_head(steps):
     if (type(first) in torchvision_types("Resize") and len(steps) > 1
             and type(steps[1]) in torchvision_types("CenterCrop") and first.max_size is None
             and _side(first.size) is not None):
-        return ResizeCenterCrop(_side(first.size), tuple(steps[1].size)), 2
+        return ResizeCenterCrop(cast(int, _side(first.size)), tuple(steps[1].size)), 2
     return None, 0
 
 
-def torchvision_types(*names):
+def torchvision_types(*names: str) -> tuple[type[Any], ...]:
     """Those classes of torchvision.transforms and .v2, of the modules already imported (a
     transform of theirs exists only once they are). Exact types: a subclass may do anything."""
     modules = [sys.modules.get(name) for name in ("torchvision.transforms",
@@ -149,20 +154,20 @@ def torchvision_types(*names):
     return tuple(getattr(m, name) for m in modules if m is not None for name in names)
 
 
-def _bilinear_antialiased(step):
+def _bilinear_antialiased(step: Any) -> bool:
     mode = getattr(step, "interpolation", None)
     return (getattr(mode, "value", mode) == "bilinear"
             and getattr(step, "antialias", True) in (True, None))
 
 
-def _side(size):
+def _side(size: Any) -> int | None:
     """The shorter-side target of a Resize's `size` (an int or a one-element list), or None."""
     if isinstance(size, int):
         return size
     return size[0] if isinstance(size, (list, tuple)) and len(size) == 1 else None
 
 
-def scale_for(box_h, box_w, size):
+def scale_for(box_h: int, box_w: int, size: Sequence[int]) -> int:
     """The largest denominator whose scaled box still covers the output size."""
     for denom in SCALES:
         if -(-box_h // denom) >= size[0] and -(-box_w // denom) >= size[1]:
@@ -170,7 +175,8 @@ def scale_for(box_h, box_w, size):
     return 1
 
 
-def decode_box(data, box, size, height, width, decode):
+def decode_box(data: Any, box: tuple[int, int, int, int], size: Sequence[int], height: int,
+               width: int, decode: Callable[..., Pixels]) -> Pixels:
     """HWC uint8 pixels of `box` of a JPEG, decoded at the coarsest sufficient scale."""
     top, left, h, w = box
     denom = scale_for(h, w, size)
@@ -185,7 +191,8 @@ def decode_box(data, box, size, height, width, decode):
     return pixels[y0:y0 + max(1, round(h * fy)), x0:x0 + max(1, round(w * fx))]
 
 
-def resize(pixels, size, out=None):
+def resize(pixels: Pixels, size: Sequence[int],
+           out: torch.Tensor | None = None) -> Pixels | None:
     """Antialiased bilinear resize of HWC uint8 pixels to `size` (h, w); HWC uint8 out, or
     written into `out`, a 3xHxW uint8 tensor (then returns None)."""
     if pixels.shape[:2] == tuple(size):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Any, Callable, Iterator, Mapping, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
@@ -28,13 +28,19 @@ OUTPUTS = ("pil", "tensor", "numpy")
 Transform = Callable[[Any], Any]
 StrPath = Union[str, "os.PathLike[str]"]
 Size = Union[int, Tuple[int, int]]  # (height, width), or one number for both
+if TYPE_CHECKING:
+    Pixels = np.ndarray[Any, np.dtype[np.uint8]]  # HWC uint8
+    Ints = np.ndarray[Any, np.dtype[np.int64]]
+    Table = np.ndarray[Any, Any]  # a structured array (fmt.TABLE)
 
 
 class _Records:
     """What both datasets share: the catalog, lazy per-process reads, decode, transforms."""
 
-    def __init__(self, root, split, transform, target_transform, imgtype, *, output,
-                 decoder, min_size, on_error, decode_aware=False):
+    def __init__(self, root: StrPath, split: str, transform: Transform | None,
+                 target_transform: Transform | None, imgtype: str | None, *, output: str,
+                 decoder: str, min_size: Size | None, on_error: str,
+                 decode_aware: bool = False) -> None:
         self.root, self.split = os.fspath(root), split
         self.path = fmt.db_path(self.root, split)
         self.decode_aware = decode_aware
@@ -47,7 +53,7 @@ class _Records:
         _check_choice("on_error", on_error, ON_ERROR)
         self.imgtype, self.output, self.on_error = info["imgtype"], output, on_error
         self.classes, self.class_to_idx = info["classes"], info["class_to_idx"]
-        self._decode = jpeg.decoder(decoder) if self.imgtype == "jpeg" else None
+        self._decode: Any = jpeg.decoder(decoder) if self.imgtype == "jpeg" else None
         self.decoder, self.min_size = decoder, _pair(min_size)
         self.order = info.get("order", "source")  # the records' physical order
         self._source = info["source"]
@@ -55,45 +61,45 @@ class _Records:
         # The per-sample tables are views of the database's map, not copies: every process
         # maps the same pages (see _rows). Dropped on pickling, mapped again where unpickled.
         self._tables, self._tables_pid = (rows, logical), os.getpid()
-        self._samples = None
+        self._samples: list[tuple[str, int]] | None = None
         self._reader = catalog.reader(self.path)
         self.errors = 0  # records skipped in this process because they failed to decode
 
-    def __getstate__(self):
+    def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_tables": None, "_tables_pid": None, "_samples": None}
 
     @property
-    def _rows(self):
+    def _rows(self) -> Table:
         """The record table in logical order (fmt.TABLE), mapped in this process."""
         if self._tables_pid != os.getpid():
             _, rows, logical = catalog.read_tables(self.path)
             self._tables, self._tables_pid = (rows, logical), os.getpid()
-        return self._tables[0]
+        return cast("Table", self._tables[0])
 
     @property
-    def _labels(self):
+    def _labels(self) -> Table:
         return self._rows["label"]
 
-    def _keys(self, indices):
+    def _keys(self, indices: Sequence[int] | np.ndarray[Any, Any]) -> Ints:
         """The keys of the records at logical `indices` (an integer array)."""
         rows = self._rows
         if "key" not in rows.dtype.names:  # version 1: key = index
             return np.asarray(indices, dtype=np.int64)
         return rows["key"][indices].astype(np.int64)
 
-    def _key(self, index):
+    def _key(self, index: int) -> int:
         """The key of record `index` (the per-sample path: no array made)."""
         rows = self._rows
         return int(rows["key"][index]) if "key" in rows.dtype.names else index
 
-    def _logical(self, keys):
+    def _logical(self, keys: Ints) -> Ints:
         """The logical indices of the records with `keys` (version 1: the keys themselves)."""
         self._rows  # noqa: B018 - maps the tables in this process
         logical = self._tables[1]
         return keys if logical is None else logical[keys].astype(np.int64)
 
     @property
-    def samples(self):
+    def samples(self) -> list[tuple[str, int]]:
         """(path, target) of every record in this dataset's order, as ImageFolder has them;
         read from the database on first use."""
         if self._samples is None:
@@ -107,10 +113,10 @@ class _Records:
         return self._samples
 
     @property
-    def imgs(self):
+    def imgs(self) -> list[tuple[str, int]]:
         return self.samples
 
-    def _sample_order(self):
+    def _sample_order(self) -> Sequence[int]:
         return range(self._count)
 
     @property
@@ -123,7 +129,7 @@ class _Records:
         self._transform = transform
         self._crop, self._rest = crops.split_pipeline(transform, self.decode_aware)
 
-    def _record(self, index, value):
+    def _record(self, index: int, value: bytes | memoryview) -> tuple[Any, Any]:
         """(image, target) of record `index` from its stored value."""
         label = int(self._labels[index])
         image = self._to_output(self._pixels(index, value))
@@ -133,7 +139,8 @@ class _Records:
             label = self.target_transform(label)
         return image, label
 
-    def _pixels(self, index, value, out=None):
+    def _pixels(self, index: int, value: bytes | memoryview,
+                out: torch.Tensor | None = None) -> Any:
         """HWC uint8 pixels of a record: whole, or the crop box of a decode-aware head
         (resized into `out`, a 3xHxW uint8 tensor, when given)."""
         row = self._rows[index]
@@ -155,12 +162,12 @@ class _Records:
         except Exception as exc:  # noqa: BLE001 - any decoder failure is this record's
             raise self._error(index, str(exc)) from None
 
-    def _decodes_in_place(self):
+    def _decodes_in_place(self) -> bool:
         """Whether every image of a batch is a 3xHxW uint8 tensor of the crop head's size."""
         return (self._crop is not None and self.output == "tensor"
                 and self.target_transform is None and batch.only_flips(self._rest))
 
-    def _record_into(self, index, value, image):
+    def _record_into(self, index: int, value: bytes | memoryview, image: torch.Tensor) -> int:
         """_record, the image written into `image`, a 3xHxW uint8 tensor; returns the label."""
         self._pixels(index, value, out=image)
         if self._rest is not None:
@@ -169,13 +176,13 @@ class _Records:
                 image.copy_(flipped)
         return int(self._labels[index])
 
-    def _error(self, index, why):
+    def _error(self, index: int, why: str) -> DecodeError:
         name = self.classes[self._labels[index]]
         return DecodeError(f"{self.split} record {index} (class {name!r}) of {self.path} "
                            f"could not be decoded: {why}; check the database with "
                            f"`fastlmdb verify {self.path}`, or pass on_error='skip'")
 
-    def _to_output(self, pixels):
+    def _to_output(self, pixels: Pixels) -> Any:
         if self.output == "numpy":
             return pixels
         if self.output == "tensor":
@@ -184,11 +191,14 @@ class _Records:
 
         return Image.fromarray(pixels, "RGB")
 
-    def _skip_or_raise(self, exc):
+    def _skip_or_raise(self, exc: DecodeError) -> None:
         if self.on_error == "raise":
             raise exc
         self.errors += 1
         log.warning("skipping: %s", exc)
+
+    if TYPE_CHECKING:
+        def __len__(self) -> int: ...  # each dataset's own
 
     def __repr__(self) -> str:
         lines = [f"Dataset {type(self).__name__}", f"    Number of datapoints: {len(self)}",
@@ -247,10 +257,10 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
         labels = self._labels if self._index is None else self._labels[self._index]
         return labels.tolist()  # type: ignore[no-any-return]
 
-    def _sample_order(self):
+    def _sample_order(self) -> Sequence[int]:
         return range(self._count) if self._index is None else self._index.tolist()
 
-    def _position(self, i):
+    def _position(self, i: int) -> int:
         """The record index of dataset position `i`."""
         if self._index is None:
             if not -self._count <= i < self._count:
@@ -283,9 +293,10 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
                 samples.append(self[i])  # raises, or substitutes and counts, as for one sample
         return samples
 
-    def _batch_in_place(self, positions, indices, values):
+    def _batch_in_place(self, positions: Sequence[int], indices: list[int],
+                        values: Sequence[Any]) -> list[batch.Sample]:
         """The samples of one batch, decoded into one images tensor (batch.Sample views)."""
-        images, labels = batch.empty(len(positions), self._crop.size)
+        images, labels = batch.empty(len(positions), cast(crops.DecodeCrop, self._crop).size)
         label_list = []
         for slot, (i, index, value) in enumerate(zip(positions, indices, values)):
             try:
@@ -374,7 +385,7 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
         self._position[0], self._position[1] = int(state["epoch"]), int(state["samples_seen"])
         self._skip = state.get("worker_yielded", 0)
 
-    def _ranks(self):
+    def _ranks(self) -> tuple[int, int]:
         return sampler.ranks(self._rank, self._world_size)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -388,7 +399,7 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
         return state
 
     def __len__(self) -> int:
-        return order.per_rank(self._count, self._ranks()[1], self.drop_last)
+        return cast(int, order.per_rank(self._count, self._ranks()[1], self.drop_last))
 
     @property
     def targets(self) -> list[int]:
@@ -399,7 +410,7 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
         keys = self._epoch_share()
         return self._logical(keys) if self.shuffle else keys
 
-    def _epoch_share(self):
+    def _epoch_share(self) -> Any:
         """This process's share of the epoch: keys when shuffled (blocks of the physical
         order, read sequentially), else the logical order."""
         rank, world_size = self._ranks()
@@ -428,11 +439,12 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
                 except DecodeError as exc:
                     self._skip_or_raise(exc)
 
-    def _batches_in_place(self, indices):
+    def _batches_in_place(self, indices: Ints) -> Iterator[batch.Sample]:
         """The samples of `indices`, each `batch_size` of them decoded into one images tensor
         (batch.Sample views, as LMDBDataset's batches); a skipped record shortens its batch."""
         for piece in order.windows(indices, self.batch_size):
-            images, labels = batch.empty(len(piece), self._crop.size)
+            images, labels = batch.empty(len(piece), cast(crops.DecodeCrop, self._crop).size)
+            kept: list[int]
             kept, consumed = [], []  # labels, and records consumed up to each of them
             for n, (index, value) in enumerate(zip(piece.tolist(), self._read(piece)), 1):
                 try:
@@ -448,7 +460,7 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
                 yield sample
             self._yielded = start + len(piece)
 
-    def _read(self, piece):
+    def _read(self, piece: Ints) -> list[Any]:
         """Buffers of `piece`'s records, read in key order (sequential I/O), in piece order."""
         wanted = self._keys(piece)
         keys = np.unique(wanted)
@@ -459,19 +471,19 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
         return [values[i] for i in np.searchsorted(keys, wanted).tolist()]
 
 
-def _stored_pixels(value, height, width):
+def _stored_pixels(value: bytes | memoryview, height: int, width: int) -> Pixels:
     if len(value) != height * width * 3:
         raise ValueError(f"{len(value)} bytes stored, {height}x{width}x3 expected")
     return np.frombuffer(value, np.uint8).reshape(height, width, 3)
 
 
-def _check_choice(name, value, allowed):
+def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, "
                          f"got {value!r}")
 
 
-def _pair(size):
+def _pair(size: Size | None) -> tuple[int | None, int | None]:
     if size is None:
         return None, None
     if isinstance(size, int):

@@ -9,7 +9,7 @@ prefetching); with a plain DataLoader pass the number of samples consumed.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping, Sized
+from typing import Any, Iterator, Mapping, Sized, cast
 
 import numpy as np
 import torch.utils.data
@@ -58,7 +58,7 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         self.epoch, self.start = int(epoch), 0
 
     def __len__(self) -> int:
-        return order.per_rank(self.count, self.world_size, self.drop_last)
+        return cast(int, order.per_rank(self.count, self.world_size, self.drop_last))
 
     def share(self) -> np.ndarray[Any, np.dtype[np.int64]]:
         """This rank's whole share of the epoch, in order."""
@@ -66,7 +66,8 @@ class EpochSampler(torch.utils.data.Sampler[int]):
             epoch_order = np.random.default_rng([self.seed, self.epoch]).permutation(self.count)
         else:
             epoch_order = np.arange(self.count)
-        return order.rank_share(epoch_order, self.rank, self.world_size, self.drop_last)
+        return cast("np.ndarray[Any, np.dtype[np.int64]]",
+                    order.rank_share(epoch_order, self.rank, self.world_size, self.drop_last))
 
     def __iter__(self) -> Iterator[int]:
         share, begun = self.share(), self.start

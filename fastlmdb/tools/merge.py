@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Union
+from typing import Any, Callable, Union, cast
 
 import numpy as np
 
@@ -38,7 +38,7 @@ def merge(path: StrPath, output: StrPath | None = None,
         writer = store.Writer(partial, map_size=max(files.size(path), 1 << 20))
         # Records keep their keys (the write order); the table stays in logical order.
         by_key = np.empty(len(rows), dtype=fmt.ROW)
-        for name in fmt.ROW.names:
+        for name in cast("tuple[str, ...]", fmt.ROW.names):
             by_key[name] = rows[name][np.argsort(rows["key"])]
         _copy_records(catalog.reader(path), writer, by_key, on_progress)
         # The plan and info of the whole split, as a one-file conversion of it writes them.
@@ -55,7 +55,8 @@ def merge(path: StrPath, output: StrPath | None = None,
     return output
 
 
-def _copy_records(source, writer, rows, on_progress):
+def _copy_records(source: Any, writer: store.Writer, rows: np.ndarray[Any, Any],
+                  on_progress: Callable[[int, int], object] | None) -> None:
     """Copy every record in transactions of about MERGE_BATCH_BYTES."""
     ends = np.cumsum(rows["nbytes"], dtype=np.int64)
     first = 0

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import time
+from typing import TYPE_CHECKING, Any
 
 import filelock
 
@@ -29,13 +30,26 @@ log = logging.getLogger(__name__)
 
 STAMP = ".staged-from.json"
 
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    class _Database(Protocol):
+        """What `stage` needs of its source: a _LocalDatabase or a remote.RemoteDatabase."""
+
+        url: str
+        name: str
+
+        def identity(self) -> dict[str, Any]: ...
+
+        def copy(self, partial: str) -> None: ...
+
 
 def stage(db: StrPath, local_dir: StrPath, *, procs: int = 1,
-          storage_options: dict | None = None) -> str:
+          storage_options: dict[str, Any] | None = None) -> str:
     """The path of a checked copy of database `db` (file or sharded folder, a local path or an
     fsspec URL) in `local_dir`. `storage_options` go to fsspec for a URL, e.g.
     ``{"client_kwargs": {"endpoint_url": "http://minio:9000"}}``."""
-    source = remote.RemoteDatabase(db, storage_options) if remote.is_url(db) \
+    source: _Database = remote.RemoteDatabase(db, storage_options) if remote.is_url(db) \
         else _LocalDatabase(db)
     os.makedirs(local_dir, exist_ok=True)
     target = os.path.join(local_dir, source.name)
@@ -61,7 +75,7 @@ def stage(db: StrPath, local_dir: StrPath, *, procs: int = 1,
     return target
 
 
-def _check(partial, url, local_dir, procs):
+def _check(partial: str, url: str, local_dir: StrPath, procs: int) -> None:
     """Every record of the copy against its record table, or DatabaseError naming `url`."""
     try:
         report = verify.verify(partial, procs=procs, decode=False)
@@ -78,12 +92,12 @@ def _check(partial, url, local_dir, procs):
 class _LocalDatabase:
     """A database on a mounted filesystem (NFS, Lustre, local)."""
 
-    def __init__(self, db):
+    def __init__(self, db: StrPath) -> None:
         self.url = os.path.abspath(os.fspath(db)).rstrip(os.sep)
         self.name = os.path.basename(self.url)
         catalog.read_catalog(self.url)  # a finished database, or a clear error now
 
-    def identity(self):
+    def identity(self) -> dict[str, Any]:
         """What says the source is unchanged: every file's name, size and mtime."""
         source = self.url
         paths = [os.path.join(source, n) for n in sorted(os.listdir(source))] \
@@ -92,7 +106,7 @@ class _LocalDatabase:
         return {"source": source,
                 "files": [[name, st.st_size, st.st_mtime_ns] for name, st in stats]}
 
-    def copy(self, partial):
+    def copy(self, partial: str) -> None:
         """Copy to `partial` (a file, or a folder whose index is copied last)."""
         if not os.path.isdir(self.url):
             shutil.copyfile(self.url, partial)
@@ -103,11 +117,11 @@ class _LocalDatabase:
             shutil.copyfile(os.path.join(self.url, name), os.path.join(partial, name))
 
 
-def _stamp_path(local_dir, name):
+def _stamp_path(local_dir: StrPath, name: str) -> str:
     return os.path.join(local_dir, f".{name}{STAMP}")
 
 
-def _stamp_of(local_dir, name):
+def _stamp_of(local_dir: StrPath, name: str) -> Any:
     try:
         with open(_stamp_path(local_dir, name), encoding="utf-8") as file:
             return json.load(file)

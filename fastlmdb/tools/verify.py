@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import zlib
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
-import joblib
-from joblib.externals.loky import get_reusable_executor
+import joblib  # type: ignore[import-untyped]
+from joblib.externals.loky import get_reusable_executor  # type: ignore[import-untyped]
 import numpy as np
 
 from fastlmdb.core import labels as label_files
@@ -73,7 +73,7 @@ def verify(path: StrPath, *, source: StrPath | None = None, labels: StrPath | No
     return Report(os.fspath(path), len(rows), problems, warnings)
 
 
-def _check_catalog(info, rows):
+def _check_catalog(info: dict[str, Any], rows: np.ndarray[Any, Any]) -> list[str]:
     problems = []
     classes = info["classes"]
     if info["class_to_idx"] != {name: i for i, name in enumerate(classes)}:
@@ -83,7 +83,8 @@ def _check_catalog(info, rows):
     return problems
 
 
-def _source_paths(source, labels, info, rows, problems):
+def _source_paths(source: StrPath, labels: StrPath | None, info: dict[str, Any],
+                  rows: np.ndarray[Any, Any], problems: list[str]) -> list[str] | None:
     """Source file of every record (None where it cannot be compared)."""
     scan = _scan(source, labels, info)
     if scan.classes != info["classes"]:
@@ -102,7 +103,7 @@ def _source_paths(source, labels, info, rows, problems):
     return [scan.paths[s] for s in rows["source"].tolist()]
 
 
-def _scan(source, labels, info):
+def _scan(source: StrPath, labels: StrPath | None, info: dict[str, Any]) -> Any:
     """The source's Scan; an archive's or a flat folder's with the database's classes."""
     labels = label_files.read(labels) if labels else None
     if archive.is_archive(source):
@@ -113,7 +114,9 @@ def _scan(source, labels, info):
     return folder.scan(source)
 
 
-def _check_records(reader, imgtype, decode, rows, first_key, indices, paths):
+def _check_records(reader: Any, imgtype: str, decode: bool, rows: np.ndarray[Any, Any],
+                   first_key: int, indices: list[int],
+                   paths: list[str] | None) -> tuple[list[str], list[str]]:
     """(problems, warnings) of the records with keys first_key.. (`rows`, at record
     `indices`)."""
     problems, warnings = [], []
@@ -132,7 +135,8 @@ def _check_records(reader, imgtype, decode, rows, first_key, indices, paths):
     return problems, warnings
 
 
-def _check_value(imgtype, decode, row, value):
+def _check_value(imgtype: str, decode: bool, row: Any,
+                 value: bytes | memoryview) -> tuple[str | None, str | None]:
     """(problem or None, warning or None) of one record."""
     if len(value) != row["nbytes"]:
         return f"{len(value)} bytes stored, {row['nbytes']} recorded", None
@@ -151,7 +155,7 @@ def _check_value(imgtype, decode, row, value):
     return (None if decoded == shape else f"decodes to {decoded}, {shape} recorded"), warning
 
 
-def _decode_jpeg(value):
+def _decode_jpeg(value: bytes | memoryview) -> tuple[tuple[int, ...], str | None]:
     """(decoded shape, None) of a JPEG that decodes strictly, (shape, warning) of one that the
     loaders decode only leniently; ValueError if they cannot decode it."""
     try:
@@ -163,7 +167,7 @@ def _decode_jpeg(value):
                      "as PIL does")
 
 
-def _compare_source(imgtype, value, source_path):
+def _compare_source(imgtype: str, value: bytes | memoryview, source_path: str) -> str | None:
     if imgtype != "jpeg":
         return None  # pixels were checked against their shape and checksum
     if isinstance(source_path, archive.Member):
