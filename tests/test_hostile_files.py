@@ -584,3 +584,15 @@ def test_a_missing_encoder_fails_with_the_install_line(monkeypatch):
         with pytest.raises(pytest.fail.Exception,
                            match="missing: install libjpeg-turbo-progs"):
             make()
+
+
+def test_a_conversion_logs_its_warnings_in_one_line(tmp_path, caplog):
+    """Web-scraped sets have thousands of such files: one line, the list is in Stats/info."""
+    kinds = ["plain", "junk-before-dqt", "sampling-mixed", "junk-before-sos"]
+    src = make_tree(tmp_path / "src", {"train": {"a": [(f"{k}.JPEG", k) for k in kinds]}})
+    with caplog.at_level(logging.WARNING, logger="fastlmdb.converter.conversion"):
+        stats = run_convert(src, tmp_path / "dst")
+    logged = [r.getMessage() for r in caplog.records
+              if r.name == "fastlmdb.converter.conversion"]
+    assert len(stats.warnings) == 3
+    assert len(logged) == 1 and logged[0].startswith("3 records kept with warnings")

@@ -119,8 +119,10 @@ def _check_layout(partial: str, options: Options) -> None:
 def _stats(final: str, results: Sequence[Any], seconds: float) -> Stats:
     # Shards' record indices become the split's through the split's table.
     info = results[0][0] if len(results) == 1 else catalog.read_catalog(final)[0]
-    for index, path, why in info["warnings"]:
-        log.warning("%s (record %d): %s", path, index, why)
+    if info["warnings"]:  # one line: the list is in Stats and info (thousands, on web data)
+        index, path, why = info["warnings"][0]
+        log.warning("%d records kept with warnings (Stats.warnings, `fastlmdb info --json`), "
+                    "the first: %s (record %d): %s", len(info["warnings"]), path, index, why)
     return Stats(final, info["count"], info["skipped"], info["transcoded"], info["bytes_in"],
                  files.size(final), seconds, sum(resumed for _, resumed in results),
                  info["warnings"])
