@@ -46,17 +46,7 @@ def plan_of(options, scan):
         else:
             digest.update(os.path.relpath(path, scan.root).encode("utf-8", "surrogateescape"))
         digest.update(b"\0%d\0" % label)
-    plan = {"source": os.path.abspath(scan.root), "split": options.split,
-            "save_as": options.save_as, "max_pixels": options.max_pixels,
-            "max_size": options.max_size, "quality": options.quality,
-            "files": len(scan), "files_sha256": digest.hexdigest()}
-    # Only when it matters (numpy mode decodes anyway), so partial databases made before the
-    # flag existed still resume.
-    if options.check_decode and options.save_as == "jpeg":
-        plan["check_decode"] = True
-    if options.order != "source":  # absent: the source order, as before the flag existed
-        plan.update(order=options.order, order_seed=options.order_seed)
-    return plan
+    return fmt.make_plan(options, os.path.abspath(scan.root), len(scan), digest.hexdigest())
 
 
 def in_write_order(scan, options):

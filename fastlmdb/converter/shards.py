@@ -12,7 +12,6 @@ the same paths, e.g. on a shared filesystem).
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import socket
@@ -62,20 +61,16 @@ def convert(options, scan, sources, partial, plan, settings, on_progress=None):
 
 def write_index(folder, plan, names, infos):
     """Write the index of a folder whose shards are all finished: the folder is complete."""
-    entries = [{"file": name, "count": info["count"],
-                "first_source": info["shard"]["first_source"]}
-               for name, info in zip(names, infos)]
-    index = {"format": fmt.SHARDS_FORMAT, "version": fmt.SHARDS_VERSION, "plan": plan,
-             "count": sum(entry["count"] for entry in entries), "shards": entries}
-    files.write_json_atomically(os.path.join(folder, fmt.SHARD_INDEX), index)
+    files.write_json_atomically(os.path.join(folder, fmt.SHARD_INDEX),
+                                fmt.make_shard_index(plan, names, infos))
 
 
 def _check_plan(partial, plan, overwrite):
     """The folder's plan must be this run's; --overwrite starts a different one again."""
     path = os.path.join(partial, PLAN_FILE)
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as file:
-            old = json.load(file)
+        with open(path, "rb") as file:
+            old = fmt.load_json(file.read(), "plan", path)
         if old == plan:
             return
         if not overwrite:

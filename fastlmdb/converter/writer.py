@@ -117,13 +117,10 @@ class _Writer:
             plan = None
         self.plan_saved = plan is not None
         if plan is None:
-            return {"next_source": 0, "stored": 0, "bytes_in": 0, "skipped": [],
-                    "transcoded": [], "warnings": [], "resized": 0, "started": time.time()}
+            return fmt.new_progress(time.time())
         if plan != self.job.plan:
             raise _PlanMismatch(plan)
-        progress = self.db.read_meta(fmt.PROGRESS_KEY)
-        progress.setdefault("warnings", [])  # a partial database from before warnings existed
-        return progress
+        return fmt.check_progress(self.db.read_meta(fmt.PROGRESS_KEY), self.job.partial)
 
     def run(self, results):
         p = self.progress
@@ -228,23 +225,9 @@ class _Writer:
         table = logical_table(np.concatenate(self.rows))
         logical = fmt.logical_of_keys(table)
         p, job = self.progress, self.job
-        info = {
-            "format": fmt.FORMAT_NAME, "version": fmt.FORMAT_VERSION,
-            "order": job.plan.get("order", "source"), "order_seed": job.plan.get("order_seed"),
-            "imgtype": job.plan["save_as"], "count": int(len(table)),
-            "classes": job.classes,
-            "class_to_idx": {name: i for i, name in enumerate(job.classes)},
-            "split": job.plan["split"], "source": job.plan["source"],
-            "transcoded": sorted([int(logical[k]), path, why] for k, path, why in p["transcoded"]),
-            "warnings": sorted([int(logical[k]), path, why] for k, path, why in p["warnings"]),
-            "skipped": _in_source_order(p["skipped"], p.get("skipped_at", [])),
-            "resized": p["resized"],
-            "max_size": job.plan["max_size"], "quality": job.plan["quality"],
-            "bytes_in": p["bytes_in"], "made_by": f"fastlmdb {__version__}",
-            "started": p["started"], "finished": time.time(),
-        }
-        if "shard" in job.plan:
-            info["shard"] = job.plan["shard"]
+        info = fmt.make_info(job.plan, job.classes, p, logical,
+                             _in_source_order(p["skipped"], p.get("skipped_at", [])),
+                             made_by=f"fastlmdb {__version__}", finished=time.time())
         meta = {fmt.TABLE_KEY: fmt.dump_table(table), fmt.INFO_KEY: info,
                 fmt.LOGICAL_KEY: fmt.dump_table(logical, "<u4")}
         if job.names:

@@ -40,23 +40,7 @@ def read_index(path):
         raise IncompleteDatabaseError(
             f"{path} is a folder without {fmt.SHARD_INDEX}: not a finished sharded database; "
             "if its conversion stopped, run the same `fastlmdb convert` command again") from None
-    if index.get("format") != fmt.SHARDS_FORMAT:
-        raise DatabaseError(f"{index_path} is not a fastlmdb shard index")
-    if not isinstance(index.get("version"), int) or index["version"] > fmt.SHARDS_VERSION:
-        raise DatabaseError(f"{index_path} has version {index.get('version')!r}, newer than "
-                            "this fastlmdb reads: upgrade with `pip install -U fastlmdb`")
-    _check_entries(index, index_path)
-    return index
-
-
-def _check_entries(index, index_path):
-    entries = index.get("shards")
-    ok = isinstance(entries, list) and entries and all(
-        isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("count"), int)
-        and os.path.basename(e["file"]) == e["file"] and e["count"] >= 0 for e in entries)
-    if not ok or index.get("count") != sum(e["count"] for e in entries):
-        raise DatabaseError(f"{index_path}: the shard list is missing or inconsistent; "
-                            "the database is damaged: convert it again")
+    return fmt.check_shard_index(index, index_path)
 
 
 def shard_paths(path):

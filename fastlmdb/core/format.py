@@ -184,6 +184,66 @@ def check_info(info, path):
     return info
 
 
+def make_plan(options, source, files, files_sha256):
+    """The `plan` record: what a resumed run must agree on (converter Options, the source
+    folder or archive, its number of files and the digest of their names and labels)."""
+    plan = {"source": source, "split": options.split, "save_as": options.save_as,
+            "max_pixels": options.max_pixels, "max_size": options.max_size,
+            "quality": options.quality, "files": files, "files_sha256": files_sha256}
+    # Only when it matters (numpy mode decodes anyway), so partial databases made before the
+    # flag existed still resume.
+    if options.check_decode and options.save_as == "jpeg":
+        plan["check_decode"] = True
+    if options.order != "source":  # absent: the source order, as before the flag existed
+        plan.update(order=options.order, order_seed=options.order_seed)
+    return plan
+
+
+# The `progress` record, rewritten in every transaction: files done (in write order), records
+# stored, and what the final `info` lists.
+PROGRESS_FIELDS = {"next_source": int, "stored": int, "bytes_in": int, "skipped": list,
+                   "transcoded": list, "warnings": list, "resized": int,
+                   "started": (int, float)}
+
+
+def new_progress(started):
+    """The progress record of a conversion that has done nothing yet."""
+    return {"next_source": 0, "stored": 0, "bytes_in": 0, "skipped": [], "transcoded": [],
+            "warnings": [], "resized": 0, "started": started}
+
+
+def check_progress(progress, path):
+    """A partial database's progress record, checked; returns it."""
+    if progress is None:
+        raise _field_error(path, "progress", "is missing")
+    progress.setdefault("warnings", [])  # a partial database from before warnings existed
+    _check_types(progress, PROGRESS_FIELDS, path, "progress.")
+    return progress
+
+
+def make_info(plan, classes, progress, logical, skipped, *, made_by, finished):
+    """The final `info` record; `logical`: the logical index of each key (the record indices
+    in progress are keys, the write order's)."""
+    def by_logical(entries):
+        return sorted([int(logical[key]), path, why] for key, path, why in entries)
+
+    info = {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION,
+        "order": plan.get("order", "source"), "order_seed": plan.get("order_seed"),
+        "imgtype": plan["save_as"], "count": int(len(logical)), "classes": classes,
+        "class_to_idx": {name: i for i, name in enumerate(classes)},
+        "split": plan["split"], "source": plan["source"],
+        "transcoded": by_logical(progress["transcoded"]),
+        "warnings": by_logical(progress["warnings"]), "skipped": skipped,
+        "resized": progress["resized"], "max_size": plan["max_size"],
+        "quality": plan["quality"], "bytes_in": progress["bytes_in"], "made_by": made_by,
+        "started": progress["started"], "finished": finished,
+    }
+    if "shard" in plan:
+        info["shard"] = plan["shard"]
+    return info
+
+
 # Every field of `info` that a reader uses, with its JSON type; `shard` only in a shard's.
 INFO_FIELDS = {
     "count": int, "classes": list, "class_to_idx": dict, "imgtype": str, "split": str,
@@ -236,6 +296,32 @@ def _field_error(path, name, what):
 SHARD_INDEX = "index.json"
 SHARDS_FORMAT = "fastlmdb-shards"
 SHARDS_VERSION = 1
+
+
+def make_shard_index(plan, names, infos):
+    """The `index.json` of a folder whose shards are all finished (written last)."""
+    entries = [{"file": name, "count": info["count"],
+                "first_source": info["shard"]["first_source"]}
+               for name, info in zip(names, infos)]
+    return {"format": SHARDS_FORMAT, "version": SHARDS_VERSION, "plan": plan,
+            "count": sum(entry["count"] for entry in entries), "shards": entries}
+
+
+def check_shard_index(index, index_path):
+    """A shard index, checked: format, version, and a consistent list of plain file names."""
+    if index.get("format") != SHARDS_FORMAT:
+        raise DatabaseError(f"{index_path} is not a fastlmdb shard index")
+    if not isinstance(index.get("version"), int) or index["version"] > SHARDS_VERSION:
+        raise DatabaseError(f"{index_path} has version {index.get('version')!r}, newer than "
+                            "this fastlmdb reads: upgrade with `pip install -U fastlmdb`")
+    entries = index.get("shards")
+    ok = isinstance(entries, list) and entries and all(
+        isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("count"), int)
+        and os.path.basename(e["file"]) == e["file"] and e["count"] >= 0 for e in entries)
+    if not ok or index.get("count") != sum(e["count"] for e in entries):
+        raise DatabaseError(f"{index_path}: the shard list is missing or inconsistent; "
+                            "the database is damaged: convert it again")
+    return index
 
 
 def shard_file(split, index, count):
