@@ -1,8 +1,17 @@
 """Region decoding with libjpeg-turbo (_jpegcrop.c)."""
 
+from typing import Sequence
+
 from typing_extensions import Buffer
 
 def decode_region(data: Buffer, top: int, left: int, height: int, width: int,
                   denom: int, /) -> tuple[bytearray, int, int, int]:
     """RGB rows of the box (top, left, height, width) of JPEG `data` at scale 1/`denom` (1, 2,
     4 or 8), widened to iMCU boundaries: (rgb bytes, rows, cols, column offset of the box)."""
+
+def decode_batch(values: Sequence[Buffer], boxes: Buffer, flips: Buffer, out: Buffer,
+                 height: int, width: int, threads: int = 1) -> list[str | None]:
+    """Decode box k (int64 top, left, h, w) of each JPEG at the coarsest covering scale,
+    resize it into slot k of `out` (uint8 [B, 3, height, width]) mirrored as flips[k] says
+    (bit 0 horizontal, bit 1 vertical), GIL released, on `threads` threads: None per slot
+    that decoded, else why it failed."""
