@@ -7,11 +7,11 @@
 
 /* Scratch memory one thread reuses from image to image; zero it before first use. */
 struct resize_scratch {
-    uint8_t *rows;     /* the horizontal pass: in_h x out_w x 3 */
+    uint8_t *rows;     /* one row after the vertical pass: in_w x 3 */
     size_t rows_size;
-    int32_t *acc;      /* one output row being accumulated: out_w x 3 */
+    int32_t *acc;      /* that row being accumulated */
     size_t acc_size;
-    int32_t *taps;     /* per output pixel of one axis: start, count, then kmax weights */
+    int32_t *taps;     /* per output pixel of each axis: first input index, weights */
     size_t taps_size;
 };
 
