@@ -21,6 +21,8 @@
  * slot k of `out` (uint8 [B, 3, height, width], C order), mirrored as flips[k] says (bit 0
  * horizontal, bit 1 vertical), by `threads` threads. Lenient as decode_region. Entry k of
  * the result is None, or why record k failed (its slot is then left as it was).
+ *
+ * resize_chw(pixels, out): that resize for one image, H x W x 3 in, 3 x h x w out.
  * Optional: fastlmdb falls back to full decoding when this module was not built.
  */
 #define PY_SSIZE_T_CLEAN
@@ -329,12 +331,50 @@ done:
     return result;
 }
 
+/* resize_chw(pixels, out): pixels a uint8 H x W x 3 buffer whose pixels are 3 bytes apart (rows
+ * any distance: a column slice of a region), out a writable C-contiguous 3 x h x w buffer. */
+static PyObject *resize_chw(PyObject *self, PyObject *args) {
+    PyObject *source, *target;
+    if (!PyArg_ParseTuple(args, "OO", &source, &target)) return NULL;
+    Py_buffer in, out;
+    if (PyObject_GetBuffer(source, &in, PyBUF_STRIDES | PyBUF_FORMAT)) return NULL;
+    if (PyObject_GetBuffer(target, &out, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT)) {
+        PyBuffer_Release(&in);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    int bytes = (!in.format || !strcmp(in.format, "B")) && (!out.format || !strcmp(out.format, "B"));
+    if (!bytes || in.ndim != 3 || in.shape[2] != 3 || in.strides[2] != 1 || in.strides[1] != 3 ||
+        in.strides[0] < 3 * in.shape[1] || !in.shape[0] || !in.shape[1] || out.ndim != 3 ||
+        out.shape[0] != 3 || !out.shape[1] || !out.shape[2]) {
+        PyErr_SetString(PyExc_ValueError, "resize_chw needs uint8 H x W x 3 pixels (3 bytes "
+                        "apart) and a C-contiguous uint8 3 x h x w out");
+        goto done;
+    }
+    struct resize_scratch scratch = {0};
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = resize_rgb_to_chw(in.buf, (int)in.shape[0], (int)in.shape[1], (size_t)in.strides[0],
+                               out.buf, (int)out.shape[1], (int)out.shape[2], 0, &scratch);
+    resize_scratch_free(&scratch);
+    Py_END_ALLOW_THREADS
+    if (failed) PyErr_NoMemory();
+    else result = (Py_INCREF(Py_None), Py_None);
+done:
+    PyBuffer_Release(&in);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"decode_region", (PyCFunction)(void (*)(void))decode_region, METH_VARARGS | METH_KEYWORDS,
      "decode_region(data, top, left, height, width, denom, strict=False)\n"
      "    -> (rgb, rows, cols, col_offset)"},
     {"decode_batch", (PyCFunction)(void (*)(void))decode_batch, METH_VARARGS | METH_KEYWORDS,
      "decode_batch(values, boxes, flips, out, height, width, threads=1) -> [None or str]"},
+    {"resize_chw", resize_chw, METH_VARARGS,
+     "resize_chw(pixels, out): antialiased bilinear resize of H x W x 3 uint8 pixels into out, "
+     "3 x h x w"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_jpegcrop",

@@ -15,3 +15,7 @@ def decode_batch(values: Sequence[Buffer], boxes: Buffer, flips: Buffer, out: Bu
     resize it into slot k of `out` (uint8 [B, 3, height, width]) mirrored as flips[k] says
     (bit 0 horizontal, bit 1 vertical), GIL released, on `threads` threads: None per slot
     that decoded, else why it failed."""
+
+def resize_chw(pixels: Buffer, out: Buffer, /) -> None:
+    """Antialiased bilinear resize of uint8 H x W x 3 `pixels` (3 bytes apart, rows any
+    distance) into `out`, a C-contiguous uint8 3 x h x w buffer, GIL released."""

@@ -160,6 +160,8 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
             ``CenterCrop`` (v1 or v2, bilinear, antialiased) at the head of the transform
             decode-aware, as fastlmdb.RandomResizedCrop / ResizeCenterCrop: the same random
             draws, pixels within a few dB of torchvision's (crop, then resize).
+        threads: threads that decode each in-place batch (below) in this process, with
+            ``num_workers=0`` or inside each worker; the pixels do not depend on it.
 
     With ``output="tensor"`` and a transform that is a decode-aware crop (fastlmdb.crops)
     followed at most by torchvision flips, the DataLoader's batches are decoded in place into
@@ -170,11 +172,15 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
                  target_transform: Transform | None = None, shuffle: bool = False,
                  imgtype: str | None = None, *, output: str = "pil",
                  decoder: str = "simplejpeg", min_size: Size | None = None,
-                 on_error: str = "raise", seed: int = 0, decode_aware: bool = False) -> None:
+                 on_error: str = "raise", seed: int = 0, decode_aware: bool = False,
+                 threads: int = 1) -> None:
         super().__init__(root, split, transform, target_transform, imgtype, output=output,
                          decoder=decoder, min_size=min_size, on_error=on_error,
                          decode_aware=decode_aware)
-        self.shuffle = shuffle
+        if not isinstance(threads, int) or not 1 <= threads <= batch.MAX_THREADS:
+            raise ValueError(f"threads must be an int from 1 to {batch.MAX_THREADS}, "
+                             f"got {threads!r}")
+        self.shuffle, self.threads = shuffle, threads
         count = len(self._labels)
         self._index = (np.random.default_rng(seed).permutation(count) if shuffle
                        else np.arange(count))
@@ -212,18 +218,33 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
         return samples
 
     def _batch_in_place(self, positions, indices, values):
-        """The samples of one batch, decoded into one images tensor (batch.Sample views)."""
+        """The samples of one batch, decoded into one images tensor (batch.Sample views):
+        natively where it can be (batch.decode_native), else slot by slot."""
         images, labels = batch.empty(len(positions), self._crop.size)
-        label_list = []
-        for slot, (i, index, value) in enumerate(zip(positions, indices, values)):
-            try:
-                label_list.append(self._record_into(index, value, images[slot]))
-            except DecodeError:
-                image, label = self[i]  # raises, or substitutes and counts, as for one sample
-                images[slot].copy_(image)
-                label_list.append(label)
+        native = self.imgtype == "jpeg" and batch.native_built()
+        label_list, slot = [], 0
+        while slot < len(positions):
+            if native:
+                done = batch.decode_native(images, values, self._shapes[indices], self._crop,
+                                           self._rest, self.threads, start=slot)
+                label_list += self._labels[indices[slot:done]].tolist()
+                slot = done
+                if slot == len(positions):
+                    break
+            label_list.append(self._slot(positions[slot], indices[slot], values[slot],
+                                         images[slot]))
+            slot += 1
         labels.numpy()[:] = label_list
         return batch.samples(images, labels, label_list)
+
+    def _slot(self, i, index, value, image):
+        """The per-sample path into one slot: its label."""
+        try:
+            return self._record_into(index, value, image)
+        except DecodeError:
+            substitute, label = self[i]  # raises, or substitutes and counts, as for one sample
+            image.copy_(substitute)
+            return label
 
 class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: ignore[type-arg]
     """Iterable dataset reading ``root/<split>.lmdb`` in key order.
