@@ -174,12 +174,12 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
                  decoder: str = "simplejpeg", min_size: Size | None = None,
                  on_error: str = "raise", seed: int = 0, decode_aware: bool = False,
                  threads: int = 1) -> None:
-        super().__init__(root, split, transform, target_transform, imgtype, output=output,
-                         decoder=decoder, min_size=min_size, on_error=on_error,
-                         decode_aware=decode_aware)
         if not isinstance(threads, int) or not 1 <= threads <= batch.MAX_THREADS:
             raise ValueError(f"threads must be an int from 1 to {batch.MAX_THREADS}, "
                              f"got {threads!r}")
+        super().__init__(root, split, transform, target_transform, imgtype, output=output,
+                         decoder=decoder, min_size=min_size, on_error=on_error,
+                         decode_aware=decode_aware)
         self.shuffle, self.threads = shuffle, threads
         count = len(self._labels)
         self._index = (np.random.default_rng(seed).permutation(count) if shuffle
