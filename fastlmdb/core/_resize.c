@@ -91,21 +91,48 @@ CLONES static void vertical(const uint8_t *in, size_t stride, size_t width, cons
     for (size_t i = 0; i < width; i++) row[i] = clamp(acc[i]);
 }
 
+/* One pixel's taps: the first of them at p, `taps` weights. Reads 4 bytes a pixel (its RGB
+ * and one more): rows carry 4 bytes of padding. Returns r | g << 8 | b << 16. */
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#define PIXEL(p, weights, TAPS)                                                              \
+    ({                                                                                       \
+        __m128i acc = _mm_set1_epi32(HALF), zero = _mm_setzero_si128();                      \
+        for (int j = 0; j < (TAPS); j++) {                                                   \
+            int32_t word;                                                                    \
+            memcpy(&word, (p) + 3 * j, 4);                                                   \
+            __m128i px = _mm_unpacklo_epi8(_mm_cvtsi32_si128(word), zero);                   \
+            /* words r,0,g,0,b,0,.. times w,0,w,0,..: one weight (< 2^15) per lane */        \
+            acc = _mm_add_epi32(acc, _mm_madd_epi16(_mm_unpacklo_epi16(px, zero),            \
+                                                    _mm_set1_epi32((weights)[j])));          \
+        }                                                                                    \
+        acc = _mm_srai_epi32(acc, PRECISION);                                                \
+        acc = _mm_packs_epi32(acc, acc);                                                     \
+        (uint32_t) _mm_cvtsi128_si32(_mm_packus_epi16(acc, acc));                            \
+    })
+#else
+#define PIXEL(p, weights, TAPS)                                                              \
+    ({                                                                                       \
+        int32_t r = HALF, g = HALF, b = HALF;                                                \
+        for (int j = 0; j < (TAPS); j++) {                                                   \
+            r += (p)[3 * j] * (weights)[j], g += (p)[3 * j + 1] * (weights)[j];              \
+            b += (p)[3 * j + 2] * (weights)[j];                                              \
+        }                                                                                    \
+        (uint32_t)(clamp(r) | clamp(g) << 8 | clamp(b) << 16);                               \
+    })
+#endif
+
 /* One interleaved RGB row -> its row of each of the 3 planes, mirrored when asked. Written
  * once per tap count (TAPS: a constant the compiler unrolls) and once for any count. */
 #define HORIZONTAL(name, TAPS)                                                                \
-    CLONES static void name(const uint8_t *row, int out_w, const int32_t *table, int taps,          \
+    static void name(const uint8_t *row, int out_w, const int32_t *table, int taps,          \
                      uint8_t *out, size_t plane, int mirror) {                               \
         (void)taps;                                                                          \
         for (int x = 0; x < out_w; x++, table += (TAPS) + 1) {                               \
-            const uint8_t *p = row + (size_t)table[0] * 3;                                   \
-            int32_t r = HALF, g = HALF, b = HALF;                                            \
-            for (int j = 0; j < (TAPS); j++, p += 3) {                                       \
-                int32_t weight = table[1 + j];                                               \
-                r += p[0] * weight, g += p[1] * weight, b += p[2] * weight;                  \
-            }                                                                                \
+            uint32_t rgb = PIXEL(row + (size_t)table[0] * 3, table + 1, TAPS);               \
             int ox = mirror ? out_w - 1 - x : x;                                             \
-            out[ox] = clamp(r), out[plane + ox] = clamp(g), out[2 * plane + ox] = clamp(b);  \
+            out[ox] = (uint8_t)rgb, out[plane + ox] = (uint8_t)(rgb >> 8);                   \
+            out[2 * plane + ox] = (uint8_t)(rgb >> 16);                                      \
         }                                                                                    \
     }
 HORIZONTAL(horizontal_2, 2)
@@ -141,7 +168,7 @@ int resize_rgb_to_chw(const uint8_t *in, int in_h, int in_w, size_t stride, uint
     size_t width = (size_t)in_w * 3, plane = (size_t)out_h * out_w;
     size_t table = (size_t)out_w * (th + 1) + (size_t)out_h * (tv + 1);
     if (grow((void **)&s->acc, &s->acc_size, width * sizeof(int32_t)) ||
-        grow((void **)&s->rows, &s->rows_size, width) ||
+        grow((void **)&s->rows, &s->rows_size, width + 4) || /* + PIXEL's padding */
         grow((void **)&s->taps, &s->taps_size, table * sizeof(int32_t)))
         return -1;
     int32_t *htaps = s->taps, *vtaps = s->taps + (size_t)out_w * (th + 1);
@@ -152,6 +179,9 @@ int resize_rgb_to_chw(const uint8_t *in, int in_h, int in_w, size_t stride, uint
         const uint8_t *row = in + (size_t)y * stride;
         if (in_h != out_h) {
             vertical(in, stride, width, vtaps + (size_t)y * (tv + 1), tv, s->acc, s->rows);
+            row = s->rows;
+        } else if (in_w != out_w) {
+            memcpy(s->rows, row, width); /* padded */
             row = s->rows;
         }
         uint8_t *dst = out + (size_t)(flips & FLIP_VERTICAL ? out_h - 1 - y : y) * out_w;
