@@ -343,7 +343,8 @@ static PyObject *resize_chw(PyObject *self, PyObject *args) {
         return NULL;
     }
     PyObject *result = NULL;
-    int bytes = (!in.format || !strcmp(in.format, "B")) && (!out.format || !strcmp(out.format, "B"));
+    int bytes = (!in.format || !strcmp(in.format, "B")) &&
+                (!out.format || !strcmp(out.format, "B"));
     if (!bytes || in.ndim != 3 || in.shape[2] != 3 || in.strides[2] != 1 || in.strides[1] != 3 ||
         in.strides[0] < 3 * in.shape[1] || !in.shape[0] || !in.shape[1] || out.ndim != 3 ||
         out.shape[0] != 3 || !out.shape[1] || !out.shape[2]) {
