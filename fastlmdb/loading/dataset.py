@@ -246,6 +246,7 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
             image.copy_(substitute)
             return label
 
+
 class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: ignore[type-arg]
     """Iterable dataset reading ``root/<split>.lmdb`` in key order.
 
