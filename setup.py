@@ -6,7 +6,10 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=[
-        Extension("fastlmdb.core._jpegcrop", ["fastlmdb/core/_jpegcrop.c"], libraries=["jpeg"],
-                  optional=True, extra_compile_args=["-O2"]),
+        Extension("fastlmdb.core._jpegcrop",
+                  ["fastlmdb/core/_jpegcrop.c", "fastlmdb/core/_resize.c"],
+                  depends=["fastlmdb/core/_resize.h"], libraries=["jpeg", "m"],
+                  optional=True, extra_compile_args=["-O3", "-pthread"],
+                  extra_link_args=["-pthread"]),
     ],
 )

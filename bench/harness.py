@@ -441,8 +441,12 @@ def report(name, results, *, baseline, title, info=(), columns=(), notes=()):
     os.makedirs(RESULTS_DIR, exist_ok=True)
     with open(os.path.join(RESULTS_DIR, f"{name}.md"), "w") as out:
         out.write(text)
-    plot(results, baseline, title, os.path.join(RESULTS_DIR, f"{name}.png"))
-    print(f"wrote {os.path.relpath(os.path.join(RESULTS_DIR, name))}.md and .png")
+    try:
+        plot(results, baseline, title, os.path.join(RESULTS_DIR, f"{name}.png"))
+    except ImportError as exc:  # matplotlib is only for the picture
+        print(f"no plot ({exc})")
+    print(f"wrote {os.path.relpath(os.path.join(RESULTS_DIR, name))}.md (and .png with "
+          "matplotlib)")
 
 
 def _notes(results, baseline, notes):

@@ -13,6 +13,13 @@ collate function works; ``default_collate`` (where torch lets us register the ty
 ``collate`` below return the prebuilt ``[images, labels]`` without stacking. The images tensor
 is a contiguous ``[B, 3, H, W]`` tensor, as ``default_collate`` would stack, and its pixels are
 those of the per-sample path (same transform objects, same random draws, in the same order).
+
+Where the C region decoder is built, a JPEG batch is filled by one native call
+(``_jpegcrop.decode_batch``, GIL released, on ``threads`` threads): the boxes and flips are
+drawn here first, from torch's generator in the per-sample order (box of sample 0, its flips,
+box of sample 1, ...), then every record is region-decoded, resized (antialiased bilinear, in
+C, within ~1 of torch's ``interpolate`` per value) and mirrored into its slot. A record the call
+cannot decode goes through the per-sample path, from the random state it would have had there.
 """
 
 from __future__ import annotations
@@ -20,10 +27,13 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Sequence, Tuple, cast
 
+import numpy as np
 import torch
 import torch.utils.data
 
 from fastlmdb.loading import crops, handover
+
+MAX_THREADS = 256  # _jpegcrop.c's MAX_THREADS
 
 if TYPE_CHECKING:
     _Pair = Tuple[Any, int]  # what mypy sees of the tuple a Sample is: (image, label)
@@ -56,6 +66,53 @@ def only_flips(transform: Any) -> bool:
     steps = list(transform.transforms) if composed else [transform]
     flips = crops.torchvision_types("RandomHorizontalFlip", "RandomVerticalFlip")
     return all(step is None or type(step) in flips for step in steps)
+
+
+def native_built():
+    """Whether the native batch decoder (``_jpegcrop.decode_batch``) is here."""
+    return crops._jpegcrop is not None and hasattr(crops._jpegcrop, "decode_batch")
+
+
+def flip_plan(transform):
+    """[(mirror bit, probability)] of the flips `transform` is (only_flips is true of it):
+    bit 1 horizontal, 2 vertical, as decode_batch reads them."""
+    composed = type(transform) in crops.torchvision_types("Compose")
+    steps = list(transform.transforms) if composed else [transform]
+    horizontal = crops.torchvision_types("RandomHorizontalFlip")
+    return [(1 if type(step) in horizontal else 2, step.p) for step in steps
+            if step is not None]
+
+
+def draw(crop, plan, shapes):
+    """(boxes int64 [n, 4], flips uint8 [n]) for records of `shapes` ([n, 2] heights, widths),
+    drawn in the per-sample order. torchvision's flips, v1 and v2, each draw
+    ``torch.rand(1) < p``: the same draw, compared the same way."""
+    boxes = np.empty((len(shapes), 4), np.int64)
+    flips = np.zeros(len(shapes), np.uint8)
+    for k, (height, width) in enumerate(shapes.tolist()):
+        boxes[k] = crop.box(height, width)
+        for bit, p in plan:
+            if torch.rand(1) < p:
+                flips[k] ^= bit
+    return boxes, flips
+
+
+def decode_native(images, values, shapes, crop, rest, threads=1, start=0):
+    """Fill slots `start`.. of `images` from JPEG `values` natively; returns the first slot
+    it could not fill (len(values) if none), torch's generator then where the per-sample path
+    would draw that slot's box. The slots before it are done."""
+    if start >= len(values):
+        return start
+    plan, state = flip_plan(rest), torch.get_rng_state()
+    boxes, flips = draw(crop, plan, shapes[start:])
+    errors = crops._jpegcrop.decode_batch(values[start:], boxes, flips, images[start:].numpy(),
+                                          *crop.size, threads=threads)
+    failed = next((k for k, error in enumerate(errors) if error is not None), None)
+    if failed is None:
+        return len(values)
+    torch.set_rng_state(state)
+    draw(crop, plan, shapes[start:start + failed])  # the draws of the slots before it, again
+    return start + failed
 
 
 def empty(count: int, size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,8 +8,9 @@ Put one at the head of an ordinary torchvision pipeline::
 
 The dataset draws the box from the record table's height/width (no decode), then decodes only
 the box's rows and iMCU columns at the smallest libjpeg-turbo scale (1/8 .. 1) that still
-covers the output size, and resizes it with antialiasing. `RandomResizedCrop` draws boxes
-exactly as torchvision's does, from torch's global random generator, so seeds behave the same.
+covers the output size, and resizes it with antialiasing (torch's filter, in C where the
+extension is built: within ~1 of ``interpolate(antialias=True)`` per value).
+`RandomResizedCrop` draws boxes exactly as torchvision's does, from torch's global random generator, so seeds behave the same.
 Without the compiled region decoder (``fastlmdb._jpegcrop``) the whole image is decoded at
 that scale and cropped. The region decoder reads leniently, as PIL does: a JPEG that decodes
 only with libjpeg warnings, or whose sampling the fast decoders cannot read, crops like any.
@@ -194,7 +195,12 @@ def decode_box(data: Any, box: tuple[int, int, int, int], size: Sequence[int], h
 def resize(pixels: Pixels, size: Sequence[int],
            out: torch.Tensor | None = None) -> Pixels | None:
     """Antialiased bilinear resize of HWC uint8 pixels to `size` (h, w); HWC uint8 out, or
-    written into `out`, a 3xHxW uint8 tensor (then returns None)."""
+    written into `out`, a 3xHxW uint8 tensor (then returns None). The C kernel where built
+    (the native batches' own, so both paths give the same pixels), else torch's."""
+    if _jpegcrop is not None and hasattr(_jpegcrop, "resize_chw"):
+        target = np.empty((3, *size), np.uint8) if out is None else out.numpy()
+        _jpegcrop.resize_chw(pixels, target)
+        return target.transpose(1, 2, 0) if out is None else None
     if pixels.shape[:2] == tuple(size):
         if out is None:
             return pixels.copy()

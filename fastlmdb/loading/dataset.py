@@ -231,6 +231,8 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
             ``CenterCrop`` (v1 or v2, bilinear, antialiased) at the head of the transform
             decode-aware, as fastlmdb.RandomResizedCrop / ResizeCenterCrop: the same random
             draws, pixels within a few dB of torchvision's (crop, then resize).
+        threads: threads that decode each in-place batch (below) in this process, with
+            ``num_workers=0`` or inside each worker; the pixels do not depend on it.
 
     With ``output="tensor"`` and a transform that is a decode-aware crop (fastlmdb.crops)
     followed at most by torchvision flips, the DataLoader's batches are decoded in place into
@@ -241,11 +243,15 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
                  target_transform: Transform | None = None, shuffle: bool = False,
                  imgtype: str | None = None, *, output: str = "pil",
                  decoder: str = "simplejpeg", min_size: Size | None = None,
-                 on_error: str = "raise", seed: int = 0, decode_aware: bool = False) -> None:
+                 on_error: str = "raise", seed: int = 0, decode_aware: bool = False,
+                 threads: int = 1) -> None:
+        if not isinstance(threads, int) or not 1 <= threads <= batch.MAX_THREADS:
+            raise ValueError(f"threads must be an int from 1 to {batch.MAX_THREADS}, "
+                             f"got {threads!r}")
         super().__init__(root, split, transform, target_transform, imgtype, output=output,
                          decoder=decoder, min_size=min_size, on_error=on_error,
                          decode_aware=decode_aware)
-        self.shuffle = shuffle
+        self.shuffle, self.threads = shuffle, threads
         # None: the identity, which costs no memory in every worker.
         self._index = np.random.default_rng(seed).permutation(self._count) if shuffle else None
 
@@ -295,18 +301,38 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
 
     def _batch_in_place(self, positions: Sequence[int], indices: list[int],
                         values: Sequence[Any]) -> list[batch.Sample]:
-        """The samples of one batch, decoded into one images tensor (batch.Sample views)."""
-        images, labels = batch.empty(len(positions), cast(crops.DecodeCrop, self._crop).size)
-        label_list = []
-        for slot, (i, index, value) in enumerate(zip(positions, indices, values)):
-            try:
-                label_list.append(self._record_into(index, value, images[slot]))
-            except DecodeError:
-                image, label = self[i]  # raises, or substitutes and counts, as for one sample
-                images[slot].copy_(image)
-                label_list.append(label)
+        """The samples of one batch, decoded into one images tensor (batch.Sample views):
+        natively where it can be (batch.decode_native), else slot by slot."""
+        crop = cast(crops.DecodeCrop, self._crop)
+        images, labels = batch.empty(len(positions), crop.size)
+        native = self.imgtype == "jpeg" and batch.native_built()
+        rows = self._rows[indices]
+        shapes = np.stack([rows["height"], rows["width"]], axis=1)
+        label_list: list[int] = []
+        slot = 0
+        while slot < len(positions):
+            if native:
+                done = batch.decode_native(images, values, shapes, crop, self._rest,
+                                           self.threads, start=slot)
+                label_list += rows["label"][slot:done].tolist()
+                slot = done
+                if slot == len(positions):
+                    break
+            label_list.append(self._slot(positions[slot], indices[slot], values[slot],
+                                         images[slot]))
+            slot += 1
         labels.numpy()[:] = label_list
         return batch.samples(images, labels, label_list)
+
+    def _slot(self, i, index, value, image):
+        """The per-sample path into one slot: its label."""
+        try:
+            return self._record_into(index, value, image)
+        except DecodeError:
+            substitute, label = self[i]  # raises, or substitutes and counts, as for one sample
+            image.copy_(substitute)
+            return label
+
 
 class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: ignore[type-arg]
     """Iterable dataset reading ``root/<split>.lmdb`` in key order.

@@ -1,0 +1,201 @@
+/* Antialiased separable bilinear resize, the filter of torch's interpolate(antialias=True)
+ * and PIL: a triangle widened by the downscale factor, weights normalised per output pixel,
+ * fixed-point (14 bits), rounded and clamped after each pass. Unlike them the vertical
+ * pass runs first, one output row at a time: it vectorises over the whole input row, and the
+ * scalar horizontal pass then filters out_h rows instead of in_h (within ~1 of theirs per
+ * value: tests/test_native_batch.py pins the PSNR). An axis whose size stays is not filtered. */
+#include "_resize.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* The two passes also built for AVX2, picked at load time where the CPU has it (GCC's ifunc). */
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define CLONES
+#endif
+
+#define PRECISION 14 /* int16 weights: SSE2 multiplies 8 of them at once (pmullw/pmulhw) */
+#define HALF (1 << (PRECISION - 1))
+
+static int grow(void **buffer, size_t *size, size_t need) {
+    if (need <= *size) return 0;
+    void *bigger = realloc(*buffer, need);
+    if (bigger == NULL) return -1;
+    *buffer = bigger;
+    *size = need;
+    return 0;
+}
+
+static double triangle(double x) {
+    x = fabs(x);
+    return x < 1.0 ? 1.0 - x : 0.0;
+}
+
+static void window(int in, int out, int i, int *lo, int *hi) {
+    double scale = (double)in / out, support = scale >= 1.0 ? scale : 1.0;
+    double center = scale * (i + 0.5);
+    *lo = (int)(center - support + 0.5), *hi = (int)(center + support + 0.5);
+    if (*lo < 0) *lo = 0;
+    if (*hi > in) *hi = in;
+}
+
+/* Taps per output pixel of one axis: the widest window, so loops have one trip count. */
+static int taps_for(int in, int out) {
+    int taps = 1, lo, hi;
+    for (int i = 0; i < out; i++) {
+        window(in, out, i, &lo, &hi);
+        if (hi - lo > taps) taps = hi - lo;
+    }
+    return taps;
+}
+
+/* `taps + 1` ints per output pixel: the first input index, then `taps` weights (zero past
+ * the filter's support; the window is moved left where it would pass the input's end). */
+static void fill_taps(int in, int out, int taps, int32_t *table) {
+    double scale = (double)in / out;
+    double inverse = scale >= 1.0 ? 1.0 / scale : 1.0;
+    for (int i = 0; i < out; i++, table += taps + 1) {
+        double center = scale * (i + 0.5);
+        int lo, hi;
+        window(in, out, i, &lo, &hi);
+        int start = lo < in - taps ? lo : in - taps;
+        double total = 0.0;
+        for (int j = lo; j < hi; j++) total += triangle((j - center + 0.5) * inverse);
+        table[0] = start;
+        memset(table + 1, 0, sizeof(int32_t) * taps);
+        for (int j = lo; j < hi; j++) {
+            double weight = triangle((j - center + 0.5) * inverse) / total;
+            table[1 + j - start] = (int32_t)lround(weight * (1 << PRECISION));
+        }
+    }
+}
+
+static uint8_t clamp(int32_t value) {
+    value >>= PRECISION;
+    return value < 0 ? 0 : value > 255 ? 255 : (uint8_t)value;
+}
+
+/* One output row of `width` values from input rows `stride` bytes apart. */
+CLONES static void vertical(const uint8_t *in, size_t stride, size_t width, const int32_t *tap,
+                     int taps, int32_t *acc, uint8_t *row) {
+    for (size_t i = 0; i < width; i++) acc[i] = HALF;
+    for (int j = 0; j < taps; j++) {
+        int16_t weight = (int16_t)tap[1 + j];
+        const uint8_t *src = in + (size_t)(tap[0] + j) * stride;
+        if (weight == 0) continue;
+        for (size_t i = 0; i < width; i++) acc[i] += (int32_t)(int16_t)src[i] * weight;
+    }
+    for (size_t i = 0; i < width; i++) row[i] = clamp(acc[i]);
+}
+
+/* One pixel's taps: the first of them at p, `taps` weights. Reads 4 bytes a pixel (its RGB
+ * and one more): rows carry 4 bytes of padding. Returns r | g << 8 | b << 16. */
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#define PIXEL(p, weights, TAPS)                                                              \
+    ({                                                                                       \
+        __m128i acc = _mm_set1_epi32(HALF), zero = _mm_setzero_si128();                      \
+        for (int j = 0; j < (TAPS); j++) {                                                   \
+            int32_t word;                                                                    \
+            memcpy(&word, (p) + 3 * j, 4);                                                   \
+            __m128i px = _mm_unpacklo_epi8(_mm_cvtsi32_si128(word), zero);                   \
+            /* words r,0,g,0,b,0,.. times w,0,w,0,..: one weight (< 2^15) per lane */        \
+            acc = _mm_add_epi32(acc, _mm_madd_epi16(_mm_unpacklo_epi16(px, zero),            \
+                                                    _mm_set1_epi32((weights)[j])));          \
+        }                                                                                    \
+        acc = _mm_srai_epi32(acc, PRECISION);                                                \
+        acc = _mm_packs_epi32(acc, acc);                                                     \
+        (uint32_t) _mm_cvtsi128_si32(_mm_packus_epi16(acc, acc));                            \
+    })
+#else
+#define PIXEL(p, weights, TAPS)                                                              \
+    ({                                                                                       \
+        int32_t r = HALF, g = HALF, b = HALF;                                                \
+        for (int j = 0; j < (TAPS); j++) {                                                   \
+            r += (p)[3 * j] * (weights)[j], g += (p)[3 * j + 1] * (weights)[j];              \
+            b += (p)[3 * j + 2] * (weights)[j];                                              \
+        }                                                                                    \
+        (uint32_t)(clamp(r) | clamp(g) << 8 | clamp(b) << 16);                               \
+    })
+#endif
+
+/* One interleaved RGB row -> its row of each of the 3 planes, mirrored when asked. Written
+ * once per tap count (TAPS: a constant the compiler unrolls) and once for any count. */
+#define HORIZONTAL(name, TAPS)                                                                \
+    static void name(const uint8_t *row, int out_w, const int32_t *table, int taps,          \
+                     uint8_t *out, size_t plane, int mirror) {                               \
+        (void)taps;                                                                          \
+        for (int x = 0; x < out_w; x++, table += (TAPS) + 1) {                               \
+            uint32_t rgb = PIXEL(row + (size_t)table[0] * 3, table + 1, TAPS);               \
+            int ox = mirror ? out_w - 1 - x : x;                                             \
+            out[ox] = (uint8_t)rgb, out[plane + ox] = (uint8_t)(rgb >> 8);                   \
+            out[2 * plane + ox] = (uint8_t)(rgb >> 16);                                      \
+        }                                                                                    \
+    }
+HORIZONTAL(horizontal_2, 2)
+HORIZONTAL(horizontal_3, 3)
+HORIZONTAL(horizontal_4, 4)
+HORIZONTAL(horizontal_5, 5)
+HORIZONTAL(horizontal_any, taps)
+
+typedef void (*horizontal_fn)(const uint8_t *, int, const int32_t *, int, uint8_t *, size_t,
+                              int);
+
+static horizontal_fn horizontal_for(int taps) {
+    switch (taps) {
+    case 2: return horizontal_2;
+    case 3: return horizontal_3;
+    case 4: return horizontal_4;
+    case 5: return horizontal_5;
+    default: return horizontal_any;
+    }
+}
+
+static void deinterleave(const uint8_t *row, int width, uint8_t *out, size_t plane,
+                         int mirror) {
+    for (int x = 0; x < width; x++, row += 3) {
+        int ox = mirror ? width - 1 - x : x;
+        out[ox] = row[0], out[plane + ox] = row[1], out[2 * plane + ox] = row[2];
+    }
+}
+
+int resize_rgb_to_chw(const uint8_t *in, int in_h, int in_w, size_t stride, uint8_t *out,
+                      int out_h, int out_w, int flips, struct resize_scratch *s) {
+    int th = taps_for(in_w, out_w), tv = taps_for(in_h, out_h);
+    size_t width = (size_t)in_w * 3, plane = (size_t)out_h * out_w;
+    size_t table = (size_t)out_w * (th + 1) + (size_t)out_h * (tv + 1);
+    if (grow((void **)&s->acc, &s->acc_size, width * sizeof(int32_t)) ||
+        grow((void **)&s->rows, &s->rows_size, width + 4) || /* + PIXEL's padding */
+        grow((void **)&s->taps, &s->taps_size, table * sizeof(int32_t)))
+        return -1;
+    int32_t *htaps = s->taps, *vtaps = s->taps + (size_t)out_w * (th + 1);
+    if (in_w != out_w) fill_taps(in_w, out_w, th, htaps);
+    if (in_h != out_h) fill_taps(in_h, out_h, tv, vtaps);
+    horizontal_fn horizontal = horizontal_for(th);
+    for (int y = 0; y < out_h; y++) {
+        const uint8_t *row = in + (size_t)y * stride;
+        if (in_h != out_h) {
+            vertical(in, stride, width, vtaps + (size_t)y * (tv + 1), tv, s->acc, s->rows);
+            row = s->rows;
+        } else if (in_w != out_w) {
+            memcpy(s->rows, row, width); /* padded */
+            row = s->rows;
+        }
+        uint8_t *dst = out + (size_t)(flips & FLIP_VERTICAL ? out_h - 1 - y : y) * out_w;
+        if (in_w != out_w)
+            horizontal(row, out_w, htaps, th, dst, plane, flips & FLIP_HORIZONTAL);
+        else
+            deinterleave(row, out_w, dst, plane, flips & FLIP_HORIZONTAL);
+    }
+    return 0;
+}
+
+void resize_scratch_free(struct resize_scratch *s) {
+    free(s->rows);
+    free(s->acc);
+    free(s->taps);
+    memset(s, 0, sizeof(*s));
+}
