@@ -2,6 +2,8 @@
 
 from typing import Sequence
 
+import numpy as np
+import numpy.typing as npt
 from typing_extensions import Buffer
 
 def decode_region(data: Buffer, top: int, left: int, height: int, width: int,
@@ -10,13 +12,14 @@ def decode_region(data: Buffer, top: int, left: int, height: int, width: int,
     4 or 8), widened to iMCU boundaries: (rgb bytes, rows, cols, column offset of the box).
     strict=True makes every libjpeg warning an error (else only a truncated file is one)."""
 
-def decode_batch(values: Sequence[Buffer], boxes: Buffer, flips: Buffer, out: Buffer,
+def decode_batch(values: Sequence[Buffer], boxes: npt.NDArray[np.int64],
+                 flips: npt.NDArray[np.uint8], out: npt.NDArray[np.uint8],
                  height: int, width: int, threads: int = 1) -> list[str | None]:
     """Decode box k (int64 top, left, h, w) of each JPEG at the coarsest covering scale,
     resize it into slot k of `out` (uint8 [B, 3, height, width]) mirrored as flips[k] says
     (bit 0 horizontal, bit 1 vertical), GIL released, on `threads` threads: None per slot
     that decoded, else why it failed."""
 
-def resize_chw(pixels: Buffer, out: Buffer, /) -> None:
+def resize_chw(pixels: npt.NDArray[np.uint8], out: npt.NDArray[np.uint8], /) -> None:
     """Antialiased bilinear resize of uint8 H x W x 3 `pixels` (3 bytes apart, rows any
     distance) into `out`, a C-contiguous uint8 3 x h x w buffer, GIL released."""

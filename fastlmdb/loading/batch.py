@@ -68,12 +68,12 @@ def only_flips(transform: Any) -> bool:
     return all(step is None or type(step) in flips for step in steps)
 
 
-def native_built():
+def native_built() -> bool:
     """Whether the native batch decoder (``_jpegcrop.decode_batch``) is here."""
     return crops._jpegcrop is not None and hasattr(crops._jpegcrop, "decode_batch")
 
 
-def flip_plan(transform):
+def flip_plan(transform: Any) -> list[tuple[int, float]]:
     """[(mirror bit, probability)] of the flips `transform` is (only_flips is true of it):
     bit 1 horizontal, 2 vertical, as decode_batch reads them."""
     composed = type(transform) in crops.torchvision_types("Compose")
@@ -83,7 +83,8 @@ def flip_plan(transform):
             if step is not None]
 
 
-def draw(crop, plan, shapes):
+def draw(crop: crops.DecodeCrop, plan: list[tuple[int, float]],
+         shapes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(boxes int64 [n, 4], flips uint8 [n]) for records of `shapes` ([n, 2] heights, widths),
     drawn in the per-sample order. torchvision's flips, v1 and v2, each draw
     ``torch.rand(1) < p``: the same draw, compared the same way."""
@@ -97,7 +98,8 @@ def draw(crop, plan, shapes):
     return boxes, flips
 
 
-def decode_native(images, values, shapes, crop, rest, threads=1, start=0):
+def decode_native(images: torch.Tensor, values: Sequence[Any], shapes: np.ndarray,
+                  crop: crops.DecodeCrop, rest: Any, threads: int = 1, start: int = 0) -> int:
     """Fill slots `start`.. of `images` from JPEG `values` natively; returns the first slot
     it could not fill (len(values) if none), torch's generator then where the per-sample path
     would draw that slot's box. The slots before it are done."""

@@ -10,8 +10,9 @@ The dataset draws the box from the record table's height/width (no decode), then
 the box's rows and iMCU columns at the smallest libjpeg-turbo scale (1/8 .. 1) that still
 covers the output size, and resizes it with antialiasing (torch's filter, in C where the
 extension is built: within ~1 of ``interpolate(antialias=True)`` per value).
-`RandomResizedCrop` draws boxes exactly as torchvision's does, from torch's global random generator, so seeds behave the same.
-Without the compiled region decoder (``fastlmdb._jpegcrop``) the whole image is decoded at
+`RandomResizedCrop` draws boxes exactly as torchvision's does, from torch's global random
+generator, so seeds behave the same.
+Without the compiled region decoder (``fastlmdb.core._jpegcrop``) the whole image is decoded at
 that scale and cropped. The region decoder reads leniently, as PIL does: a JPEG that decodes
 only with libjpeg warnings, or whose sampling the fast decoders cannot read, crops like any.
 """
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional
 
 try:
-    from fastlmdb.core import _jpegcrop
+    from fastlmdb.core import _jpegcrop as _jpegcrop  # batch.py uses it too
 except ImportError:  # no compiler or libjpeg headers at install time
     _jpegcrop = None  # type: ignore[assignment]
 

@@ -324,14 +324,14 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
         labels.numpy()[:] = label_list
         return batch.samples(images, labels, label_list)
 
-    def _slot(self, i, index, value, image):
+    def _slot(self, i: int, index: int, value: Any, image: torch.Tensor) -> int:
         """The per-sample path into one slot: its label."""
         try:
             return self._record_into(index, value, image)
         except DecodeError:
             substitute, label = self[i]  # raises, or substitutes and counts, as for one sample
             image.copy_(substitute)
-            return label
+            return int(label)
 
 
 class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: ignore[type-arg]
