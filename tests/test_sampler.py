@@ -49,6 +49,9 @@ def test_epochs_differ_and_repeat():
     sampler.set_epoch(1)
     assert list(sampler) == second
     assert list(EpochSampler(range(50), seed=1, shuffle=True)) == first
+    partial = EpochSampler(range(50), seed=1)
+    next(iter(partial)), iter(partial)  # iterators dropped unfinished (as loaders make them)
+    assert list(partial) == first  # still epoch 0
     assert list(EpochSampler(range(50), shuffle=False)) == list(range(50))
     dropped = EpochSampler(range(37), rank=1, world_size=2, drop_last=True)
     assert len(dropped) == len(list(dropped)) == 18

@@ -6,8 +6,10 @@ or cut exactly as ``DistributedSampler`` does. ``state_dict``/``load_state_dict`
 torchdata's ``StatefulDataLoader`` protocol (it calls them at the right moment, in spite of
 prefetching); with a plain DataLoader pass the number of samples consumed.
 
-Each iteration is the next epoch unless ``set_epoch`` says which, so loops that never call it
-(Lightning) still get a new order every epoch. Under Lightning's DDP with
+After an iteration that handed out its whole share, the next one is the next epoch unless
+``set_epoch`` says which, so loops that never call it still get a new order every epoch. (Only
+a finished iteration counts: DataLoaders make iterators they drop, torchdata's
+StatefulDataLoader several while it restores a state.) Under Lightning's DDP with
 ``use_distributed_sampler=True`` (its default) the Trainer wraps any custom sampler in its own
 ``DistributedSamplerWrapper``, which lists the sampler and splits that list across ranks:
 listed by it, EpochSampler yields the whole epoch (its own order, every rank the same), so
@@ -47,8 +49,9 @@ def distributed() -> bool:
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):
-    """Indices of this rank's share of each epoch: each iteration the next epoch's, unless
-    ``set_epoch`` names the epoch the next one is (as for ``DistributedSampler``).
+    """Indices of this rank's share of each epoch: after a finished iteration the next
+    epoch's, unless ``set_epoch`` names the epoch the next one is (as for
+    ``DistributedSampler``).
 
     Args:
         dataset: anything with a length (an LMDBDataset).
@@ -65,7 +68,8 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         self.epoch = 0
         self.start = 0  # where the next iteration starts in this rank's share
         self.begun = self.yielded = 0  # where the running one started, and where it is now
-        self._named = True  # whether the next iteration's epoch was set (else: epoch + 1)
+        self._named = True  # whether the next iteration's epoch was set
+        self._finished = False  # whether the last iteration handed out its whole share
         self._told = False  # whether the log says that Lightning's wrapper lists this sampler
 
     def set_epoch(self, epoch: int) -> None:
@@ -88,18 +92,21 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         return order.rank_share(epoch_order, rank, world_size, drop_last)
 
     def __iter__(self) -> Iterator[int]:
-        if not self._named:  # nobody said which epoch: the next one
+        if self._finished and not self._named:  # nobody said which epoch: the next one
             self.epoch, self.start = self.epoch + 1, 0
-        self._named = False
+        self._named = self._finished = False
         if self._listed_by_lightning(sys._getframe(1)):
+            self._finished = True  # listed whole at once
             return iter(self._share(0, 1, False).tolist())  # Lightning splits it
         return self._indices()
 
     def _indices(self):
         share, begun = self.share(), self.start
         self.start, self.begun, self.yielded = 0, begun, begun
+        last = len(share)
         for index in share[begun:].tolist():
             self.yielded += 1
+            self._finished = self.yielded == last
             yield index
 
     def _listed_by_lightning(self, frame):
