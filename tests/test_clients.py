@@ -214,16 +214,17 @@ def test_timm_create_loader_eval_gives_imagefolders_batches(db, src, context, us
     from timm.data import create_loader
     from torchvision.datasets import ImageFolder
 
-    def batches(dataset):
+    def batches(dataset, workers):
         loader = create_loader(dataset, input_size=(3, 32, 32), batch_size=BATCH,
                                is_training=False, use_prefetcher=use_prefetcher,
-                               device=torch.device("cpu"), num_workers=2)
-        torch_loader = loader.loader if use_prefetcher else loader
-        torch_loader.multiprocessing_context = context
+                               device=torch.device("cpu"), num_workers=workers)
+        if workers:
+            torch_loader = loader.loader if use_prefetcher else loader
+            torch_loader.multiprocessing_context = context
         return [(images.clone(), labels.clone()) for images, labels in loader]
 
     ours = LMDBDataset(db, "train", decoder="pil")
-    got, expected = batches(ours), batches(ImageFolder(src))
+    got, expected = batches(ours, 2), batches(ImageFolder(src), 0)
     assert ours.transform is not None  # timm's, assigned after construction
     assert len(got) == len(expected) == 13
     for (images, labels), (ref_images, ref_labels) in zip(got, expected):
