@@ -210,7 +210,7 @@ def test_lightning_resumes_mid_epoch_from_a_checkpoint(db, tmp_path, kind):
 @pytest.mark.parametrize("context", CONTEXTS)
 def test_timm_create_loader_eval_gives_imagefolders_batches(db, src, context, use_prefetcher):
     """timm reassigns dataset.transform with its own eval transforms; the batches equal those
-    of torchvision's ImageFolder through the same loader (decoder="pil": the same decoder)."""
+    of torchvision's ImageFolder through the same loader, bit for bit."""
     from timm.data import create_loader
     from torchvision.datasets import ImageFolder
 
@@ -223,7 +223,7 @@ def test_timm_create_loader_eval_gives_imagefolders_batches(db, src, context, us
             torch_loader.multiprocessing_context = context
         return [(images.clone(), labels.clone()) for images, labels in loader]
 
-    ours = LMDBDataset(db, "train", decoder="pil")
+    ours = LMDBDataset(db, "train")
     got, expected = batches(ours, 2), batches(ImageFolder(src), 0)
     assert ours.transform is not None  # timm's, assigned after construction
     assert len(got) == len(expected) == 13
