@@ -313,3 +313,23 @@ def test_epoch_sampler_without_set_epoch_in_a_plain_loop(db, everything):
     assert first != second and sampler.epoch == 1
     sampler.set_epoch(0)
     assert _checksums(loader) == first
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_after_a_resumed_epoch_comes_the_next_one(db, workers):
+    def stream():
+        return LMDBIterDataset(db, "train", checksum, output="numpy", shuffle=True, seed=6,
+                               batch_size=BATCH)
+
+    def epoch(dataset):
+        return _checksums(DataLoader(dataset, batch_size=BATCH, num_workers=workers))
+
+    reference = stream()
+    reference.set_epoch(3)
+    third = epoch(reference)
+    fourth = epoch(reference)  # nobody calls set_epoch
+    job = stream()
+    job.load_state_dict({"seed": 6, "shuffle": True, "epoch": 3, "samples_seen": 2 * BATCH})
+    assert epoch(job) == third[2 * BATCH:]
+    assert epoch(job) == fourth  # the whole next epoch, not the resume point again
