@@ -33,3 +33,10 @@ class EnvOwner:
         from fastlmdb.core import store
 
         return checksum(image), os.getpid(), store.opened_by(self.path)
+
+
+def pooled_and_checksum(image):
+    """(mean of each RGB channel, float32; checksum): a tiny model's input and the sample's
+    identity, for the training-client tests (test_clients.py)."""
+    pixels = np.ascontiguousarray(np.asarray(image), dtype=np.uint8)
+    return pixels.reshape(-1, 3).mean(0).astype(np.float32), checksum(pixels)

@@ -42,9 +42,16 @@ def test_ranks_share_one_order_that_ignores_world_size(world_size):
 def test_epochs_differ_and_repeat():
     sampler = EpochSampler(range(50), seed=1)
     first = list(sampler)
+    second = list(sampler)  # nobody called set_epoch: the next epoch
+    assert sampler.epoch == 1 and second != first and sorted(second) == list(range(50))
+    sampler.set_epoch(0)  # an explicit epoch wins, and repeats
     assert list(sampler) == first
     sampler.set_epoch(1)
-    assert list(sampler) != first and sorted(sampler) == list(range(50))
+    assert list(sampler) == second
+    assert list(EpochSampler(range(50), seed=1, shuffle=True)) == first
+    partial = EpochSampler(range(50), seed=1)
+    next(iter(partial)), iter(partial)  # iterators dropped unfinished (as loaders make them)
+    assert list(partial) == first  # still epoch 0
     assert list(EpochSampler(range(50), shuffle=False)) == list(range(50))
     dropped = EpochSampler(range(37), rank=1, world_size=2, drop_last=True)
     assert len(dropped) == len(list(dropped)) == 18

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, Tuple, Union, cast
 
@@ -17,7 +18,7 @@ import torch
 import torch.utils.data
 
 from fastlmdb.core import catalog, jpeg
-from fastlmdb.loading import batch, crops, order, sampler
+from fastlmdb.loading import batch, crops, order, progress, sampler
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import ON_ERROR, DatabaseError, DecodeError
 
@@ -348,14 +349,23 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
     ``shuffle=True`` shuffles the order of blocks of records, then records within a window of
     blocks (``order.BLOCK * order.WINDOW_BLOCKS`` records), which a worker reads in key order
     and yields shuffled, so reads stay sequential. The order is a pure function of (seed,
-    epoch): call ``set_epoch(epoch)`` before each epoch (it reaches persistent workers too).
+    epoch). Each iteration is the next epoch: the n-th since ``set_epoch(e)`` (or since
+    construction, e = 0) is epoch e + n, counted in each process (fastlmdb.loading.progress),
+    so loops that never call ``set_epoch`` (Lightning) get a new order every epoch; calling
+    it before each epoch (it reaches persistent workers too) pins the epoch explicitly.
+
+    Workers take turns by whole batches when the batch size is known: given here as
+    `batch_size`, or read from the DataLoader when it asks for the dataset's length (what
+    ``len(loader)`` does, as Lightning and progress bars do). ``len(loader)`` is then the number
+    of batches the workers yield: without it, each worker would end on a partial batch, and a
+    loop that stops after ``len(loader)`` batches would drop one.
 
     Mid-epoch resume: give the DataLoader's `batch_size` here too; workers then take turns by
     batch, so each rank sees its share of the epoch in order, and
     ``state_dict(samples_seen=n)`` / ``load_state_dict(state)`` continue after the n samples
     this rank has consumed, with any number of workers: none twice, none missing.
-    With `batch_size` and a decode-aware crop head (then at most flips), each batch is decoded
-    in place into one uint8 tensor, as LMDBDataset does (fastlmdb.batch).
+    With the batch size known and a decode-aware crop head (then at most flips), each batch is
+    decoded in place into one uint8 tensor, as LMDBDataset does (fastlmdb.batch).
     """
 
     def __init__(self, root: StrPath, split: str, transform: Transform | None = None,
@@ -377,25 +387,35 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
                 "a batch holds only a few classes. Convert it again without --order source "
                 "(the default shuffles the write order), or use LMDBDataset with EpochSampler",
                 UserWarning, stacklevel=2)
-        # [epoch, samples of it already consumed]: shared, so it reaches persistent workers.
-        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
+        if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive int (the DataLoader's), "
+                             f"got {batch_size!r}")
+        # Epoch, resume point, iterations begun: shared, so they reach persistent workers.
+        self._progress = progress.Progress()
         # This process's own: samples its iteration handed out, and a worker's resume point.
         self._yielded = self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
-        self._position[0], self._position[1] = int(epoch), 0
+        """The next iteration of every process (workers too) is epoch `epoch`."""
+        self._progress.set(epoch)
 
     @property
     def epoch(self) -> int:
-        return int(self._position[0])
+        """The epoch this process iterates (or its workers did last); before any, the next."""
+        return self._progress.now()[0]
+
+    def _batch_size(self) -> int | None:
+        """The batch size workers take turns by: given, or learned from the DataLoader."""
+        return self.batch_size or self._progress.batch_size
 
     def state_dict(self, samples_seen: int | None = None) -> dict[str, Any]:
         """Where this rank stands after consuming `samples_seen` more samples of the epoch.
 
         Without `samples_seen`: where this process's iteration is, which is what torchdata's
         StatefulDataLoader asks each worker (and restores with the same number of workers)."""
-        state = {"seed": self.seed, "shuffle": self.shuffle, "epoch": self.epoch,
-                 "samples_seen": int(self._position[1]) + int(samples_seen or 0)}
+        epoch, offset = self._progress.now()
+        state = {"seed": self.seed, "shuffle": self.shuffle, "epoch": epoch,
+                 "samples_seen": offset + int(samples_seen or 0)}
         if samples_seen is None and torch.utils.data.get_worker_info() is not None:
             state["worker_yielded"] = self._yielded
         elif samples_seen is None:
@@ -406,9 +426,10 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
         if (state["seed"], state["shuffle"]) != (self.seed, self.shuffle):
             raise ValueError(f"state is for seed={state['seed']}, shuffle={state['shuffle']}; "
                              f"this dataset has seed={self.seed}, shuffle={self.shuffle}")
-        if self.batch_size is None and state["samples_seen"]:
+        if self._batch_size() is None and state["samples_seen"]:
             raise ValueError("resuming mid-epoch needs batch_size=<the DataLoader's batch size>")
-        self._position[0], self._position[1] = int(state["epoch"]), int(state["samples_seen"])
+        in_worker = torch.utils.data.get_worker_info() is not None
+        self._progress.set(state["epoch"], state["samples_seen"], everywhere=not in_worker)
         self._skip = state.get("worker_yielded", 0)
 
     def _ranks(self) -> tuple[int, int]:
@@ -425,36 +446,57 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
         return state
 
     def __len__(self) -> int:
+        self._learn_batch_size(sys._getframe(1))
         return cast(int, order.per_rank(self._count, self._ranks()[1], self.drop_last))
+
+    def _learn_batch_size(self, frame: Any) -> None:
+        """Takes the batch size of the DataLoader whose ``__len__`` is asking (`frame`): the
+        workers then take turns by batch and yield as many batches as it reports."""
+        loader = frame.f_locals.get("self") if frame.f_code.co_name == "__len__" else None
+        if not isinstance(loader, torch.utils.data.DataLoader) or loader.dataset is not self:
+            return
+        size = loader.batch_size
+        if size is None:
+            return
+        if self.batch_size is not None and self.batch_size != size:
+            raise ValueError(f"batch_size={self.batch_size} was given to LMDBIterDataset, but its "
+                             f"DataLoader has batch_size={size}: give both the same")
+        if self._progress.batch_size != size:
+            self._progress.batch_size = size
 
     @property
     def targets(self) -> list[int]:
         return self._labels.tolist()  # type: ignore[no-any-return]
 
     def indices(self) -> np.ndarray[Any, np.dtype[np.int64]]:
-        """The record indices this process yields this epoch, in order."""
-        keys = self._epoch_share()
+        """The record indices this process's next iteration yields, in order."""
+        return cast("np.ndarray[Any, np.dtype[np.int64]]",
+                    self._indices(*self._progress.upcoming()))
+
+    def _indices(self, epoch: int, offset: int) -> Any:
+        keys = self._epoch_share(epoch, offset)
         return self._logical(keys) if self.shuffle else keys
 
-    def _epoch_share(self) -> Any:
-        """This process's share of the epoch: keys when shuffled (blocks of the physical
-        order, read sequentially), else the logical order."""
+    def _epoch_share(self, epoch: int, offset: int) -> Any:
+        """This process's share of `epoch` after `offset` samples of the rank's: keys when
+        shuffled (blocks of the physical order, read sequentially), else the logical order."""
         rank, world_size = self._ranks()
         epoch_order = order.epoch_order(self._count, shuffle=self.shuffle,
-                                        seed=self.seed, epoch=self.epoch)
+                                        seed=self.seed, epoch=epoch)
         share = order.rank_share(epoch_order, rank, world_size, self.drop_last)
-        share = share[int(self._position[1]):]
+        share = share[offset:]
         worker = torch.utils.data.get_worker_info()
         if worker is None:
             return share
-        if self.batch_size:
-            return order.batch_share(share, worker.id, worker.num_workers, self.batch_size)
+        size = self._batch_size()
+        if size:
+            return order.batch_share(share, worker.id, worker.num_workers, size)
         return order.worker_share(share, worker.id, worker.num_workers)
 
     def __iter__(self) -> Iterator[Any]:
         self._yielded, self._skip = self._skip, 0
-        indices = self.indices()[self._yielded:]
-        if self.batch_size and self._decodes_in_place():
+        indices = self._indices(*self._progress.begin())[self._yielded:]
+        if self._batch_size() and self._decodes_in_place():
             yield from self._batches_in_place(indices)
             return
         for piece in order.windows(indices, order.BLOCK * order.WINDOW_BLOCKS):
@@ -468,7 +510,7 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
     def _batches_in_place(self, indices: Ints) -> Iterator[batch.Sample]:
         """The samples of `indices`, each `batch_size` of them decoded into one images tensor
         (batch.Sample views, as LMDBDataset's batches); a skipped record shortens its batch."""
-        for piece in order.windows(indices, self.batch_size):
+        for piece in order.windows(indices, self._batch_size()):
             images, labels = batch.empty(len(piece), cast(crops.DecodeCrop, self._crop).size)
             kept: list[int]
             kept, consumed = [], []  # labels, and records consumed up to each of them
