@@ -179,6 +179,7 @@ def test_overwrite_replaces_one_file_by_shards_and_back(source, single, dst):
     (lambda index: index.update(version=99), "newer than this fastlmdb reads"),
     (lambda index: index.update(format="other"), "not a fastlmdb shard index"),
     (lambda index: index["shards"][0].update(file="../elsewhere.lmdb"), "shard list"),
+    (lambda index: index["shards"][0].update(file=".."), "shard list"),  # the parent folder
     (lambda index: index["shards"][1].update(count=1), "shard list"),
     (lambda index: index.update(count=5, shards=[{"file": index["shards"][0]["file"],
                                                   "count": 5}]), "the index says 5"),

@@ -317,7 +317,8 @@ def check_shard_index(index, index_path):
     entries = index.get("shards")
     ok = isinstance(entries, list) and entries and all(
         isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("count"), int)
-        and os.path.basename(e["file"]) == e["file"] and e["count"] >= 0 for e in entries)
+        and os.path.basename(e["file"]) == e["file"] and e["file"] not in ("", ".", "..")
+        and e["count"] >= 0 for e in entries)
     if not ok or index.get("count") != sum(e["count"] for e in entries):
         raise DatabaseError(f"{index_path}: the shard list is missing or inconsistent; "
                             "the database is damaged: convert it again")

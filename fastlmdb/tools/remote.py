@@ -7,7 +7,6 @@ a URL is staged; a missing one gets a message saying what to install.
 """
 
 import inspect
-import json
 import logging
 import os
 import time
@@ -80,18 +79,15 @@ class RemoteDatabase:
         return listing + ([(PLAN, plan)] if plan else []) + [(fmt.SHARD_INDEX, index_info)]
 
     def _read_index(self, index_path):
+        """The shard index, checked by the format as a local one is (plain file names only,
+        so a damaged index cannot write outside the target folder)."""
+        url = f"{self.url}/{fmt.SHARD_INDEX}"
         try:
             with self.fs.open(index_path, "rb") as file:
-                index = json.loads(file.read())
-            names = [entry["file"] for entry in index["shards"]]
+                raw = file.read()
         except Exception as exc:  # noqa: BLE001 - any backend's error, with the URL added
-            raise _error(f"{self.url}/{fmt.SHARD_INDEX}", exc) from exc
-        for name in names:
-            if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".."):
-                raise DatabaseError(f"{self.url}/{fmt.SHARD_INDEX} names the shard {name!r}, "
-                                    "not a file of its folder: the index is damaged; convert "
-                                    "the split again")
-        return index
+            raise _error(url, exc) from exc
+        return fmt.check_shard_index(fmt.load_json(raw, "index", url), url)
 
     def _info(self, path, missing_ok=False):
         try:
