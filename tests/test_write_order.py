@@ -84,8 +84,9 @@ def test_iterable_reads_the_write_order_and_yields_logical_indices(shuffled):
     for start in range(0, len(keys), window):  # each window a contiguous range of keys
         piece = np.sort(keys[start:start + window])
         assert piece.tolist() == list(range(piece[0], piece[0] + len(piece)))
+    expected = [ds.targets[i] for i in ds.indices().tolist()]  # indices() is the next pass's
     labels = [label for _, label in ds]
-    assert labels == [ds.targets[i] for i in ds.indices().tolist()]
+    assert labels == expected
     assert sorted(labels) == sorted(ds.targets)
     plain = LMDBIterDataset(shuffled, "train", output="numpy")
     assert plain.indices().tolist() == list(range(80))  # shuffle=False: ImageFolder's order
