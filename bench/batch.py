@@ -154,15 +154,16 @@ def _loaders(args, work, databases, info, ffcv_only=False):
     from fastlmdb import LMDBDataset
 
     pil = v1.Compose([v1.RandomResizedCrop(224), v1.RandomHorizontalFlip(), v1.PILToTensor()])
-    folder = ImageFolder(os.path.join(work, "src", "train"), pil)
+    folder = functools.partial(ImageFolder, os.path.join(work, "src", "train"), pil)
     candidates = []
     for workers, threads in ((2, 1),) if ffcv_only else ((2, 1), (0, 2)):
         setting = f"{workers} workers" + (f", threads={threads}" if threads > 1 else "")
         candidates.append(_row(BASELINE, folder, workers, args.batch_size, setting))
         for name, root in databases.items():
             group = f"{setting}, {name}"
-            native = LMDBDataset(root, "train", _pipeline(), output="tensor", threads=threads)
-            before = LMDBDataset(root, "train", _pipeline(), output="tensor")
+            native = functools.partial(LMDBDataset, root, "train", _pipeline(),
+                                       output="tensor", threads=threads)
+            before = functools.partial(LMDBDataset, root, "train", _pipeline(), output="tensor")
             candidates.append(_row("LMDBDataset native batch", native, workers,
                                    args.batch_size, setting, group))
             if not ffcv_only:
@@ -171,28 +172,35 @@ def _loaders(args, work, databases, info, ffcv_only=False):
     candidates += _ffcv(work, databases, args.batch_size)
     results = harness.measure(candidates, repeats=args.repeats, warmup=args.warmup)
     for c in candidates:
+        c.info["pss"] = harness.peak_pss(c.run)[1]
         c.info["first"] = _first_batch(c)
-    columns = [harness.Column("first batch", lambda r: r.candidate.info["first"])]
+    columns = [harness.Column("first batch", lambda r: r.candidate.info["first"]),
+               harness.Column("peak PSS", lambda r: f"{r.candidate.info['pss'] / 2**30:.2f} GB")]
     name = "batch-loaders-ffcv" if ffcv_only else "batch-loaders"
     harness.report(harness.result_name(args, name), results, baseline=BASELINE,
                    title=f"Loaders, batch {args.batch_size}, RandomResizedCrop(224) + flip, "
                          "uint8", info=info, columns=columns,
-                   notes=["ImageFolder + PIL reads the sample files as they are in every "
-                          "group (its baseline is that of the same worker setting).",
+                   notes=["ImageFolder + PIL reads the tree's files, from which the databases "
+                          "were converted, in every group (its baseline is that of the same "
+                          "worker setting).",
                           "Warm page cache; persistent workers started in the warm-up run.",
-                          "first batch: seconds from a fresh DataLoader's iter() to its first "
-                          "batch (workers started by fork), once, after the timed runs."]
-                   + _ffcv_note())
+                          "first batch: seconds from creating a fresh dataset and DataLoader "
+                          "(FFCV: its Loader, which compiles its pipeline) to the first batch "
+                          "(workers started by fork), once, after the timed runs.",
+                          "peak PSS: the most proportional set size of the process tree (main + "
+                          "workers; shared and mapped pages counted once), sampled every 0.1 s "
+                          "in one more, untimed epoch.",
+                          "data read: " + _sizes(databases, candidates)]
+                   + _ffcv_note(args.reencode))
 
 
-def _row(label, dataset, workers, batch_size, setting, group=None, legacy=False):
-    epoch = loaders._epoch(dataset, workers, batch_size, persistent=True)
+def _row(label, make, workers, batch_size, setting, group=None, legacy=False):
+    """A row of epochs of make()'s dataset; make() again gives a fresh one."""
+    epoch = loaders._epoch(make(), workers, batch_size, persistent=True)
     if legacy:  # workers forked in the warm-up run inherit the patch; the main process not
         epoch = _patched(epoch)
     candidate = harness.Candidate(label, epoch, group=group or setting)
-    candidate.info["make"] = functools.partial(loaders._epoch, dataset, workers, batch_size,
-                                               False)
-    candidate.info["legacy"] = legacy
+    candidate.info["first"] = functools.partial(_first_torch, make, workers, batch_size, legacy)
     return candidate
 
 
@@ -204,21 +212,24 @@ def _patched(epoch):
 
 
 def _first_batch(candidate):
-    if "make" not in candidate.info:
+    make = candidate.info.get("first")
+    if make is None:
         return "-"
+    start = time.perf_counter()
+    make()
+    return f"{time.perf_counter() - start:.2f} s"
+
+
+def _first_torch(make, workers, batch_size, legacy):
+    """The first batch of a fresh dataset, make(), in a fresh DataLoader."""
     import torch
 
-    dataset = candidate.info["make"].args[0]
-    workers = candidate.info["make"].args[1]
-    with _before() if candidate.info["legacy"] else contextlib.nullcontext():
-        start = time.perf_counter()
+    with _before() if legacy else contextlib.nullcontext():
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=candidate.info["make"].args[2], shuffle=True,
-            num_workers=workers, multiprocessing_context="fork" if workers else None)
+            make(), batch_size=batch_size, shuffle=True, num_workers=workers,
+            multiprocessing_context="fork" if workers else None)
         next(iter(loader))
-        elapsed = time.perf_counter() - start
         del loader
-    return f"{elapsed:.2f} s"
 
 
 def _ffcv(work, databases, batch_size):
@@ -231,10 +242,19 @@ def _ffcv(work, databases, batch_size):
     rows = []
     for name, max_resolution in (("as converted", None), ("--max-size 512 --quality 90", 512)):
         path = _ffcv_write(work, max_resolution)
-        rows.append(harness.Candidate("FFCV (JPEGs re-encoded by FFCV, quality 90)",
-                                      loaders._ffcv_epoch(path, 2, batch_size),
-                                      group=f"2 workers, {name}"))
+        row = harness.Candidate("FFCV (JPEGs re-encoded by FFCV, quality 90)",
+                                loaders._ffcv_epoch(path, 2, batch_size),
+                                group=f"2 workers, {name}")
+        row.info["first"] = functools.partial(_first_ffcv, path, batch_size)
+        row.info["bytes"] = os.path.getsize(path)
+        rows.append(row)
     return rows
+
+
+def _first_ffcv(path, batch_size):
+    loader = loaders._ffcv_loader(path, 2, batch_size)
+    next(iter(loader))
+    del loader
 
 
 def _ffcv_write(work, max_resolution):
@@ -249,16 +269,32 @@ def _ffcv_write(work, max_resolution):
     return path
 
 
-def _ffcv_note():
+def _sizes(databases, candidates):
+    """The bytes each store holds, so rows over different data are seen to be."""
+    sizes = [f"{name} database {harness.total_bytes(_files(root)) / 1e6:.0f} MB"
+             for name, root in databases.items()]
+    sizes += [f"FFCV .beton ({c.group}) {c.info['bytes'] / 1e6:.0f} MB"
+              for c in candidates if "bytes" in c.info]
+    return "; ".join(sizes) + "."
+
+
+def _files(root):
+    return [os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names]
+
+
+def _ffcv_note(reencoded):
     try:
         import ffcv  # noqa: F401
     except ImportError:
         return ["FFCV: not importable here; no row (it builds from PyPI given `apt-get install "
                 "pkg-config libturbojpeg0-dev libopencv-dev`, numpy<2.3)."]
+    same = (f"the tree was re-encoded at quality {reencoded} first (--reencode), so every row "
+            "decodes JPEGs of that quality" if reencoded else
+            "the other rows read the sample JPEGs as they are: its data differs")
     return ["FFCV: RandomResizedCropRGBImageDecoder((224, 224)) + RandomHorizontalFlip + "
             "ToTensor + ToTorchImage, uint8, OrderOption.RANDOM; its workers are threads of "
             "this process, so its img/CPU-s counts them all. It re-encodes every JPEG at "
-            "quality 90 (write_mode='jpg'): its data differs from the other rows'."]
+            f"quality 90 (write_mode='jpg'); {same}."]
 
 
 if __name__ == "__main__":

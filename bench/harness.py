@@ -73,6 +73,12 @@ def add_tree_args(p, *, replicate):
     p.add_argument("--work-dir", help="where the temporary tree and databases go "
                                       "(default: a new folder under $TMPDIR or /tmp)")
     p.add_argument("--keep", action="store_true", help="keep the work folder afterwards")
+    p.add_argument("--reencode", type=int, metavar="Q",
+                   help="re-encode every sample with PIL at JPEG quality Q first (4:2:0, "
+                        "as FFCV stores them): every loader then reads the same JPEGs")
+    p.add_argument("--mosaic", type=int, metavar="N",
+                   help="large photos: image i becomes an N x N mosaic of samples i .. i + "
+                        "N*N - 1, cells of 500 x 375, at quality --reencode (default 92)")
 
 
 def command_line():
@@ -124,7 +130,33 @@ def work_dir(args):
 def tree_from_args(args, root):
     """The sample tree the tree options ask for; returns its file paths."""
     sources = sample_files(args.images_dir, args.limit)
+    if getattr(args, "mosaic", None) or getattr(args, "reencode", None):
+        sources = prepared(sources, os.path.join(os.path.dirname(root), "prepared"),
+                           args.reencode or 92, args.mosaic or 1)
     return make_tree(root, sources, args.replicate, args.symlink)
+
+
+def prepared(sources, folder, quality, side=1, cell=(500, 375)):
+    """Each source re-encoded by PIL at `quality` (``side`` > 1: as the first of `side`**2
+    consecutive sources tiled into one photo of `cell`s), under `folder` with its name."""
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i, source in enumerate(sources):
+        if side == 1:
+            with Image.open(source) as image:
+                photo = image.convert("RGB")
+        else:
+            photo = Image.new("RGB", (cell[0] * side, cell[1] * side))
+            for k in range(side * side):
+                with Image.open(sources[(i + k) % len(sources)]) as tile:
+                    photo.paste(tile.convert("RGB").resize(cell, Image.Resampling.BICUBIC),
+                                (cell[0] * (k % side), cell[1] * (k // side)))
+        path = os.path.join(folder, os.path.basename(source))
+        photo.save(path, "JPEG", quality=quality)
+        paths.append(path)
+    return paths
 
 
 def read_bytes(path):
@@ -234,6 +266,39 @@ def tree_cpu_seconds():
 
     live = psutil.Process().children(recursive=True)
     return cpu_seconds() + sum(_process_cpu(child) for child in live)
+
+
+def tree_pss():
+    """Bytes of PSS of this process and its live descendants: shared pages (the mapped
+    database, shared memory) counted once across them, unlike RSS."""
+    import psutil
+
+    total = 0
+    for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        with contextlib.suppress(Exception):  # psutil.NoSuchProcess: it has just gone
+            total += process.memory_full_info().pss
+    return total
+
+
+def peak_pss(run, interval=0.1):
+    """(what run() returned, the peak of tree_pss() while it ran), sampled every `interval`
+    seconds by a thread. Reading smaps costs CPU: use it in an untimed run."""
+    import threading
+
+    peak, done = [tree_pss()], threading.Event()
+
+    def sample():
+        while not done.wait(interval):
+            peak[0] = max(peak[0], tree_pss())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        value = run()
+    finally:
+        done.set()
+        sampler.join()
+    return value, max(peak[0], tree_pss())
 
 
 def _process_cpu(process):

@@ -260,7 +260,7 @@ def _ffcv_write(work):
     return path
 
 
-def _ffcv_epoch(path, workers, batch_size, persistent=True):  # its workers are threads
+def _ffcv_loader(path, workers, batch_size):  # its workers are threads
     from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
@@ -268,11 +268,15 @@ def _ffcv_epoch(path, workers, batch_size, persistent=True):  # its workers are 
     pipelines = {"image": [RandomResizedCropRGBImageDecoder((224, 224)), RandomHorizontalFlip(),
                            ToTensor(), ToTorchImage()],
                  "label": [IntDecoder(), ToTensor()]}
+    return Loader(path, batch_size=batch_size, num_workers=max(workers, 1),
+                  order=OrderOption.RANDOM, pipelines=pipelines)
+
+
+def _ffcv_epoch(path, workers, batch_size, persistent=True):
     # One Loader for all epochs, as in training: it JIT-compiles its pipeline (seconds) when
     # made, which the warm-up epoch absorbs; FFCV keeps state in the operations, so they
     # cannot be reused by a second Loader either.
-    loader = Loader(path, batch_size=batch_size, num_workers=max(workers, 1),
-                    order=OrderOption.RANDOM, pipelines=pipelines)
+    loader = _ffcv_loader(path, workers, batch_size)
 
     def run():
         return sum(len(labels) for _, labels in loader)
