@@ -127,6 +127,56 @@ def test_threads_give_the_same_pixels(photos):
     np.testing.assert_array_equal(*outs)
 
 
+def _has_avx2():
+    try:
+        with open("/proc/cpuinfo") as info:
+            return " avx2" in info.read()
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def portable_resize():
+    """A function that runs its argument with the resize's x86 kernels off, then on again."""
+    def run(work):
+        before = _jpegcrop._use_simd(False)
+        assert before or not _has_avx2()  # the fast kernels ran: there is something to compare
+        try:
+            return work()
+        finally:
+            _jpegcrop._use_simd(before)
+    return run
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(375, 500, 224, 224), (300, 260, 224, 224),
+                                   (200, 180, 224, 224), (224, 300, 224, 224),
+                                   (300, 224, 224, 224), (449, 447, 224, 224),
+                                   (1000, 1500, 224, 224), (230, 231, 113, 57),
+                                   (37, 53, 17, 29), (5, 7, 3, 9), (2, 1, 1, 6)])
+def test_resize_kernels_give_the_portable_bytes(portable_resize, shape):
+    in_h, in_w, out_h, out_w = shape
+    rng = np.random.default_rng(in_h * in_w)
+    pixels = rng.integers(0, 256, (in_h, in_w + 5, 3), dtype=np.uint8)[:, 2:2 + in_w]
+    fast, portable = (np.zeros((3, out_h, out_w), np.uint8) for _ in range(2))
+    _jpegcrop.resize_chw(pixels, fast)
+    portable_resize(lambda: _jpegcrop.resize_chw(pixels, portable))
+    np.testing.assert_array_equal(fast, portable)
+
+
+@needs_native
+@pytest.mark.parametrize("size", [(224, 224), (61, 37)])
+def test_batch_kernels_give_the_portable_bytes_with_every_flip(photos, portable_resize, size):
+    values = photos * 4
+    boxes = _boxes(values, size, seed=5)
+    flips = np.arange(len(values), dtype=np.uint8) % 4
+    outs = [np.zeros((len(values), 3, *size), np.uint8) for _ in range(2)]
+    assert _jpegcrop.decode_batch(values, boxes, flips, outs[0], *size) == [None] * len(values)
+    portable_resize(lambda: _jpegcrop.decode_batch(values, boxes, flips, outs[1], *size))
+    np.testing.assert_array_equal(*outs)
+    assert outs[0].any()
+
+
 def _pipeline():
     return v2.Compose([fastlmdb.RandomResizedCrop(56, scale=(0.1, 1.0)),
                        v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(p=0.3)])

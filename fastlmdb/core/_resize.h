@@ -26,4 +26,8 @@ int resize_rgb_to_chw(const uint8_t *in, int in_h, int in_w, size_t stride, uint
 
 void resize_scratch_free(struct resize_scratch *scratch);
 
+/* Whether the x86 kernels (AVX2, where the CPU has it) run: enabled 0 forces the portable
+ * ones, for tests; returns whether they ran before. The bytes are the same either way. */
+int resize_use_simd(int enabled);
+
 #endif
