@@ -183,23 +183,28 @@ static int simd_on(void) {
 
 static int32_t tap_pair(int32_t a, int32_t b) { return (a & 0xffff) | (int32_t)((uint32_t)b << 16); }
 
+#define MAX_SIMD_TAPS 64
+
 /* vertical(), 16 values at a time: rows j and j + 1 interleaved byte by byte, as words, times
- * (w_j, w_j+1) pairs. */
+ * (w_j, w_j+1) pairs (an odd last tap pairs with itself at weight 0). */
 __attribute__((target("avx2"))) static void vertical_avx2(const uint8_t *in, size_t stride,
                                                            size_t width, const int32_t *tap,
                                                            int taps, uint8_t *row) {
-    const uint8_t *first = in + (size_t)tap[0] * stride;
+    const uint8_t *rows[MAX_SIMD_TAPS + 1];
+    __m256i pairs[MAX_SIMD_TAPS / 2];
+    int count = (taps + 1) / 2;
+    for (int j = 0; j < taps; j++) rows[j] = in + (size_t)(tap[0] + j) * stride;
+    rows[taps] = rows[taps - 1];
+    for (int k = 0; k < count; k++)
+        pairs[k] = _mm256_set1_epi32(tap_pair(tap[1 + 2 * k], 2 * k + 1 < taps ? tap[2 + 2 * k] : 0));
     size_t i = 0;
     for (; i + 16 <= width; i += 16) {
         __m256i lo = _mm256_set1_epi32(HALF), hi = lo;
-        for (int j = 0; j < taps; j += 2) {
-            __m128i a = _mm_loadu_si128((const __m128i *)(first + (size_t)j * stride + i));
-            __m128i b = j + 1 < taps
-                            ? _mm_loadu_si128((const __m128i *)(first + (size_t)(j + 1) * stride + i))
-                            : _mm_setzero_si128();
-            __m256i w = _mm256_set1_epi32(tap_pair(tap[1 + j], j + 1 < taps ? tap[2 + j] : 0));
-            lo = _mm256_add_epi32(lo, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(a, b)), w));
-            hi = _mm256_add_epi32(hi, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpackhi_epi8(a, b)), w));
+        for (int k = 0; k < count; k++) {
+            __m128i a = _mm_loadu_si128((const __m128i *)(rows[2 * k] + i));
+            __m128i b = _mm_loadu_si128((const __m128i *)(rows[2 * k + 1] + i));
+            lo = _mm256_add_epi32(lo, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(a, b)), pairs[k]));
+            hi = _mm256_add_epi32(hi, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpackhi_epi8(a, b)), pairs[k]));
         }
         __m256i words = _mm256_packs_epi32(_mm256_srai_epi32(lo, PRECISION),
                                            _mm256_srai_epi32(hi, PRECISION));
@@ -210,51 +215,58 @@ __attribute__((target("avx2"))) static void vertical_avx2(const uint8_t *in, siz
     }
     for (; i < width; i++) {
         int32_t acc = HALF;
-        for (int j = 0; j < taps; j++) acc += first[(size_t)j * stride + i] * (int16_t)tap[1 + j];
+        for (int j = 0; j < taps; j++) acc += rows[j][i] * (int16_t)tap[1 + j];
         row[i] = clamp(acc);
     }
 }
 
-/* One pixel of up to 4 taps from 16 bytes at its first tap (rows carry 16 bytes of padding):
- * words (r0 r1 g0 g1 b0 b1 0 0) and (r2 r3 g2 g3 b2 b3 0 0) times the tap pairs; r, g, b, 0
- * as int32, shifted. */
-__attribute__((target("avx2"))) static inline __m128i pixel4(const uint8_t *p,
-                                                              const int32_t *w, int taps) {
+/* Per output pixel of a row of up to 4 taps: its first tap's byte offset, then its weights
+ * as two (w0, w1), (w2, w3) word pairs, from the taps table (already mirrored). */
+static void pack_taps(const int32_t *table, int out_w, int taps, int32_t *packed) {
+    for (int x = 0; x < out_w; x++, table += taps + 1, packed += 3) {
+        const int32_t *w = table + 1;
+        packed[0] = table[0] * 3;
+        packed[1] = tap_pair(w[0], taps > 1 ? w[1] : 0);
+        packed[2] = taps > 2 ? tap_pair(w[2], taps > 3 ? w[3] : 0) : 0;
+    }
+}
+
+/* One pixel from 16 bytes at its first tap (rows carry 16 bytes of padding): words
+ * (r0 r1 g0 g1 b0 b1 0 0) and (r2 r3 g2 g3 b2 b3 0 0) times its pairs; r, g, b, 0 as int32. */
+__attribute__((target("avx2"))) static inline __m128i pixel4(const uint8_t *row,
+                                                              const int32_t *packed, int wide) {
     const __m128i first = _mm_setr_epi8(0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1);
     const __m128i second = _mm_setr_epi8(6, -1, 9, -1, 7, -1, 10, -1, 8, -1, 11, -1, -1, -1, -1,
                                          -1);
-    __m128i px = _mm_loadu_si128((const __m128i *)p);
+    __m128i px = _mm_loadu_si128((const __m128i *)(row + packed[0]));
     __m128i acc = _mm_add_epi32(_mm_set1_epi32(HALF),
                                 _mm_madd_epi16(_mm_shuffle_epi8(px, first),
-                                               _mm_set1_epi32(tap_pair(w[0], taps > 1 ? w[1] : 0))));
-    if (taps > 2)
+                                               _mm_set1_epi32(packed[1])));
+    if (wide)
         acc = _mm_add_epi32(acc, _mm_madd_epi16(_mm_shuffle_epi8(px, second),
-                                                _mm_set1_epi32(tap_pair(w[2], taps > 3 ? w[3] : 0))));
+                                                _mm_set1_epi32(packed[2])));
     return _mm_srai_epi32(acc, PRECISION);
 }
 
-/* horizontal() for up to 4 taps: 4 pixels at a time, regrouped into their planes (r0 r1 r2 r3,
- * g0 .., b0 ..) and stored as one 4-byte word per plane. The table is already mirrored. */
+/* horizontal() for up to 4 taps (`wide`: more than 2): 4 pixels at a time, regrouped into
+ * their planes (r0 r1 r2 r3, g0 .., b0 ..) and stored as one 4-byte word per plane. */
 __attribute__((target("avx2"))) static void horizontal4_avx2(const uint8_t *row, int out_w,
-                                                              const int32_t *table, int taps,
+                                                              const int32_t *packed, int wide,
                                                               uint8_t *out, size_t plane) {
     const __m128i planar = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    int stride = taps + 1, x = 0;
-    for (; x + 4 <= out_w; x += 4, table += 4 * stride) {
-        __m128i p0 = pixel4(row + (size_t)table[0] * 3, table + 1, taps);
-        __m128i p1 = pixel4(row + (size_t)table[stride] * 3, table + stride + 1, taps);
-        __m128i p2 = pixel4(row + (size_t)table[2 * stride] * 3, table + 2 * stride + 1, taps);
-        __m128i p3 = pixel4(row + (size_t)table[3 * stride] * 3, table + 3 * stride + 1, taps);
+    int x = 0;
+    for (; x + 4 <= out_w; x += 4, packed += 12) {
+        __m128i p0 = pixel4(row, packed, wide), p1 = pixel4(row, packed + 3, wide);
+        __m128i p2 = pixel4(row, packed + 6, wide), p3 = pixel4(row, packed + 9, wide);
         __m128i bytes = _mm_packus_epi16(_mm_packs_epi32(p0, p1), _mm_packs_epi32(p2, p3));
         bytes = _mm_shuffle_epi8(bytes, planar);
         uint32_t r = (uint32_t)_mm_cvtsi128_si32(bytes);
         uint32_t g = (uint32_t)_mm_extract_epi32(bytes, 1), b = (uint32_t)_mm_extract_epi32(bytes, 2);
         memcpy(out + x, &r, 4), memcpy(out + plane + x, &g, 4), memcpy(out + 2 * plane + x, &b, 4);
     }
-    for (; x < out_w; x++, table += stride) {
-        __m128i p = pixel4(row + (size_t)table[0] * 3, table + 1, taps);
-        __m128i bytes = _mm_packus_epi16(_mm_packs_epi32(p, p), p);
-        uint32_t rgb = (uint32_t)_mm_cvtsi128_si32(bytes);
+    for (; x < out_w; x++, packed += 3) {
+        __m128i p = pixel4(row, packed, wide);
+        uint32_t rgb = (uint32_t)_mm_cvtsi128_si32(_mm_packus_epi16(_mm_packs_epi32(p, p), p));
         out[x] = (uint8_t)rgb, out[plane + x] = (uint8_t)(rgb >> 8);
         out[2 * plane + x] = (uint8_t)(rgb >> 16);
     }
@@ -296,17 +308,23 @@ int resize_rgb_to_chw(const uint8_t *in, int in_h, int in_w, size_t stride, uint
     if (in_w != out_w) fill_taps(in_w, out_w, th, htaps);
     if (in_h != out_h) fill_taps(in_h, out_h, tv, vtaps);
     horizontal_fn horizontal = horizontal_for(th);
-    int mirror = flips & FLIP_HORIZONTAL, fast = 0;
+    int mirror = flips & FLIP_HORIZONTAL, fast = 0, packed = 0;
 #ifdef SIMD_KERNELS
     fast = simd_on();
-    if (fast && in_w != out_w && th <= 4 && mirror) mirror_taps(htaps, out_w, th), mirror = 0;
+    if (fast && in_w != out_w && th <= 4) {
+        if (grow((void **)&s->packed, &s->packed_size, (size_t)out_w * 3 * sizeof(int32_t)))
+            return -1;
+        if (mirror) mirror_taps(htaps, out_w, th), mirror = 0;
+        pack_taps(htaps, out_w, th, s->packed);
+        packed = 1;
+    }
 #endif
     for (int y = 0; y < out_h; y++) {
         const uint8_t *row = in + (size_t)y * stride;
         const int32_t *vtap = vtaps + (size_t)y * (tv + 1);
         if (in_h != out_h) {
 #ifdef SIMD_KERNELS
-            if (fast) vertical_avx2(in, stride, width, vtap, tv, s->rows);
+            if (fast && tv <= MAX_SIMD_TAPS) vertical_avx2(in, stride, width, vtap, tv, s->rows);
             else
 #endif
             vertical(in, stride, width, vtap, tv, s->acc, s->rows);
@@ -319,8 +337,8 @@ int resize_rgb_to_chw(const uint8_t *in, int in_h, int in_w, size_t stride, uint
         if (in_w == out_w)
             deinterleave(row, out_w, dst, plane, flips & FLIP_HORIZONTAL);
 #ifdef SIMD_KERNELS
-        else if (fast && th <= 4)
-            horizontal4_avx2(row, out_w, htaps, th, dst, plane);
+        else if (packed)
+            horizontal4_avx2(row, out_w, s->packed, th > 2, dst, plane);
 #endif
         else
             horizontal(row, out_w, htaps, th, dst, plane, mirror);
@@ -332,5 +350,6 @@ void resize_scratch_free(struct resize_scratch *s) {
     free(s->rows);
     free(s->acc);
     free(s->taps);
+    free(s->packed);
     memset(s, 0, sizeof(*s));
 }

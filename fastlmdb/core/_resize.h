@@ -13,6 +13,8 @@ struct resize_scratch {
     size_t acc_size;
     int32_t *taps;     /* per output pixel of each axis: first input index, weights */
     size_t taps_size;
+    int32_t *packed;   /* the horizontal taps as the x86 kernel reads them */
+    size_t packed_size;
 };
 
 #define FLIP_HORIZONTAL 1
