@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 import fastlmdb
-from fastlmdb import LMDBDataset, converter
+from fastlmdb import LMDBDataset, LMDBIterDataset, converter
 from fastlmdb.cli import sample_tree
 from fastlmdb.loading import batch, crops
 from helpers import psnr
@@ -111,6 +111,8 @@ def test_bad_arguments_raise():
         _jpegcrop.resize_chw(np.zeros((4, 4, 4), np.uint8), np.zeros((3, 2, 2), np.uint8))
     with pytest.raises(ValueError, match="threads must be an int from 1 to 256, got 0"):
         LMDBDataset("unused", "train", threads=0)
+    with pytest.raises(ValueError, match="threads must be an int from 1 to 256, got True"):
+        LMDBIterDataset("unused", "train", threads=True)
 
 
 @needs_native
@@ -197,6 +199,26 @@ def test_dataset_decodes_a_batch_in_one_native_call(db, monkeypatch):
                         lambda *a, **k: calls.append(len(a[0])) or native(*a, **k))
     images, _, _ = _batch(db, 1, list(range(10)))
     assert calls == [10] and images.shape == (10, 3, 56, 56)
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 3])
+def test_iterable_dataset_decodes_each_batch_in_one_native_call(db, monkeypatch, threads):
+    calls = []
+    native = _jpegcrop.decode_batch
+    monkeypatch.setattr(_jpegcrop, "decode_batch",
+                        lambda *a, **k: calls.append(len(a[0])) or native(*a, **k))
+    stream = LMDBIterDataset(db, "train", _pipeline(), output="tensor", batch_size=10,
+                             threads=threads)
+    torch.manual_seed(0)
+    fast = list(stream)
+    assert calls == [10, 10, 4]
+    monkeypatch.setattr(batch, "native_built", lambda: False)  # the per-slot path, same draws
+    torch.manual_seed(0)
+    slow = list(LMDBIterDataset(db, "train", _pipeline(), output="tensor", batch_size=10))
+    assert len(fast) == len(slow) == 24
+    for (image, label), (expected, expected_label) in zip(fast, slow):
+        assert torch.equal(image, expected) and label == expected_label
 
 
 @pytest.mark.parametrize("threads", [2, 4])

@@ -246,9 +246,7 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
                  decoder: str = "simplejpeg", min_size: Size | None = None,
                  on_error: str = "raise", seed: int = 0, decode_aware: bool = False,
                  threads: int = 1) -> None:
-        if not isinstance(threads, int) or not 1 <= threads <= batch.MAX_THREADS:
-            raise ValueError(f"threads must be an int from 1 to {batch.MAX_THREADS}, "
-                             f"got {threads!r}")
+        threads = _checked_threads(threads)  # before the database is opened
         super().__init__(root, split, transform, target_transform, imgtype, output=output,
                          decoder=decoder, min_size=min_size, on_error=on_error,
                          decode_aware=decode_aware)
@@ -365,7 +363,8 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
     ``state_dict(samples_seen=n)`` / ``load_state_dict(state)`` continue after the n samples
     this rank has consumed, with any number of workers: none twice, none missing.
     With the batch size known and a decode-aware crop head (then at most flips), each batch is
-    decoded in place into one uint8 tensor, as LMDBDataset does (fastlmdb.batch).
+    decoded in place into one uint8 tensor, as LMDBDataset does (fastlmdb.batch), on
+    `threads` threads.
     """
 
     def __init__(self, root: StrPath, split: str, transform: Transform | None = None,
@@ -374,11 +373,14 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
                  decoder: str = "simplejpeg", min_size: Size | None = None,
                  on_error: str = "raise", seed: int = 0, rank: int | None = None,
                  world_size: int | None = None, drop_last: bool = False,
-                 batch_size: int | None = None, decode_aware: bool = False) -> None:
+                 batch_size: int | None = None, decode_aware: bool = False,
+                 threads: int = 1) -> None:
+        threads = _checked_threads(threads)
         super().__init__(root, split, transform, target_transform, imgtype, output=output,
                          decoder=decoder, min_size=min_size, on_error=on_error,
                          decode_aware=decode_aware)
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.threads = threads
         self._rank, self._world_size, self.batch_size = rank, world_size, batch_size
         if shuffle and self.order == "source":
             warnings.warn(
@@ -512,14 +514,7 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
         (batch.Sample views, as LMDBDataset's batches); a skipped record shortens its batch."""
         for piece in order.windows(indices, self._batch_size()):
             images, labels = batch.empty(len(piece), cast(crops.DecodeCrop, self._crop).size)
-            kept: list[int]
-            kept, consumed = [], []  # labels, and records consumed up to each of them
-            for n, (index, value) in enumerate(zip(piece.tolist(), self._read(piece)), 1):
-                try:
-                    kept.append(self._record_into(index, value, images[len(kept)]))
-                    consumed.append(n)
-                except DecodeError as exc:
-                    self._skip_or_raise(exc)
+            kept, consumed = self._fill(images, piece.tolist(), self._read(piece))
             images, labels = images[:len(kept)], labels[:len(kept)]
             labels.numpy()[:] = kept
             start = self._yielded
@@ -527,6 +522,35 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
                 self._yielded = start + n  # what StatefulDataLoader asks a worker
                 yield sample
             self._yielded = start + len(piece)
+
+    def _fill(self, images: torch.Tensor, indices: list[int],
+              values: Sequence[Any]) -> tuple[list[int], list[int]]:
+        """Decode records `indices` into the first slots of `images`, natively where it can
+        be, a skipped record leaving no slot; (labels kept, records consumed up to each)."""
+        crop = cast(crops.DecodeCrop, self._crop)
+        native = self.imgtype == "jpeg" and batch.native_built()
+        rows = self._rows[indices]
+        shapes = np.stack([rows["height"], rows["width"]], axis=1)
+        kept: list[int] = []
+        consumed: list[int] = []
+        n = 0  # records consumed
+        while n < len(indices):
+            if native:
+                slots = images[len(kept):len(kept) + len(indices) - n]
+                done = batch.decode_native(slots, values[n:], shapes[n:], crop, self._rest,
+                                           self.threads)
+                kept += rows["label"][n:n + done].tolist()
+                consumed += range(n + 1, n + done + 1)
+                n += done
+                if n == len(indices):
+                    break
+            try:  # the record the native call could not decode, as one sample
+                kept.append(self._record_into(indices[n], values[n], images[len(kept)]))
+                consumed.append(n + 1)
+            except DecodeError as exc:
+                self._skip_or_raise(exc)
+            n += 1
+        return kept, consumed
 
     def _read(self, piece: Ints) -> list[Any]:
         """Buffers of `piece`'s records, read in key order (sequential I/O), in piece order."""
@@ -543,6 +567,14 @@ def _stored_pixels(value: bytes | memoryview, height: int, width: int) -> Pixels
     if len(value) != height * width * 3:
         raise ValueError(f"{len(value)} bytes stored, {height}x{width}x3 expected")
     return np.frombuffer(value, np.uint8).reshape(height, width, 3)
+
+
+def _checked_threads(threads: int) -> int:
+    if isinstance(threads, bool) or not isinstance(threads, int) or \
+            not 1 <= threads <= batch.MAX_THREADS:
+        raise ValueError(f"threads must be an int from 1 to {batch.MAX_THREADS}, "
+                         f"got {threads!r}")
+    return threads
 
 
 def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
