@@ -57,6 +57,7 @@ def main(argv=None):
 # --- per sample, one thread ---------------------------------------------------------------
 
 def _floor(args, root, info):
+    import numpy as np
     import torch
 
     from fastlmdb import LMDBDataset
@@ -64,8 +65,10 @@ def _floor(args, root, info):
 
     dataset = LMDBDataset(root, "train", _pipeline(), output="tensor")
     count = len(dataset) - len(dataset) % args.batch_size or len(dataset)
-    values = [bytes(v) for v in dataset._reader.get_many(list(range(count)))]
-    shapes = dataset._shapes[:count]
+    indices = list(range(count))
+    values = [bytes(v) for v in dataset._reader.get_many(dataset._keys(indices).tolist())]
+    rows = dataset._rows[indices]
+    shapes = np.stack([rows["height"], rows["width"]], axis=1)
     torch.manual_seed(0)
     boxes = [dataset._crop.box(h, w) for h, w in shapes.tolist()]
     batches = [list(range(i, min(i + args.batch_size, count)))
