@@ -1,6 +1,7 @@
 """Converting straight from the archives ImageNet ships in gives the database of the tree they
 extract to: same samples, classes, labels and bytes, whatever the members' order."""
 
+import io
 import os
 import shutil
 import tarfile
@@ -14,7 +15,7 @@ from helpers import AWKWARD_LAYOUT, db, make_tree, read_db
 from fastlmdb import converter
 from fastlmdb.cli import main
 from fastlmdb.core import labels as label_files
-from fastlmdb.core import archive
+from fastlmdb.core import archive, tarheaders
 from fastlmdb.core.errors import ConversionError
 from fastlmdb.tools import verify
 
@@ -286,7 +287,7 @@ def test_a_deflated_member_that_is_damaged_is_reported(src, tmp_path):
     member = next(m for m in archive.members(packed) if m.endswith("n00000000_000.JPEG"))
     _, offset, size, _, _ = member.where
     with open(packed, "r+b") as file:  # flip bytes in the middle of its deflated data
-        file.seek(offset + 30 + len(member) + size // 2)
+        file.seek(offset + size // 2)
         file.write(b"\x00\xff\x00\xff")
     with pytest.raises(ConversionError, match=r"n00000000/n00000000_000\.JPEG in .*val\.zip: "
                                               "cannot read the member"):
@@ -323,8 +324,6 @@ def test_members_are_found_in_nested_tars_at_their_offsets(src, tmp_path):
 def _devkit(path, truth_ids, wnids):
     """An ILSVRC2012_devkit_t12.tar.gz: meta.mat's synsets (a non-leaf one first, as in the
     real file) and one ILSVRC2012_ID per val file."""
-    import io
-
     scipy_io = pytest.importorskip("scipy.io")
     fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children",
               "wordnet_height", "num_train_images"]
@@ -367,3 +366,59 @@ def test_val_tar_with_the_devkit_is_the_valprep_tree(src, reference, tmp_path):
              labels=devkit)
     _assert_same_samples(db(tmp_path / "dst", "val"), read_db(db(tmp_path / "tree-db", "val")),
                          lambda path: os.path.basename(path))
+
+
+def _odd_names_tar(path, tar_format):
+    """A tar with what headers hold in several ways: long names (ustar prefix, GNU 'L', pax
+    path), non-ASCII names, a folder, an empty file, members of several blocks."""
+    long_name = "d" * 60 + "/" + "e" * 80 + ".JPEG"
+    with tarfile.open(path, "w", format=tar_format) as tar:
+        for name, data in (("a.JPEG", b"a" * 700), (long_name, b"long"),
+                           ("ünï/çödé.JPEG", b"\xff" * 1500), ("empty.JPEG", b""),
+                           ("g" * 90 + "/" + "h" * 90 + ".JPEG", b"x" * 512)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        folder = tarfile.TarInfo("folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+    return path
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT,
+                                        tarfile.PAX_FORMAT])
+def test_tar_headers_are_read_as_tarfile_reads_them(tmp_path, tar_format):
+    packed = _odd_names_tar(str(tmp_path / "odd.tar"), tar_format)
+    with tarfile.open(packed) as tar:
+        expected = [(info.name, info.offset_data, info.size) for info in tar if info.isreg()]
+    fd = os.open(packed, os.O_RDONLY)
+    try:
+        assert tarheaders.scan(fd, 0, os.path.getsize(packed)) == expected  # no fallback
+    finally:
+        os.close(fd)
+    assert [(m, *m.where[1:3]) for m in archive.members(packed)] == expected
+    assert len(expected) == 5 and any(name.startswith("ünï/") for name, _, _ in expected)
+
+
+def test_a_link_in_a_tar_is_refused(tmp_path):
+    packed = str(tmp_path / "links.tar")
+    with tarfile.open(packed, "w") as tar:
+        link = tarfile.TarInfo("n1/link.JPEG")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    with pytest.raises(ConversionError, match=r"n1/link\.JPEG in .*links\.tar is not a regular "
+                                              "file"):
+        archive.members(packed)
+
+
+def test_a_truncated_or_damaged_tar_is_named(src, tmp_path):
+    packed = tree(os.path.join(src, "val"), str(tmp_path / "val.tar"))
+    size = os.path.getsize(packed)
+    os.truncate(packed, size // 2)
+    with pytest.raises(ConversionError, match=r"val\.tar is not a readable tar or zip archive "
+                                              r"\(unexpected end of data\)"):
+        _convert(tmp_path / "dst", "val", from_archive=packed)
+    with open(packed, "r+b") as file:  # the first header's checksum no longer fits
+        file.write(b"garbage")
+    with pytest.raises(ConversionError, match=r"val\.tar is not a readable tar or zip archive"):
+        archive.members(packed)

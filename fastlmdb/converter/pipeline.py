@@ -65,9 +65,11 @@ def writer_job(options, scan, partial, plan, sources=None):
 
 
 def _names(scan):
-    """The scan's files relative to its folder, as fmt.join_paths joins them."""
+    """The scan's files relative to its folder (an archive's: the members' names), as
+    fmt.join_paths joins them."""
     prefix = os.path.join(scan.root, "")
-    return fmt.join_paths(path[len(prefix):] if path.startswith(prefix)
+    return fmt.join_paths(str(path) if isinstance(path, archive.Member)
+                          else path[len(prefix):] if path.startswith(prefix)
                           else os.path.relpath(path, scan.root) for path in scan.paths)
 
 
@@ -233,10 +235,16 @@ def entry(path, settings):
     except Exception:  # noqa: BLE001 - not a bad file but a bug: it stops the run, named
         return {"path": path, "bug": traceback.format_exc()}
     # Unchanged source bytes are not sent: the writer reads the file again from the page cache
-    # (measured 3x cheaper than pickling 110 KB through a pipe) and checks the checksum.
+    # (measured 3x cheaper than pickling 110 KB through a pipe) and checks the checksum; not
+    # where reading again means inflating again (a deflated zip member).
     unchanged = settings.imgtype == "jpeg" and not (record.transcoded or record.resized)
-    return {"path": path, "payload": None if unchanged else record.payload,
-            "height": record.height, "width": record.width, "crc32": zlib.crc32(record.payload),
+    member = isinstance(path, archive.Member)
+    reread = unchanged and (not member or archive.rereadable(path))
+    # A zip member's CRC-32 was checked on reading: it is the checksum of unchanged bytes.
+    crc = archive.known_crc(path) if unchanged and member else None
+    return {"path": path, "payload": None if reread else record.payload,
+            "height": record.height, "width": record.width,
+            "crc32": zlib.crc32(record.payload) if crc is None else crc,
             "source_bytes": record.source_bytes, "transcoded": record.transcoded,
             "resized": record.resized, "warning": record.warning}
 

@@ -112,9 +112,10 @@ def _shrink(pixels, max_size):
     return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.LANCZOS))
 
 
-def read(path):
+def read(path, check_crc=True):
+    """The bytes of a file or archive member (`check_crc`: see archive.read)."""
     if isinstance(path, archive.Member):  # a file inside a tar or zip, read in place
-        return archive.read(path)
+        return archive.read(path, check_crc)
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block open() forever
             raise ImageError("not a regular file")

@@ -1,9 +1,9 @@
 """Members of a tar or zip archive, found once and then read by byte offset.
 
-An uncompressed tar is scanned once over its headers (``TarInfo.offset_data``; a member that is
-itself a tar is scanned the same way, in place); a zip's central directory lists every member.
-After that any process reads any member with one ``pread`` (a deflated zip member is inflated
-by the reader), so nothing is extracted and the archive is read once. A compressed tar can only
+An uncompressed tar is scanned once over its headers (core/tarheaders.py, one ``pread`` each;
+a member that is itself a tar is scanned the same way, in place); a zip's central directory
+lists every member, and its local headers say where each one's data starts. After that any
+process reads any member with one ``pread`` (a deflated zip member is inflated by the reader), so nothing is extracted and the archive is read once. A compressed tar can only
 be read in order, from its start: it is refused with what to do instead.
 """
 
@@ -14,6 +14,7 @@ import tarfile
 import zipfile
 import zlib
 
+from fastlmdb.core import tarheaders
 from fastlmdb.core.errors import ConversionError, ImageError
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,7 @@ def members(path):
     if zipfile.is_zipfile(path):
         return list(_zip_members(path))
     _refuse_compressed(path)
-    with open(path, "rb") as file:
-        return list(_tar_members(path, file, "", path))
+    return _tar_members(path, 0, os.path.getsize(path), "", path)
 
 
 def inner_members(member):
@@ -69,13 +69,10 @@ def inner_members(member):
     if method != TAR:
         raise ConversionError(f"{member} in {archive} is a tar inside a zip: only tars inside "
                               "an uncompressed tar are read in place; extract the outer zip")
-    with open(archive, "rb") as file:
-        file.seek(offset)
-        if _compression(file.read(6)):
-            raise ConversionError(f"{member} in {archive} is compressed: inner tars must be "
-                                  "plain tars")
-        file.seek(offset)
-        found = list(_tar_members(archive, file, f"{member}/", f"{member} in {archive}"))
+    if _compression(os.pread(_fd(archive), 6, offset)):
+        raise ConversionError(f"{member} in {archive} is compressed: inner tars must be "
+                              "plain tars")
+    found = _tar_members(archive, offset, offset + size, f"{member}/", f"{member} in {archive}")
     for inner in found:
         if inner.where[1] + inner.where[2] > offset + size:
             raise ConversionError(f"{inner} in {archive} ends past the end of {member}: the "
@@ -83,15 +80,16 @@ def inner_members(member):
     return found
 
 
-def read(member):
-    """The bytes of `member`; ImageError says what went wrong."""
+def read(member, check_crc=True):
+    """The bytes of `member`; ImageError says what went wrong. `check_crc=False` leaves a zip
+    member's CRC-32 to a caller that compares the bytes' own checksum anyway."""
     archive, offset, size, method, crc = member.where
     try:
-        fd = _fd(archive)
-        if method == TAR:
-            data = os.pread(fd, size, offset)
-        else:
-            data = _zip_data(fd, offset, size, method, crc)
+        data = os.pread(_fd(archive), size, offset)
+        if method == DEFLATED:
+            data = zlib.decompress(data, -15)
+        if method != TAR and check_crc and zlib.crc32(data) != crc:
+            raise OSError("CRC-32 mismatch: the member is damaged")
     except (OSError, zlib.error) as exc:
         raise ImageError(f"cannot read the member from {archive} ({exc})") from None
     if method == TAR and len(data) != size:
@@ -101,7 +99,33 @@ def read(member):
     return data
 
 
-def _tar_members(archive, file, prefix, where):
+def rereadable(member):
+    """Whether reading `member` again costs no more than a file's read (not inflated)."""
+    return member.where[3] != DEFLATED
+
+
+def known_crc(member):
+    """The CRC-32 of a zip member's bytes, checked by read(); None for a tar member."""
+    return None if member.where[3] == TAR else member.where[4]
+
+
+def _tar_members(archive, start, end, prefix, where):
+    """The Members of the tar at bytes [start, end) of `archive`; tarfile reads what
+    tarheaders leaves to it (links, sparse files, ...)."""
+    fd = _fd(archive)
+    try:
+        found = tarheaders.scan(fd, start, end)
+    except tarheaders.Truncated as exc:
+        raise ConversionError(f"{where} is not a readable tar or zip archive ({exc})") from None
+    except tarheaders.Unusual as exc:
+        log.debug("%s: %s; reading its headers with tarfile", where, exc)
+        with open(archive, "rb") as file:
+            file.seek(start)
+            return list(_tarfile_members(archive, file, prefix, where))
+    return [Member(prefix + _clean(name), archive, offset, size) for name, offset, size in found]
+
+
+def _tarfile_members(archive, file, prefix, where):
     try:
         tar = tarfile.open(fileobj=file, mode="r:")
         while (info := tar.next()) is not None:
@@ -118,6 +142,7 @@ def _tar_members(archive, file, prefix, where):
 
 
 def _zip_members(archive):
+    fd = _fd(archive)
     with zipfile.ZipFile(archive) as zf:
         for info in zf.infolist():
             if info.is_dir():
@@ -128,22 +153,21 @@ def _zip_members(archive):
                 raise ConversionError(
                     f"{info.filename} in {archive} uses zip compression method "
                     f"{info.compress_type}: only stored and deflated members are read")
-            yield Member(_clean(info.filename), archive, info.header_offset,
+            yield Member(_clean(info.filename), archive, _zip_data_offset(fd, info, archive),
                          info.compress_size, info.compress_type, info.CRC)
 
 
-def _zip_data(fd, offset, size, method, crc):
-    header = os.pread(fd, zipfile.sizeFileHeader, offset)
-    fields = struct.unpack(zipfile.structFileHeader, header)
-    if fields[0] != zipfile.stringFileHeader:
-        raise OSError("no zip member header at its recorded offset")
-    start = offset + zipfile.sizeFileHeader + fields[_NAME_LENGTH] + fields[_EXTRA_LENGTH]
-    data = os.pread(fd, size, start)
-    if method == DEFLATED:
-        data = zlib.decompress(data, -15)
-    if zlib.crc32(data) != crc:
-        raise OSError("CRC-32 mismatch: the member is damaged")
-    return data
+def _zip_data_offset(fd, info, archive):
+    """Where the member's data starts: after its local header, whose name and extra field
+    may differ in length from the central directory's."""
+    header = os.pread(fd, zipfile.sizeFileHeader, info.header_offset)
+    if len(header) == zipfile.sizeFileHeader:
+        fields = struct.unpack(zipfile.structFileHeader, header)
+        if fields[0] == zipfile.stringFileHeader:
+            return (info.header_offset + zipfile.sizeFileHeader + fields[_NAME_LENGTH]
+                    + fields[_EXTRA_LENGTH])
+    raise ConversionError(f"{info.filename} in {archive}: no zip member header at its "
+                          "recorded offset: the archive is damaged")
 
 
 def _clean(name):
