@@ -78,9 +78,12 @@ class _TooManyPixels(ImageError):
     """A decompression bomb: refused whichever decoder read the header."""
 
 
-def prepare(path, settings=Settings()):
-    """The Record to store for the file at `path`; ImageError names what is wrong."""
-    data = read(path)
+def prepare(path, settings=Settings(), data=None):
+    """The Record to store for the file at `path` (its bytes `data`, if read already);
+    ImageError names what is wrong."""
+    data = read(path) if data is None else data
+    if not data:
+        raise ImageError("zero-byte file")
     if settings.imgtype == "jpeg":
         record = _as_jpeg(data, settings)
         if not _too_large(record.height, record.width, settings.max_size):

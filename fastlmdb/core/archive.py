@@ -3,8 +3,9 @@
 An uncompressed tar is scanned once over its headers (core/tarheaders.py, one ``pread`` each;
 a member that is itself a tar is scanned the same way, in place); a zip's central directory
 lists every member, and its local headers say where each one's data starts. After that any
-process reads any member with one ``pread`` (a deflated zip member is inflated by the reader), so nothing is extracted and the archive is read once. A compressed tar can only
-be read in order, from its start: it is refused with what to do instead.
+process reads any member with one ``pread`` (a deflated zip member is inflated by the
+reader), so nothing is extracted and the archive is read once. A compressed tar can only be
+read in order, from its start: core/stream.py reads it.
 """
 
 import logging
@@ -19,10 +20,10 @@ from fastlmdb.core.errors import ConversionError, ImageError
 
 log = logging.getLogger(__name__)
 
-STORED, DEFLATED, TAR = zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, -1
+STORED, DEFLATED, TAR, STREAM = zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, -1, -2
 _COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
                b"\x28\xb5\x2f\xfd": "zstd"}
-_DECOMPRESS = {"gzip": "gunzip -k", "bzip2": "bunzip2 -k", "xz": "unxz -k", "zstd": "unzstd"}
+DECOMPRESS = {"gzip": "gunzip -k", "bzip2": "bunzip2 -k", "xz": "unxz -k", "zstd": "unzstd"}
 # Fields of a zip local file header (zipfile.structFileHeader): its name and extra lengths.
 _NAME_LENGTH, _EXTRA_LENGTH = 10, 11
 
@@ -54,11 +55,11 @@ def is_archive(path):
 
 
 def members(path):
-    """Every regular file of the tar or zip at `path`, as Members, in archive order."""
+    """Every regular file of the uncompressed tar or zip at `path`, as Members, in archive
+    order (a compressed tar: core/stream.py)."""
     path = os.path.abspath(path)
     if zipfile.is_zipfile(path):
         return list(_zip_members(path))
-    _refuse_compressed(path)
     return _tar_members(path, 0, os.path.getsize(path), "", path)
 
 
@@ -66,10 +67,15 @@ def inner_members(member):
     """The regular files of a member that is an uncompressed tar, as Members of the outer
     archive (names ``member/inner``)."""
     archive, offset, size, method, _ = member.where
+    if method == STREAM:
+        if member.inner is None:
+            raise ConversionError(f"{member} in {archive} is not a tar")
+        return member.inner
     if method != TAR:
         raise ConversionError(f"{member} in {archive} is a tar inside a zip: only tars inside "
                               "an uncompressed tar are read in place; extract the outer zip")
-    if _compression(os.pread(_fd(archive), 6, offset)):
+    magic = os.pread(_fd(archive), 6, offset)
+    if any(magic.startswith(head) for head in _COMPRESSED):
         raise ConversionError(f"{member} in {archive} is compressed: inner tars must be "
                               "plain tars")
     found = _tar_members(archive, offset, offset + size, f"{member}/", f"{member} in {archive}")
@@ -84,6 +90,8 @@ def read(member, check_crc=True):
     """The bytes of `member`; ImageError says what went wrong. `check_crc=False` leaves a zip
     member's CRC-32 to a caller that compares the bytes' own checksum anyway."""
     archive, offset, size, method, crc = member.where
+    if method == STREAM:
+        raise ImageError(f"{archive} is compressed: its members can only be read in order")
     try:
         data = os.pread(_fd(archive), size, offset)
         if method == DEFLATED:
@@ -101,12 +109,17 @@ def read(member, check_crc=True):
 
 def rereadable(member):
     """Whether reading `member` again costs no more than a file's read (not inflated)."""
-    return member.where[3] != DEFLATED
+    return member.where[3] not in (DEFLATED, STREAM)
 
 
 def known_crc(member):
     """The CRC-32 of a zip member's bytes, checked by read(); None for a tar member."""
-    return None if member.where[3] == TAR else member.where[4]
+    return None if member.where[3] in (TAR, STREAM) else member.where[4]
+
+
+def in_order_only(paths):
+    """Whether the files `paths` (a Scan's) are members of a compressed tar."""
+    return bool(paths) and isinstance(paths[0], Member) and paths[0].where[3] == STREAM
 
 
 def _tar_members(archive, start, end, prefix, where):
@@ -122,23 +135,30 @@ def _tar_members(archive, start, end, prefix, where):
         with open(archive, "rb") as file:
             file.seek(start)
             return list(_tarfile_members(archive, file, prefix, where))
-    return [Member(prefix + _clean(name), archive, offset, size) for name, offset, size in found]
+    return [Member(prefix + clean_name(name), archive, offset, size) for name, offset, size in found]
 
 
 def _tarfile_members(archive, file, prefix, where):
     try:
         tar = tarfile.open(fileobj=file, mode="r:")
-        while (info := tar.next()) is not None:
-            tar.members.clear()  # one pass, bounded memory: nothing looks back
-            if info.isdir():
-                continue
-            if not info.isreg() or info.issparse():
-                raise ConversionError(f"{prefix}{info.name} in {archive} is not a regular file "
-                                      "(a link, device or sparse file): archives of plain "
-                                      "files only")
-            yield Member(prefix + _clean(info.name), archive, info.offset_data, info.size)
+        for info in regular_files(tar, archive, prefix):
+            yield Member(prefix + clean_name(info.name), archive, info.offset_data, info.size)
     except tarfile.TarError as exc:
         raise ConversionError(f"{where} is not a readable tar or zip archive ({exc})") from None
+
+
+def regular_files(tar, archive, prefix):
+    """The TarInfos of the regular files of an open tarfile, in order, folders left out; a
+    link, device or sparse file stops the scan, named (`prefix`: of an inner tar's names)."""
+    while (info := tar.next()) is not None:
+        tar.members.clear()  # one pass, bounded memory: nothing looks back
+        if info.isdir():
+            continue
+        if not info.isreg() or info.issparse():
+            raise ConversionError(f"{prefix}{info.name} in {archive} is not a regular file "
+                                  "(a link, device or sparse file): archives of plain files "
+                                  "only")
+        yield info
 
 
 def _zip_members(archive):
@@ -153,7 +173,7 @@ def _zip_members(archive):
                 raise ConversionError(
                     f"{info.filename} in {archive} uses zip compression method "
                     f"{info.compress_type}: only stored and deflated members are read")
-            yield Member(_clean(info.filename), archive, _zip_data_offset(fd, info, archive),
+            yield Member(clean_name(info.filename), archive, _zip_data_offset(fd, info, archive),
                          info.compress_size, info.compress_type, info.CRC)
 
 
@@ -170,31 +190,18 @@ def _zip_data_offset(fd, info, archive):
                           "recorded offset: the archive is damaged")
 
 
-def _clean(name):
+def clean_name(name):
     """A member name as a relative path: no leading "./" or "/"."""
     while name.startswith(("./", "/")):
         name = name[2:] if name.startswith("./") else name[1:]
     return name
 
 
-def _compression(magic):
-    return next((kind for head, kind in _COMPRESSED.items() if magic.startswith(head)), None)
-
-
-def _refuse_compressed(path):
+def compression(path):
+    """"gzip", "bzip2", "xz" or "zstd" if the file at `path` is compressed so, else None."""
     with open(path, "rb") as file:
-        kind = _compression(file.read(6))
-    if kind:
-        raise ConversionError(
-            f"{path} is a {kind}-compressed tar: its members can only be read in order from "
-            f"the start, so it cannot be converted in parallel. Decompress it first "
-            f"({_DECOMPRESS[kind]} {path}; it needs about {_uncompressed_hint(path)} of disk) "
-            "and pass the .tar")
-
-
-def _uncompressed_hint(path):
-    # JPEGs do not compress: the tar is about as large as the compressed file.
-    return f"{os.path.getsize(path) / 1e9:.1f} GB"
+        magic = file.read(6)
+    return next((kind for head, kind in _COMPRESSED.items() if magic.startswith(head)), None)
 
 
 _fds = {}
