@@ -515,6 +515,7 @@ def test_a_compressed_tar_is_read_one_member_at_a_time(tmp_path):
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
     found = stream.members(packed, "gzip")
+    assert not any(getattr(member, "by_tarfile", False) for member in found)  # tarheaders'
     reader = stream.Reader(packed, "gzip")
     tracemalloc.start()
     try:
@@ -525,3 +526,54 @@ def test_a_compressed_tar_is_read_one_member_at_a_time(tmp_path):
         tracemalloc.stop()
         reader.close()
     assert peak < 3 * (1 << 20)  # one member and the decompressor's buffers, not 8 MB
+
+
+@pytest.mark.parametrize("odd", ["global pax header", "symlink"])
+def test_a_compressed_tar_that_only_tarfile_reads(tmp_path, odd):
+    """What core/tarheaders.py leaves to tarfile is listed and read by tarfile."""
+    packed = str(tmp_path / "odd.tar.gz")
+    blobs = {f"c/{k}.JPEG": os.urandom(3000 + k) for k in range(3)}
+    with tarfile.open(packed, "w:gz", format=tarfile.PAX_FORMAT,
+                      pax_headers={"comment": "made here"}) as tar:
+        for name, blob in blobs.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+        if odd == "symlink":
+            link = tarfile.TarInfo("c/link.JPEG")
+            link.type, link.linkname = tarfile.SYMTYPE, "0.JPEG"
+            tar.addfile(link)
+    if odd == "symlink":
+        with pytest.raises(ConversionError, match=r"c/link\.JPEG in .*odd\.tar\.gz is not a "
+                                                  "regular file"):
+            stream.members(packed, "gzip")
+        return
+    found = stream.members(packed, "gzip")
+    assert all(member.by_tarfile for member in found)
+    reader = stream.Reader(packed, "gzip")
+    try:
+        assert reader.read(found) == list(blobs.values()) and found == list(blobs)
+    finally:
+        reader.close()
+
+
+def test_a_gzip_of_several_members_and_padding_is_read_whole(tmp_path):
+    """`cat a.gz b.gz` is one gzip file, and zero bytes may follow its last member."""
+    import gzip
+
+    blobs = {f"c/{k}.JPEG": os.urandom(5000 + k) for k in range(4)}
+    plain = io.BytesIO()
+    with tarfile.open(fileobj=plain, mode="w") as tar:
+        for name, blob in blobs.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    data = plain.getvalue()
+    packed = tmp_path / "joined.tar.gz"
+    packed.write_bytes(gzip.compress(data[:7000]) + gzip.compress(data[7000:]) + bytes(100))
+    found = stream.members(str(packed), "gzip")
+    reader = stream.Reader(str(packed), "gzip")
+    try:
+        assert found == list(blobs) and reader.read(found) == list(blobs.values())
+    finally:
+        reader.close()
