@@ -4,10 +4,10 @@ A compressed stream cannot be read at random, and the classes and ImageFolder's 
 known before the first record is written, so it is read twice: `members()` decompresses it
 once and names every member (as for an uncompressed tar, a member ``<name>.tar`` that is a
 tar is listed inside too), then a `Reader` decompresses it again and hands over the bytes of
-the members asked for, in the stream's order, one member in memory at a time. Headers are
-read by core/tarheaders.py (tarfile costs as much as decompressing, per JPEG), or by tarfile
-where that leaves something to it. A Member's
+the members asked for, in the stream's order, one member in memory at a time. A Member's
 place is its position in the stream (its ordinal); the records are written in that order.
+Headers are read by core/tarheaders.py (tarfile's parsing costs about half as much as
+inflating, per JPEG), or by tarfile where that leaves something to it.
 """
 
 import bz2

@@ -1,9 +1,10 @@
-"""A fast reader of the headers of an uncompressed tar: regular files and folders, in order.
+"""A fast reader of a tar's headers: regular files and folders, in order.
 
 tarfile costs about 0.13 ms a member (a TarInfo, every field parsed); this reads each header
-with one ``pread`` and parses only name, size and type: ustar and GNU headers, GNU long
-names (``L``) and per-file pax headers (``x``, their ``path`` and ``size``). Checksums are
-checked in one numpy pass per tar. Anything else (links, devices, sparse files, global pax
+with one ``pread`` (scan: an uncompressed tar) or one read of a decompressed stream
+(walk_stream) and parses only name, size and type: ustar and GNU headers, GNU long names
+(``L``) and per-file pax headers (``x``, their ``path`` and ``size``). Checksums are checked
+in one numpy pass per tar (a stream's: header by header). Anything else (links, devices, sparse files, global pax
 headers, base-256 sizes, a bad checksum) raises Unusual, and the caller reads that tar with
 tarfile, which knows every case: what is found here is what tarfile finds.
 """
