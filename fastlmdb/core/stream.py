@@ -245,6 +245,6 @@ class _Progress:
     def at(self, done):
         self.done = done
         if done >= self.next:
-            log.info("%s: %s of %s MB read", self.path, f"{done / 1e6:,.0f}",
-                     f"{self.size / 1e6:,.0f}")
+            log.info("%s: %s of %s MB read", self.path, f"{done / 1e6:,.1f}",
+                     f"{self.size / 1e6:,.1f}")
             self.next = done + _LOG_EVERY * self.size
