@@ -22,8 +22,9 @@ counted: they are this process's children).
 
 With --archives, the rows are the ways to convert ImageNet as it is downloaded: the tree
 (already extracted), the tar of per-class tars and a zip of the tree read in place
-(`--from-archive`), and extracting the tar first (tarfile) and then converting, which also costs
-the tree's size again on disk.
+(`--from-archive`), a gzip-compressed tar of the tree (read twice in order: listed, then
+converted) and its first pass alone, and extracting the tar first (tarfile) and then converting,
+which also costs the tree's size again on disk.
 """
 
 import contextlib
@@ -107,29 +108,41 @@ def _archives(args):
         train = os.path.join(src, "train")
         tar = archives.tar_of_tars(train, os.path.join(work, "ILSVRC2012_img_train.tar"))
         zipped = archives.tree(train, os.path.join(work, "train.zip"), prefix="train/")
+        gzipped = archives.tree(train, os.path.join(work, "train.tar.gz"), prefix="train/",
+                                compression="gz")
         extracted = os.path.join(work, "extracted")
         ways = {"tree (already extracted)": _convert(src, out, "jpeg", 2),
                 "--from-archive train.tar (tar of per-class tars)":
                     _convert(None, out, "jpeg", 2, ["--from-archive", tar]),
                 "--from-archive train.zip (a tree, stored)":
                     _convert(None, out, "jpeg", 2, ["--from-archive", zipped]),
+                "--from-archive train.tar.gz (a tree; list, then read)":
+                    _convert(None, out, "jpeg", 2, ["--from-archive", gzipped]),
+                "list train.tar.gz only (its first pass)": _list_stream(gzipped),
                 "extract the tar, then convert the tree": _extract_then_convert(
                     tar, extracted, _convert(extracted, out, "jpeg", 2), len(files)),
                 "extract the tar only": _extract_then_convert(tar, extracted, None,
                                                               len(files))}
-        candidates = [harness.Candidate(label, run, files=(*files, tar, zipped), cache="warm",
+        packed = (tar, zipped, gzipped)
+        candidates = [harness.Candidate(label, run, files=(*files, *packed), cache="warm",
                                         setup=_fresh(out)) for label, run in ways.items()]
         results = harness.measure(candidates, repeats=args.repeats, warmup=args.warmup)
         info = [*harness.machine_info(work),
                 f"input: {len(files)} files, {harness.total_bytes(files) / 1e6:.0f} MB; tar "
                 f"{os.path.getsize(tar) / 1e6:.0f} MB, zip {os.path.getsize(zipped) / 1e6:.0f} "
-                "MB; --save-as jpeg --procs 2"]
+                f"MB, tar.gz {os.path.getsize(gzipped) / 1e6:.0f} MB; --save-as jpeg --procs 2"]
     harness.report(harness.result_name(args, "convert-archives"), results,
                    baseline="tree (already extracted)",
                    title="Converting from the downloaded archives vs extracting them first",
                    info=info, notes=["Extracting writes the whole tree once more (as much disk "
                                      "as the tar, ~140 GB for ImageNet train) and creates one "
                                      "file per image; converting in place reads each byte once."])
+
+
+def _list_stream(path):
+    from fastlmdb.core import stream
+
+    return lambda: len(stream.members(path, "gzip"))
 
 
 def _extract_then_convert(tar, extracted, convert, count):

@@ -27,15 +27,16 @@ def _add(archive, name, path):
 
 
 def _open(out, compression=None):
+    """A zip (`compression`: a zipfile method) or a tar (`compression`: "gz", "bz2", "xz")."""
     if out.endswith(".zip"):
         return zipfile.ZipFile(out, "w", compression or zipfile.ZIP_STORED)
-    return tarfile.open(out, "w:gz" if compression == "gz" else "w")
+    return tarfile.open(out, f"w:{compression}" if compression else "w")
 
 
-def tar_of_tars(split_dir, out):
+def tar_of_tars(split_dir, out, compression=None):
     """ILSVRC2012_img_train.tar's layout: one `<class>.tar` per class, flat inside it."""
     files = tree_files(split_dir)
-    with tarfile.open(out, "w") as outer:
+    with _open(out, compression) as outer:
         for klass in sorted({k for k, _, _ in files}, reverse=True):
             buffer = io.BytesIO()
             with tarfile.open(fileobj=buffer, mode="w") as inner:

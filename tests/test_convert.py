@@ -520,7 +520,7 @@ def test_broken_links_and_non_utf8_names(tree, dst):
 def test_a_bug_while_preparing_stops_the_run_naming_the_file(tree, dst, monkeypatch):
     """A bad file is data (skipped, or it stops the run); any other exception is a bug and is
     never reported as a bad file, not even with --on-error skip."""
-    def buggy(path, settings):
+    def buggy(path, settings, data=None):
         raise AttributeError("module 'PIL.Image' has no attribute 'Resampling'")
 
     monkeypatch.setattr(prepare, "prepare", buggy)

@@ -83,7 +83,8 @@ def _add_convert(commands):
                         help="a tar or zip holding one split as downloaded: a tar of "
                              "per-class tars (ILSVRC2012_img_train.tar), a tree "
                              "[prefix/][<split>/]<class>/<image> (Kaggle's zip), or flat "
-                             "files with --labels; nothing is extracted")
+                             "files with --labels; nothing is extracted. A .tar.gz/.bz2/.xz "
+                             "is read twice in order (list, convert), records in its order")
     p.add_argument("--labels", metavar="FILE",
                    help="classes of a flat split's files: LOC_val_solution.csv, a text file "
                         "of FILENAME CLASS lines, or ILSVRC2012_devkit_t12.tar.gz")

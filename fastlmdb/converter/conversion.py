@@ -15,7 +15,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from fastlmdb.converter import pipeline, prepare, shards
-from fastlmdb.core import catalog, files, sources
+from fastlmdb.core import archive, catalog, files, sources
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import ON_ERROR, ConversionError
 
@@ -79,6 +79,8 @@ def convert(options: Options,
     scan = sources.scan(options)
     if options.shard_size:
         options = dataclasses.replace(options, shards=max(1, -(-len(scan) // options.shard_size)))
+    if archive.in_order_only(scan.paths):
+        options = _in_archive_order(options)
     final = fmt.db_path(options.to_dir, options.split)
     if os.path.exists(final) and not options.overwrite:
         raise ConversionError(f"{final} already exists; pass --overwrite to replace it "
@@ -101,6 +103,20 @@ def convert(options: Options,
                                      on_progress)
         files.publish(partial, final)
     return _stats(final, results, time.monotonic() - started)
+
+
+def _in_archive_order(options: Options) -> Options:
+    """The options for a compressed tar: one pass, records in the stream's order."""
+    if options.shards > 1:
+        raise ConversionError(f"{options.from_archive} is compressed, so it is read in one pass "
+                              "from its start: --shards would read it once per shard. Convert "
+                              "it without --shards, or decompress it first (gunzip -k, "
+                              "bunzip2 -k or unxz -k) and pass the .tar")
+    log.warning("%s is compressed: the records are written in its members' order (--order "
+                "%s cannot be kept in one pass over the stream); indices are ImageFolder's. "
+                "For sequential reads of well-mixed batches (LMDBIterDataset), decompress it "
+                "and convert the .tar", options.from_archive, options.order)
+    return dataclasses.replace(options, order=fmt.ARCHIVE_ORDER)
 
 
 def _check_layout(partial: str, options: Options) -> None:

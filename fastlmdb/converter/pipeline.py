@@ -18,9 +18,11 @@ import signal
 import traceback
 import zlib
 
+import numpy as np
+
 from fastlmdb.converter import children, prepare
 from fastlmdb.converter.writer import Job, storage_message, writer_main
-from fastlmdb.core import archive
+from fastlmdb.core import archive, stream
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import ConversionError, ImageError
 
@@ -51,7 +53,10 @@ def plan_of(options, scan):
 
 def in_write_order(scan, options):
     """(the scan's files in the order they are written, their positions in `scan`)."""
-    sources = fmt.write_order(len(scan), options.order, options.order_seed)
+    if options.order == fmt.ARCHIVE_ORDER:  # a compressed tar's members, in stream order
+        sources = np.argsort([path.where[1] for path in scan.paths], kind="stable")
+    else:
+        sources = fmt.write_order(len(scan), options.order, options.order_seed)
     if options.order == "source":
         return scan, sources
     paths = [scan.paths[i] for i in sources.tolist()]
@@ -65,9 +70,11 @@ def writer_job(options, scan, partial, plan, sources=None):
 
 
 def _names(scan):
-    """The scan's files relative to its folder, as fmt.join_paths joins them."""
+    """The scan's files relative to its folder (an archive's: the members' names), as
+    fmt.join_paths joins them."""
     prefix = os.path.join(scan.root, "")
-    return fmt.join_paths(path[len(prefix):] if path.startswith(prefix)
+    return fmt.join_paths(str(path) if isinstance(path, archive.Member)
+                          else path[len(prefix):] if path.startswith(prefix)
                           else os.path.relpath(path, scan.root) for path in scan.paths)
 
 
@@ -97,6 +104,11 @@ class _Pipeline:
         self.live = list(self.producers)
         self.assigned = {producer: [] for producer in self.producers}  # chunk starts
         self.done = self.resumed_at = 0
+        # A compressed tar is read here, in order; a chunk's bytes go with its task and are
+        # kept until the writer has the chunk (a dead producer's chunk is sent again).
+        self.stream = (stream.Reader(scan.root, archive.compression(scan.root))
+                       if archive.in_order_only(scan.paths) else None)
+        self.chunk_bytes = {}
 
     def run(self):
         for process in [self.writer, *self.producers]:
@@ -165,12 +177,23 @@ class _Pipeline:
             starts[:] = [s for s in starts if s + CHUNK > self.done]
         producer = min(self.live, key=lambda p: len(self.assigned[p]))
         self.assigned[producer].append(start)
-        task = (start, self.scan.paths[start:start + CHUNK], poison or {})
+        task = (start, self.scan.paths[start:start + CHUNK], poison or {},
+                self._chunk_bytes(start))
         try:
             self.task_pipes[self.producers.index(producer)][1].send(task)
         except OSError:  # it died since the last look: its chunks, this one too, move on
             producer.join(timeout=POLL_SECONDS)
             self._replace(producer)
+
+    def _chunk_bytes(self, start):
+        """The bytes of the chunk at `start` of a compressed tar (None: producers read it)."""
+        if self.stream is None:
+            return None
+        for taken in [s for s in self.chunk_bytes if s + CHUNK <= self.done]:
+            del self.chunk_bytes[taken]
+        if start not in self.chunk_bytes:
+            self.chunk_bytes[start] = self.stream.read(self.scan.paths[start:start + CHUNK])
+        return self.chunk_bytes[start]
 
     def _replace(self, producer):
         """A producer died (a decoder crash, the OOM killer): blame the file it was preparing
@@ -196,6 +219,8 @@ class _Pipeline:
         raise failure(kind, args, self.plan, self.partial, self.scan.paths)
 
     def _stop(self):
+        if self.stream is not None:
+            self.stream.close()
         for producer in self.live:
             try:
                 self.task_pipes[self.producers.index(producer)][1].send(None)
@@ -212,31 +237,38 @@ def producer_main(tasks, results, settings, coordinator, slots, i):
     """Process entry point: prepare chunks of files until the None sentinel."""
     children.detach(coordinator)
     while (task := tasks.recv()) is not None:
-        start, paths, poison = task
+        start, paths, poison, data = task
         slots[2 * i] = start
         entries = []
         for k, path in enumerate(paths):
             slots[2 * i + 1] = start + k
             entries.append({"path": path, "error": poison[start + k]} if start + k in poison
-                           else entry(path, settings))
+                           else entry(path, settings, None if data is None else data[k]))
         slots[2 * i + 1] = -1
         results.send(("chunk", start, entries))
         slots[2 * i] = -1
 
 
-def entry(path, settings):
-    """What a producer sends the writer about one file: the record, or why there is none."""
+def entry(path, settings, data=None):
+    """What a producer sends the writer about one file (whose bytes are `data`, when the
+    coordinator read them): the record, or why there is none."""
     try:
-        record = prepare.prepare(path, settings)
+        record = prepare.prepare(path, settings, data)
     except ImageError as exc:  # this file is bad: reported as data, skipped or fatal
         return {"path": path, "error": str(exc)}
     except Exception:  # noqa: BLE001 - not a bad file but a bug: it stops the run, named
         return {"path": path, "bug": traceback.format_exc()}
     # Unchanged source bytes are not sent: the writer reads the file again from the page cache
-    # (measured 3x cheaper than pickling 110 KB through a pipe) and checks the checksum.
+    # (measured 3x cheaper than pickling 110 KB through a pipe) and checks the checksum; not
+    # where reading again means inflating again (a deflated zip member).
     unchanged = settings.imgtype == "jpeg" and not (record.transcoded or record.resized)
-    return {"path": path, "payload": None if unchanged else record.payload,
-            "height": record.height, "width": record.width, "crc32": zlib.crc32(record.payload),
+    member = isinstance(path, archive.Member)
+    reread = unchanged and (not member or archive.rereadable(path))
+    # A zip member's CRC-32 was checked on reading: it is the checksum of unchanged bytes.
+    crc = archive.known_crc(path) if unchanged and member else None
+    return {"path": path, "payload": None if reread else record.payload,
+            "height": record.height, "width": record.width,
+            "crc32": zlib.crc32(record.payload) if crc is None else crc,
             "source_bytes": record.source_bytes, "transcoded": record.transcoded,
             "resized": record.resized, "warning": record.warning}
 

@@ -78,9 +78,12 @@ class _TooManyPixels(ImageError):
     """A decompression bomb: refused whichever decoder read the header."""
 
 
-def prepare(path, settings=Settings()):
-    """The Record to store for the file at `path`; ImageError names what is wrong."""
-    data = read(path)
+def prepare(path, settings=Settings(), data=None):
+    """The Record to store for the file at `path` (its bytes `data`, if read already);
+    ImageError names what is wrong."""
+    data = read(path) if data is None else data
+    if not data:
+        raise ImageError("zero-byte file")
     if settings.imgtype == "jpeg":
         record = _as_jpeg(data, settings)
         if not _too_large(record.height, record.width, settings.max_size):
@@ -112,9 +115,10 @@ def _shrink(pixels, max_size):
     return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.LANCZOS))
 
 
-def read(path):
+def read(path, check_crc=True):
+    """The bytes of a file or archive member (`check_crc`: see archive.read)."""
     if isinstance(path, archive.Member):  # a file inside a tar or zip, read in place
-        return archive.read(path)
+        return archive.read(path, check_crc)
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block open() forever
             raise ImageError("not a regular file")

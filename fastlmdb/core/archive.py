@@ -1,10 +1,11 @@
 """Members of a tar or zip archive, found once and then read by byte offset.
 
-An uncompressed tar is scanned once over its headers (``TarInfo.offset_data``; a member that is
-itself a tar is scanned the same way, in place); a zip's central directory lists every member.
-After that any process reads any member with one ``pread`` (a deflated zip member is inflated
-by the reader), so nothing is extracted and the archive is read once. A compressed tar can only
-be read in order, from its start: it is refused with what to do instead.
+An uncompressed tar is scanned once over its headers (core/tarheaders.py, one ``pread`` each;
+a member that is itself a tar is scanned the same way, in place); a zip's central directory
+lists every member, and its local headers say where each one's data starts. After that any
+process reads any member with one ``pread`` (a deflated zip member is inflated by the
+reader), so nothing is extracted and the archive is read once. A compressed tar can only be
+read in order, from its start: core/stream.py reads it.
 """
 
 import logging
@@ -14,14 +15,15 @@ import tarfile
 import zipfile
 import zlib
 
+from fastlmdb.core import tarheaders
 from fastlmdb.core.errors import ConversionError, ImageError
 
 log = logging.getLogger(__name__)
 
-STORED, DEFLATED, TAR = zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, -1
+STORED, DEFLATED, TAR, STREAM = zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, -1, -2
 _COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
                b"\x28\xb5\x2f\xfd": "zstd"}
-_DECOMPRESS = {"gzip": "gunzip -k", "bzip2": "bunzip2 -k", "xz": "unxz -k", "zstd": "unzstd"}
+DECOMPRESS = {"gzip": "gunzip -k", "bzip2": "bunzip2 -k", "xz": "unxz -k", "zstd": "unzstd"}
 # Fields of a zip local file header (zipfile.structFileHeader): its name and extra lengths.
 _NAME_LENGTH, _EXTRA_LENGTH = 10, 11
 
@@ -53,29 +55,30 @@ def is_archive(path):
 
 
 def members(path):
-    """Every regular file of the tar or zip at `path`, as Members, in archive order."""
+    """Every regular file of the uncompressed tar or zip at `path`, as Members, in archive
+    order (a compressed tar: core/stream.py)."""
     path = os.path.abspath(path)
     if zipfile.is_zipfile(path):
         return list(_zip_members(path))
-    _refuse_compressed(path)
-    with open(path, "rb") as file:
-        return list(_tar_members(path, file, "", path))
+    return _tar_members(path, 0, os.path.getsize(path), "", path)
 
 
 def inner_members(member):
     """The regular files of a member that is an uncompressed tar, as Members of the outer
     archive (names ``member/inner``)."""
     archive, offset, size, method, _ = member.where
+    if method == STREAM:
+        if member.inner is None:
+            raise ConversionError(f"{member} in {archive} is not a tar")
+        return member.inner
     if method != TAR:
         raise ConversionError(f"{member} in {archive} is a tar inside a zip: only tars inside "
                               "an uncompressed tar are read in place; extract the outer zip")
-    with open(archive, "rb") as file:
-        file.seek(offset)
-        if _compression(file.read(6)):
-            raise ConversionError(f"{member} in {archive} is compressed: inner tars must be "
-                                  "plain tars")
-        file.seek(offset)
-        found = list(_tar_members(archive, file, f"{member}/", f"{member} in {archive}"))
+    magic = os.pread(_fd(archive), 6, offset)
+    if any(magic.startswith(head) for head in _COMPRESSED):
+        raise ConversionError(f"{member} in {archive} is compressed: inner tars must be "
+                              "plain tars")
+    found = _tar_members(archive, offset, offset + size, f"{member}/", f"{member} in {archive}")
     for inner in found:
         if inner.where[1] + inner.where[2] > offset + size:
             raise ConversionError(f"{inner} in {archive} ends past the end of {member}: the "
@@ -83,15 +86,18 @@ def inner_members(member):
     return found
 
 
-def read(member):
-    """The bytes of `member`; ImageError says what went wrong."""
+def read(member, check_crc=True):
+    """The bytes of `member`; ImageError says what went wrong. `check_crc=False` leaves a zip
+    member's CRC-32 to a caller that compares the bytes' own checksum anyway."""
     archive, offset, size, method, crc = member.where
+    if method == STREAM:
+        raise ImageError(f"{archive} is compressed: its members can only be read in order")
     try:
-        fd = _fd(archive)
-        if method == TAR:
-            data = os.pread(fd, size, offset)
-        else:
-            data = _zip_data(fd, offset, size, method, crc)
+        data = os.pread(_fd(archive), size, offset)
+        if method == DEFLATED:
+            data = zlib.decompress(data, -15)
+        if method != TAR and check_crc and zlib.crc32(data) != crc:
+            raise OSError("CRC-32 mismatch: the member is damaged")
     except (OSError, zlib.error) as exc:
         raise ImageError(f"cannot read the member from {archive} ({exc})") from None
     if method == TAR and len(data) != size:
@@ -101,23 +107,62 @@ def read(member):
     return data
 
 
-def _tar_members(archive, file, prefix, where):
+def rereadable(member):
+    """Whether reading `member` again costs no more than a file's read (not inflated)."""
+    return member.where[3] not in (DEFLATED, STREAM)
+
+
+def known_crc(member):
+    """The CRC-32 of a zip member's bytes, checked by read(); None for a tar member."""
+    return None if member.where[3] in (TAR, STREAM) else member.where[4]
+
+
+def in_order_only(paths):
+    """Whether the files `paths` (a Scan's) are members of a compressed tar."""
+    return bool(paths) and isinstance(paths[0], Member) and paths[0].where[3] == STREAM
+
+
+def _tar_members(archive, start, end, prefix, where):
+    """The Members of the tar at bytes [start, end) of `archive`; tarfile reads what
+    tarheaders leaves to it (links, sparse files, ...)."""
+    fd = _fd(archive)
+    try:
+        found = tarheaders.scan(fd, start, end)
+    except tarheaders.Truncated as exc:
+        raise ConversionError(f"{where} is not a readable tar or zip archive ({exc})") from None
+    except tarheaders.Unusual as exc:
+        log.debug("%s: %s; reading its headers with tarfile", where, exc)
+        with open(archive, "rb") as file:
+            file.seek(start)
+            return list(_tarfile_members(archive, file, prefix, where))
+    return [Member(prefix + clean_name(name), archive, offset, size) for name, offset, size in found]
+
+
+def _tarfile_members(archive, file, prefix, where):
     try:
         tar = tarfile.open(fileobj=file, mode="r:")
-        while (info := tar.next()) is not None:
-            tar.members.clear()  # one pass, bounded memory: nothing looks back
-            if info.isdir():
-                continue
-            if not info.isreg() or info.issparse():
-                raise ConversionError(f"{prefix}{info.name} in {archive} is not a regular file "
-                                      "(a link, device or sparse file): archives of plain "
-                                      "files only")
-            yield Member(prefix + _clean(info.name), archive, info.offset_data, info.size)
+        for info in regular_files(tar, archive, prefix):
+            yield Member(prefix + clean_name(info.name), archive, info.offset_data, info.size)
     except tarfile.TarError as exc:
         raise ConversionError(f"{where} is not a readable tar or zip archive ({exc})") from None
 
 
+def regular_files(tar, archive, prefix):
+    """The TarInfos of the regular files of an open tarfile, in order, folders left out; a
+    link, device or sparse file stops the scan, named (`prefix`: of an inner tar's names)."""
+    while (info := tar.next()) is not None:
+        tar.members.clear()  # one pass, bounded memory: nothing looks back
+        if info.isdir():
+            continue
+        if not info.isreg() or info.issparse():
+            raise ConversionError(f"{prefix}{info.name} in {archive} is not a regular file "
+                                  "(a link, device or sparse file): archives of plain files "
+                                  "only")
+        yield info
+
+
 def _zip_members(archive):
+    fd = _fd(archive)
     with zipfile.ZipFile(archive) as zf:
         for info in zf.infolist():
             if info.is_dir():
@@ -128,49 +173,35 @@ def _zip_members(archive):
                 raise ConversionError(
                     f"{info.filename} in {archive} uses zip compression method "
                     f"{info.compress_type}: only stored and deflated members are read")
-            yield Member(_clean(info.filename), archive, info.header_offset,
+            yield Member(clean_name(info.filename), archive, _zip_data_offset(fd, info, archive),
                          info.compress_size, info.compress_type, info.CRC)
 
 
-def _zip_data(fd, offset, size, method, crc):
-    header = os.pread(fd, zipfile.sizeFileHeader, offset)
-    fields = struct.unpack(zipfile.structFileHeader, header)
-    if fields[0] != zipfile.stringFileHeader:
-        raise OSError("no zip member header at its recorded offset")
-    start = offset + zipfile.sizeFileHeader + fields[_NAME_LENGTH] + fields[_EXTRA_LENGTH]
-    data = os.pread(fd, size, start)
-    if method == DEFLATED:
-        data = zlib.decompress(data, -15)
-    if zlib.crc32(data) != crc:
-        raise OSError("CRC-32 mismatch: the member is damaged")
-    return data
+def _zip_data_offset(fd, info, archive):
+    """Where the member's data starts: after its local header, whose name and extra field
+    may differ in length from the central directory's."""
+    header = os.pread(fd, zipfile.sizeFileHeader, info.header_offset)
+    if len(header) == zipfile.sizeFileHeader:
+        fields = struct.unpack(zipfile.structFileHeader, header)
+        if fields[0] == zipfile.stringFileHeader:
+            return (info.header_offset + zipfile.sizeFileHeader + fields[_NAME_LENGTH]
+                    + fields[_EXTRA_LENGTH])
+    raise ConversionError(f"{info.filename} in {archive}: no zip member header at its "
+                          "recorded offset: the archive is damaged")
 
 
-def _clean(name):
+def clean_name(name):
     """A member name as a relative path: no leading "./" or "/"."""
     while name.startswith(("./", "/")):
         name = name[2:] if name.startswith("./") else name[1:]
     return name
 
 
-def _compression(magic):
-    return next((kind for head, kind in _COMPRESSED.items() if magic.startswith(head)), None)
-
-
-def _refuse_compressed(path):
+def compression(path):
+    """"gzip", "bzip2", "xz" or "zstd" if the file at `path` is compressed so, else None."""
     with open(path, "rb") as file:
-        kind = _compression(file.read(6))
-    if kind:
-        raise ConversionError(
-            f"{path} is a {kind}-compressed tar: its members can only be read in order from "
-            f"the start, so it cannot be converted in parallel. Decompress it first "
-            f"({_DECOMPRESS[kind]} {path}; it needs about {_uncompressed_hint(path)} of disk) "
-            "and pass the .tar")
-
-
-def _uncompressed_hint(path):
-    # JPEGs do not compress: the tar is about as large as the compressed file.
-    return f"{os.path.getsize(path) / 1e9:.1f} GB"
+        magic = file.read(6)
+    return next((kind for head, kind in _COMPRESSED.items() if magic.startswith(head)), None)
 
 
 _fds = {}

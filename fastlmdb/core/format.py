@@ -36,6 +36,8 @@ FORMAT_NAME = "fastlmdb"
 FORMAT_VERSION = 2  # 2: records in a write order of their own (the `key` column)
 IMGTYPES = ("jpeg", "numpy")
 ORDERS = ("shuffled", "source")  # the write order: seeded random (default), or ImageFolder's
+# The write order of a compressed tar's members, read in one pass: the stream's.
+ARCHIVE_ORDER = "archive"
 
 IMAGES_DB = b"images"
 ROWS_DB = b"rows"

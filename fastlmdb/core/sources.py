@@ -1,6 +1,6 @@
 """Where a split's files come from, as the Scan the converter consumes: an ImageFolder tree, a
 flat folder with a label file, or an archive (tar or zip) holding either, or a tar of per-class
-tars (``ILSVRC2012_img_train.tar``).
+tars (``ILSVRC2012_img_train.tar``), compressed or not.
 
 Whatever the source, the Scan is the one of the tree it would extract to (for a flat split with
 labels: ``<split>/<class>/<file>``): classes sorted, files in ImageFolder's order, the same
@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from fastlmdb.core import labels as label_files
-from fastlmdb.core import archive, catalog, folder
+from fastlmdb.core import archive, catalog, folder, stream
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import ConversionError
 
@@ -38,7 +38,8 @@ def scan(options):
 def scan_archive(path, split, *, labels=None, classes=None, on_error="raise"):
     """The Scan of one split packed in the archive at `path` (see the module's doc)."""
     path = os.path.abspath(path)
-    found = archive.members(path)
+    kind = archive.compression(path)
+    found = stream.members(path, kind) if kind else archive.members(path)
     prefix = _split_prefix(found, split, path)
     selected = [(member[len(prefix):], member) for member in found if member.startswith(prefix)]
     if not selected:

@@ -333,6 +333,12 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
             return int(label)
 
 
+# Physical orders that sequential reads do not mix: (where the records are, how to do better).
+_UNMIXED = {"source": ("in class order", "without --order source"),
+            fmt.ARCHIVE_ORDER: ("in the order of the compressed tar they came from (class order, "
+                                "often)", "from the decompressed .tar")}
+
+
 class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: ignore[type-arg]
     """Iterable dataset reading ``root/<split>.lmdb`` in key order.
 
@@ -382,12 +388,13 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.threads = threads
         self._rank, self._world_size, self.batch_size = rank, world_size, batch_size
-        if shuffle and self.order == "source":
+        if shuffle and self.order in _UNMIXED:
+            where, again = _UNMIXED[self.order]
             warnings.warn(
-                f"{self.path} stores its records in class order: shuffle=True mixes blocks of "
+                f"{self.path} stores its records {where}: shuffle=True mixes blocks of "
                 f"{order.BLOCK} within windows of {order.BLOCK * order.WINDOW_BLOCKS} records, so "
-                "a batch holds only a few classes. Convert it again without --order source "
-                "(the default shuffles the write order), or use LMDBDataset with EpochSampler",
+                f"a batch holds only a few classes. Convert it again {again} (the default "
+                "shuffles the write order), or use LMDBDataset with EpochSampler",
                 UserWarning, stacklevel=2)
         if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int (the DataLoader's), "

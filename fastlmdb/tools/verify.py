@@ -20,7 +20,7 @@ import numpy as np
 from fastlmdb.core import labels as label_files
 from fastlmdb.core import sources
 from fastlmdb.core import archive, catalog, folder, jpeg
-from fastlmdb.core.errors import FastLMDBError
+from fastlmdb.core.errors import ConversionError, FastLMDBError
 
 CHUNK = 512
 
@@ -106,6 +106,10 @@ def _source_paths(source: StrPath, labels: StrPath | None, info: dict[str, Any],
 def _scan(source: StrPath, labels: StrPath | None, info: dict[str, Any]) -> Any:
     """The source's Scan; an archive's or a flat folder's with the database's classes."""
     labels = label_files.read(labels) if labels else None
+    if archive.is_archive(source) and archive.compression(source):
+        raise ConversionError(f"--source {source} is a compressed tar, which can only be read "
+                              "in order: decompress it (gunzip -k, bunzip2 -k or unxz -k) and "
+                              "pass the .tar, or pass the folder it extracts to")
     if archive.is_archive(source):
         return sources.scan_archive(source, info["split"], labels=labels,
                                     classes=info["classes"], on_error="skip")
