@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv-minimums}
-SKIP=${SKIP:-torch torchvision torchdata}
+SKIP=${SKIP-torch torchvision torchdata}
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$PYTHON" - "$VENV/minimums.txt" "$SKIP" <<'PY'
 import configparser, re, sys
