@@ -217,7 +217,8 @@ def test_timm_create_loader_eval_gives_imagefolders_batches(db, src, context, us
     def batches(dataset, workers):
         loader = create_loader(dataset, input_size=(3, 32, 32), batch_size=BATCH,
                                is_training=False, use_prefetcher=use_prefetcher,
-                               device=torch.device("cpu"), num_workers=workers)
+                               device=torch.device("cpu"), num_workers=workers,
+                               persistent_workers=workers > 0)  # timm 0.9.0: True always
         if workers:
             torch_loader = loader.loader if use_prefetcher else loader
             torch_loader.multiprocessing_context = context
