@@ -181,7 +181,10 @@ static int simd_on(void) {
     return simd;
 }
 
-static int32_t tap_pair(int32_t a, int32_t b) { return (a & 0xffff) | (int32_t)((uint32_t)b << 16); }
+/* Two weights as the word pair (a, b) that pmaddwd multiplies a pixel pair by. */
+static int32_t tap_pair(int32_t a, int32_t b) {
+    return (a & 0xffff) | (int32_t)((uint32_t)b << 16);
+}
 
 #define MAX_SIMD_TAPS 64
 
@@ -195,16 +198,20 @@ __attribute__((target("avx2"))) static void vertical_avx2(const uint8_t *in, siz
     int count = (taps + 1) / 2;
     for (int j = 0; j < taps; j++) rows[j] = in + (size_t)(tap[0] + j) * stride;
     rows[taps] = rows[taps - 1];
-    for (int k = 0; k < count; k++)
-        pairs[k] = _mm256_set1_epi32(tap_pair(tap[1 + 2 * k], 2 * k + 1 < taps ? tap[2 + 2 * k] : 0));
+    for (int k = 0; k < count; k++) {
+        int32_t second = 2 * k + 1 < taps ? tap[2 + 2 * k] : 0;
+        pairs[k] = _mm256_set1_epi32(tap_pair(tap[1 + 2 * k], second));
+    }
     size_t i = 0;
     for (; i + 16 <= width; i += 16) {
         __m256i lo = _mm256_set1_epi32(HALF), hi = lo;
         for (int k = 0; k < count; k++) {
             __m128i a = _mm_loadu_si128((const __m128i *)(rows[2 * k] + i));
             __m128i b = _mm_loadu_si128((const __m128i *)(rows[2 * k + 1] + i));
-            lo = _mm256_add_epi32(lo, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(a, b)), pairs[k]));
-            hi = _mm256_add_epi32(hi, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpackhi_epi8(a, b)), pairs[k]));
+            __m256i low = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(a, b));
+            __m256i high = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(a, b));
+            lo = _mm256_add_epi32(lo, _mm256_madd_epi16(low, pairs[k]));
+            hi = _mm256_add_epi32(hi, _mm256_madd_epi16(high, pairs[k]));
         }
         __m256i words = _mm256_packs_epi32(_mm256_srai_epi32(lo, PRECISION),
                                            _mm256_srai_epi32(hi, PRECISION));
@@ -261,7 +268,8 @@ __attribute__((target("avx2"))) static void horizontal4_avx2(const uint8_t *row,
         __m128i bytes = _mm_packus_epi16(_mm_packs_epi32(p0, p1), _mm_packs_epi32(p2, p3));
         bytes = _mm_shuffle_epi8(bytes, planar);
         uint32_t r = (uint32_t)_mm_cvtsi128_si32(bytes);
-        uint32_t g = (uint32_t)_mm_extract_epi32(bytes, 1), b = (uint32_t)_mm_extract_epi32(bytes, 2);
+        uint32_t g = (uint32_t)_mm_extract_epi32(bytes, 1);
+        uint32_t b = (uint32_t)_mm_extract_epi32(bytes, 2);
         memcpy(out + x, &r, 4), memcpy(out + plane + x, &g, 4), memcpy(out + 2 * plane + x, &b, 4);
     }
     for (; x < out_w; x++, packed += 3) {

@@ -135,7 +135,8 @@ def _tar_members(archive, start, end, prefix, where):
         with open(archive, "rb") as file:
             file.seek(start)
             return list(_tarfile_members(archive, file, prefix, where))
-    return [Member(prefix + clean_name(name), archive, offset, size) for name, offset, size in found]
+    return [Member(prefix + clean_name(name), archive, offset, size)
+            for name, offset, size in found]
 
 
 def _tarfile_members(archive, file, prefix, where):

@@ -4,9 +4,10 @@ tarfile costs about 0.13 ms a member (a TarInfo, every field parsed); this reads
 with one ``pread`` (scan: an uncompressed tar) or one read of a decompressed stream
 (walk_stream) and parses only name, size and type: ustar and GNU headers, GNU long names
 (``L``) and per-file pax headers (``x``, their ``path`` and ``size``). Checksums are checked
-in one numpy pass per tar (a stream's: header by header). Anything else (links, devices, sparse files, global pax
-headers, base-256 sizes, a bad checksum) raises Unusual, and the caller reads that tar with
-tarfile, which knows every case: what is found here is what tarfile finds.
+in one numpy pass per tar (a stream's: header by header). Anything else (links, devices,
+sparse files, global pax headers, base-256 sizes, a bad checksum) raises Unusual, and the
+caller reads that tar with tarfile, which knows every case: what is found here is what
+tarfile finds.
 """
 
 import os

@@ -25,7 +25,7 @@ cannot decode goes through the per-sample path, from the random state it would h
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Sequence, Tuple, cast
+from typing import TYPE_CHECKING, Any, Callable, Sequence, Tuple, cast
 
 import numpy as np
 import torch
@@ -99,22 +99,50 @@ def draw(crop: crops.DecodeCrop, plan: list[tuple[int, float]],
 
 
 def decode_native(images: torch.Tensor, values: Sequence[Any], shapes: np.ndarray,
-                  crop: crops.DecodeCrop, rest: Any, threads: int = 1, start: int = 0) -> int:
-    """Fill slots `start`.. of `images` from JPEG `values` natively; returns the first slot
-    it could not fill (len(values) if none), torch's generator then where the per-sample path
-    would draw that slot's box. The slots before it are done."""
-    if start >= len(values):
-        return start
+                  crop: crops.DecodeCrop, rest: Any, threads: int = 1) -> int:
+    """Fill the slots of `images` from JPEG `values` (as many) natively; returns the first
+    slot it could not fill (len(values) if none), torch's generator then where the per-sample
+    path would draw that slot's box. The slots before it are done."""
+    if not len(values):
+        return 0
     plan, state = flip_plan(rest), torch.get_rng_state()
-    boxes, flips = draw(crop, plan, shapes[start:])
-    errors = crops._jpegcrop.decode_batch(values[start:], boxes, flips, images[start:].numpy(),
-                                          *crop.size, threads=threads)
+    boxes, flips = draw(crop, plan, shapes)
+    errors = crops._jpegcrop.decode_batch(values, boxes, flips, images.numpy(), *crop.size,
+                                          threads=threads)
     failed = next((k for k, error in enumerate(errors) if error is not None), None)
     if failed is None:
         return len(values)
     torch.set_rng_state(state)
-    draw(crop, plan, shapes[start:start + failed])  # the draws of the slots before it, again
-    return start + failed
+    draw(crop, plan, shapes[:failed])  # the draws of the slots before it, again
+    return failed
+
+
+def fill(images: torch.Tensor, values: Sequence[Any], rows: np.ndarray, crop: crops.DecodeCrop,
+         rest: Any, threads: int, native: bool,
+         one: Callable[[int, torch.Tensor], int | None]) -> tuple[list[int], list[int]]:
+    """Decode records `values` (their table `rows`) into the first slots of `images`:
+    natively where `native` and the call can, else record n through one(n, slot), which
+    returns its label, or None where it was skipped (it then takes no slot). Returns (the
+    labels kept, the records consumed up to each of them)."""
+    shapes, labels = np.stack([rows["height"], rows["width"]], axis=1), rows["label"]
+    kept: list[int] = []
+    consumed: list[int] = []
+    n = 0  # records consumed
+    while n < len(values):
+        if native:
+            slots = images[len(kept):len(kept) + len(values) - n]
+            done = decode_native(slots, values[n:], shapes[n:], crop, rest, threads)
+            kept += labels[n:n + done].tolist()
+            consumed += range(n + 1, n + done + 1)
+            n += done
+            if n == len(values):
+                break
+        label = one(n, images[len(kept)])  # the record the native call could not decode
+        if label is not None:
+            kept.append(label)
+            consumed.append(n + 1)
+        n += 1
+    return kept, consumed
 
 
 def empty(count: int, size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:

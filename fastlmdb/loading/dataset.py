@@ -168,6 +168,10 @@ class _Records:
         return (self._crop is not None and self.output == "tensor"
                 and self.target_transform is None and batch.only_flips(self._rest))
 
+    def _natively(self) -> bool:
+        """Whether in-place batches go to the native batch decoder (batch.fill)."""
+        return self.imgtype == "jpeg" and batch.native_built()
+
     def _record_into(self, index: int, value: bytes | memoryview, image: torch.Tensor) -> int:
         """_record, the image written into `image`, a 3xHxW uint8 tensor; returns the label."""
         self._pixels(index, value, out=image)
@@ -301,25 +305,13 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
     def _batch_in_place(self, positions: Sequence[int], indices: list[int],
                         values: Sequence[Any]) -> list[batch.Sample]:
         """The samples of one batch, decoded into one images tensor (batch.Sample views):
-        natively where it can be (batch.decode_native), else slot by slot."""
+        natively where it can be (batch.fill), else slot by slot."""
         crop = cast(crops.DecodeCrop, self._crop)
         images, labels = batch.empty(len(positions), crop.size)
-        native = self.imgtype == "jpeg" and batch.native_built()
-        rows = self._rows[indices]
-        shapes = np.stack([rows["height"], rows["width"]], axis=1)
-        label_list: list[int] = []
-        slot = 0
-        while slot < len(positions):
-            if native:
-                done = batch.decode_native(images, values, shapes, crop, self._rest,
-                                           self.threads, start=slot)
-                label_list += rows["label"][slot:done].tolist()
-                slot = done
-                if slot == len(positions):
-                    break
-            label_list.append(self._slot(positions[slot], indices[slot], values[slot],
-                                         images[slot]))
-            slot += 1
+        label_list, _ = batch.fill(
+            images, values, self._rows[indices], crop, self._rest, self.threads,
+            self._natively(),
+            lambda n, slot: self._slot(positions[n], indices[n], values[n], slot))
         labels.numpy()[:] = label_list
         return batch.samples(images, labels, label_list)
 
@@ -532,32 +524,18 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
 
     def _fill(self, images: torch.Tensor, indices: list[int],
               values: Sequence[Any]) -> tuple[list[int], list[int]]:
-        """Decode records `indices` into the first slots of `images`, natively where it can
-        be, a skipped record leaving no slot; (labels kept, records consumed up to each)."""
-        crop = cast(crops.DecodeCrop, self._crop)
-        native = self.imgtype == "jpeg" and batch.native_built()
-        rows = self._rows[indices]
-        shapes = np.stack([rows["height"], rows["width"]], axis=1)
-        kept: list[int] = []
-        consumed: list[int] = []
-        n = 0  # records consumed
-        while n < len(indices):
-            if native:
-                slots = images[len(kept):len(kept) + len(indices) - n]
-                done = batch.decode_native(slots, values[n:], shapes[n:], crop, self._rest,
-                                           self.threads)
-                kept += rows["label"][n:n + done].tolist()
-                consumed += range(n + 1, n + done + 1)
-                n += done
-                if n == len(indices):
-                    break
-            try:  # the record the native call could not decode, as one sample
-                kept.append(self._record_into(indices[n], values[n], images[len(kept)]))
-                consumed.append(n + 1)
+        """Decode records `indices` into the first slots of `images` (batch.fill), a skipped
+        record leaving no slot; (labels kept, records consumed up to each)."""
+        def one(n: int, slot: torch.Tensor) -> int | None:
+            try:
+                return self._record_into(indices[n], values[n], slot)
             except DecodeError as exc:
                 self._skip_or_raise(exc)
-            n += 1
-        return kept, consumed
+                return None
+
+        return batch.fill(images, values, self._rows[indices],
+                          cast(crops.DecodeCrop, self._crop), self._rest, self.threads,
+                          self._natively(), one)
 
     def _read(self, piece: Ints) -> list[Any]:
         """Buffers of `piece`'s records, read in key order (sequential I/O), in piece order."""
