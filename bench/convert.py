@@ -140,7 +140,7 @@ def _archives(args):
 
 
 def _list_stream(path):
-    from fastlmdb.core import stream
+    from fastlmdb.sources import stream
 
     return lambda: len(stream.members(path, "gzip"))
 

@@ -1,14 +1,16 @@
 """fastlmdb: ImageNet-scale image loading for PyTorch from one LMDB file per split.
 
-The layout is the architecture: ``core`` (errors, the on-disk format, LMDB access, JPEG
-decoding, the ImageFolder scan) under ``converter`` (making databases), ``loading`` (the
-PyTorch side, the only part that imports torch), ``tools`` (verify, stage, merge) and ``cli``.
+The layout is the architecture, each floor importing only from those below it:
+``core`` (errors, the on-disk format, the one module that opens LMDB, the catalog, JPEG
+decoding, file helpers, fsspec access); ``sources`` (the converter's inputs, one module per
+kind); ``converter`` (making databases) and ``loading`` (the PyTorch side, the only part that
+imports torch); ``tools`` (verify, stage, merge); ``cli``. ``testing`` makes sample trees for
+tests, benchmarks and the demo.
 """
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
+from fastlmdb.version import __version__  # noqa: E402
 from fastlmdb.core.errors import (  # noqa: E402
     ConversionError,
     DatabaseError,
@@ -68,6 +70,10 @@ _LAZY = {
     "ResizeCenterCrop": "fastlmdb.loading.crops",
     "collate": "fastlmdb.loading.batch",
 }
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 def __getattr__(name: str) -> Any:

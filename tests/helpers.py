@@ -17,7 +17,7 @@ from PIL import Image
 from fastlmdb import converter as _convert
 from fastlmdb.core import format as fmt
 from fastlmdb.core import catalog
-from fastlmdb.cli.sample_tree import synthetic_photo
+from fastlmdb.testing.sample_tree import synthetic_photo
 
 # JPEGs PIL reads that libjpeg decodes only with warnings (strict decoders refuse them): real
 # encoders' output (cjpeg, simplejpeg) with bytes inserted before a marker, a scan cut short and
@@ -305,7 +305,7 @@ def usable_decoders():
     from fastlmdb.core import jpeg
 
     usable = []
-    for backend in jpeg.BACKENDS:
+    for backend in jpeg.DECODERS:
         try:
             jpeg.decoder(backend)
         except ImportError:

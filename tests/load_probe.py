@@ -31,7 +31,7 @@ def usable(backend):
 
 def main(root, split):
     ways = {backend: load(root, split, decoder=backend)
-            for backend in jpeg.BACKENDS if usable(backend)}
+            for backend in jpeg.DECODERS if usable(backend)}
     ways["crop"] = load(root, split, transform=ResizeCenterCrop(48, 32))
     report = verify.verify(fmt.db_path(root, split))
     print(json.dumps({"ways": ways, "verify": report.problems,

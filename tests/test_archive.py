@@ -14,8 +14,9 @@ from helpers import AWKWARD_LAYOUT, db, make_tree, read_db
 
 from fastlmdb import converter
 from fastlmdb.cli import main
-from fastlmdb.core import labels as label_files
-from fastlmdb.core import archive, catalog, stream, tarheaders
+from fastlmdb.sources import labels as label_files
+from fastlmdb.core import catalog
+from fastlmdb.sources import archive, stream, tarheaders
 from fastlmdb.core.errors import ConversionError
 from fastlmdb.tools import verify
 
@@ -395,7 +396,7 @@ def test_tar_headers_are_read_as_tarfile_reads_them(tmp_path, tar_format):
         expected = [(info.name, info.offset_data, info.size) for info in tar if info.isreg()]
     fd = os.open(packed, os.O_RDONLY)
     try:
-        assert tarheaders.scan(fd, 0, os.path.getsize(packed)) == expected  # no fallback
+        assert tarheaders.list_headers(fd, 0, os.path.getsize(packed)) == expected  # no fallback
     finally:
         os.close(fd)
     assert [(m, *m.where[1:3]) for m in archive.members(packed)] == expected
@@ -516,7 +517,7 @@ def test_a_compressed_tar_is_read_one_member_at_a_time(tmp_path):
             tar.addfile(info, io.BytesIO(blob))
     found = stream.members(packed, "gzip")
     assert not any(getattr(member, "by_tarfile", False) for member in found)  # tarheaders'
-    reader = stream.Reader(packed, "gzip")
+    reader = stream.InOrderReader(packed, "gzip")
     tracemalloc.start()
     try:
         for k in (1, 2, 5, 7):  # 0, 3, 4 and 6 are read through
@@ -530,7 +531,7 @@ def test_a_compressed_tar_is_read_one_member_at_a_time(tmp_path):
 
 @pytest.mark.parametrize("odd", ["global pax header", "symlink"])
 def test_a_compressed_tar_that_only_tarfile_reads(tmp_path, odd):
-    """What core/tarheaders.py leaves to tarfile is listed and read by tarfile."""
+    """What sources/tarheaders.py leaves to tarfile is listed and read by tarfile."""
     packed = str(tmp_path / "odd.tar.gz")
     blobs = {f"c/{k}.JPEG": os.urandom(3000 + k) for k in range(3)}
     with tarfile.open(packed, "w:gz", format=tarfile.PAX_FORMAT,
@@ -550,7 +551,7 @@ def test_a_compressed_tar_that_only_tarfile_reads(tmp_path, odd):
         return
     found = stream.members(packed, "gzip")
     assert all(member.by_tarfile for member in found)
-    reader = stream.Reader(packed, "gzip")
+    reader = stream.InOrderReader(packed, "gzip")
     try:
         assert reader.read(found) == list(blobs.values()) and found == list(blobs)
     finally:
@@ -572,7 +573,7 @@ def test_a_gzip_of_several_members_and_padding_is_read_whole(tmp_path):
     packed = tmp_path / "joined.tar.gz"
     packed.write_bytes(gzip.compress(data[:7000]) + gzip.compress(data[7000:]) + bytes(100))
     found = stream.members(str(packed), "gzip")
-    reader = stream.Reader(str(packed), "gzip")
+    reader = stream.InOrderReader(str(packed), "gzip")
     try:
         assert found == list(blobs) and reader.read(found) == list(blobs.values())
     finally:

@@ -17,7 +17,7 @@ from torchvision.transforms import v2
 
 import fastlmdb
 from fastlmdb import converter
-from fastlmdb.cli import sample_tree
+from fastlmdb.testing import sample_tree
 from fastlmdb.loading import batch, handover
 from fastlmdb.core import format as fmt
 from fastlmdb import DecodeError, LMDBDataset, LMDBIterDataset

@@ -38,7 +38,7 @@ def test_convert_two_splits_prints_a_summary(tree, dst, capsys):
     assert re.search(rf"^{re.escape(db(dst, 'train'))}: 12 images, .* img/s\)$", out, re.M)
     assert re.search(rf"^{re.escape(db(dst, 'val'))}: 6 images, ", out, re.M)
     assert out.count("  0 changed, 0 skipped") == 2
-    assert store.read_catalog(db(dst, "val"))[0]["count"] == 6
+    assert store.read_file_catalog(db(dst, "val"))[0]["count"] == 6
 
 
 def test_summary_lists_changed_and_skipped_files(awkward_tree, dst, bad_files, capsys):
@@ -58,7 +58,7 @@ def test_flags_work_dashed_and_underscored(tree, dst, spelling, capsys):
         flags = ["--" + f[2:].replace("-", "_") if f.startswith("--") else f for f in flags]
         assert flags[0] == "--from_dir"
     assert main(["convert", *flags, "--split", "val", "--procs", "1"]) == 0
-    info = store.read_catalog(db(dst, "val"))[0]
+    info = store.read_file_catalog(db(dst, "val"))[0]
     assert info["imgtype"] == "numpy" and info["count"] == 6
     assert "6 images" in capsys.readouterr().out
 
@@ -132,7 +132,7 @@ def test_scripts_convert_py(tree, dst):
         capture_output=True, text=True, timeout=50, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert f"{db(dst, 'val')}: 6 images" in done.stdout
-    assert store.read_catalog(db(dst, "val"))[0]["count"] == 6
+    assert store.read_file_catalog(db(dst, "val"))[0]["count"] == 6
 
 
 def test_ctrl_c_says_how_to_resume(tree, dst, monkeypatch, capsys):

@@ -19,7 +19,8 @@ import simplejpeg
 
 from fastlmdb import converter
 from fastlmdb.converter import pipeline, prepare, writer
-from fastlmdb.core import files, folder, store
+from fastlmdb.core import files, store
+from fastlmdb.sources import folder
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import ConversionError, DatabaseError, IncompleteDatabaseError
 from helpers import (AWKWARD_LAYOUT, BAD, TRANSCODED, assert_same_database, db, imagefolder,
@@ -204,8 +205,8 @@ def test_both_splits_and_progress(tree, dst):
     assert calls and calls[-1][:2] == (6, 6)
     assert [c[0] for c in calls] == sorted(c[0] for c in calls)
     run_convert(tree, dst, split="train")
-    assert store.read_catalog(db(dst, "train"))[0]["count"] == 12
-    assert store.read_catalog(db(dst, "val"))[0]["count"] == 6
+    assert store.read_file_catalog(db(dst, "train"))[0]["count"] == 12
+    assert store.read_file_catalog(db(dst, "val"))[0]["count"] == 6
 
 
 @pytest.mark.parametrize("kind", BAD)
@@ -302,7 +303,7 @@ def interrupted(tmp_path, dst, bad_files):
     src = make_tree(tmp_path / "src", plain_layout(classes=3, train=12, val=0))
     (bad,) = bad_files(os.path.join(src, "train", "n00000001"), kinds=["truncated"],
                        prefix="n00000001_005x")
-    scan = folder.scan(os.path.join(src, "train"))
+    scan = folder.list_tree(os.path.join(src, "train"))
     # Files are written in the shuffled write order: the bad one is the 17th written.
     index = fmt.write_order(len(scan), "shuffled", 0).tolist().index(scan.paths.index(bad))
     assert index == 16  # past the first 16-file chunk: there is a commit before it
@@ -350,7 +351,7 @@ def test_resume_after_source_change_is_refused(interrupted, dst):
 def test_overwrite_starts_a_partial_conversion_again(interrupted, dst):
     stats = run_convert(interrupted.src, dst, on_error="skip", save_as="numpy", overwrite=True)
     assert stats.resumed_at == 0 and stats.images == 36
-    assert store.read_catalog(db(dst))[0]["imgtype"] == "numpy"
+    assert store.read_file_catalog(db(dst))[0]["imgtype"] == "numpy"
 
 
 def test_overwrite_with_the_same_arguments_resumes(interrupted, dst):
@@ -362,12 +363,12 @@ def test_partial_database_is_never_opened_as_complete(interrupted, dst):
     final, partial = db(dst), fmt.partial_path(db(dst))
     assert os.path.exists(partial) and not os.path.exists(final)
     with pytest.raises(IncompleteDatabaseError, match="not finished.*run the same"):
-        store.read_catalog(final)
+        store.read_file_catalog(final)
     with pytest.raises(IncompleteDatabaseError, match="not finished"):
         store.Reader(final).get(0)
     # Even opened by its own name, it has no final metadata.
     with pytest.raises(IncompleteDatabaseError, match="no final metadata"):
-        store.read_catalog(partial)
+        store.read_file_catalog(partial)
     assert issubclass(IncompleteDatabaseError, DatabaseError)
 
 
@@ -444,7 +445,7 @@ def test_a_dead_producers_work_goes_to_the_others(long_tree, tmp_path, dst):
     blamed = {path for path, _ in stats.skipped}
     info, rows, values = read_db(db(dst))
     _, _, fresh_values = read_db(db(tmp_path / "fresh"))
-    paths = folder.scan(os.path.join(long_tree, "train")).paths
+    paths = folder.list_tree(os.path.join(long_tree, "train")).paths
     assert values == [v for v, p in zip(fresh_values, paths) if p not in blamed]
     assert fresh.images == 100
 
@@ -524,7 +525,7 @@ def test_a_bug_while_preparing_stops_the_run_naming_the_file(tree, dst, monkeypa
         raise AttributeError("module 'PIL.Image' has no attribute 'Resampling'")
 
     monkeypatch.setattr(prepare, "prepare", buggy)
-    scan = folder.scan(os.path.join(tree, "train"))
+    scan = folder.list_tree(os.path.join(tree, "train"))
     assert "AttributeError" in pipeline.entry(scan.paths[0], prepare.Settings())["bug"]
     options = converter.Options(tree, dst, "train", on_error="skip", procs=1)
     os.makedirs(dst)

@@ -162,7 +162,7 @@ def test_fuzzed_tables(raw, count):
 @FUZZ
 @given(st.integers(0, 3), st.binary(min_size=1, max_size=300))
 def test_fuzzed_header_bytes_of_a_real_table(made, position, junk):
-    info, rows = store.read_catalog(db(made / "jpeg"))
+    info, rows = store.read_file_catalog(db(made / "jpeg"))
     raw = bytearray(fmt.dump_table(rows))
     raw[position * 20:position * 20 + len(junk)] = junk
     try:

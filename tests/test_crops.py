@@ -11,7 +11,7 @@ from torchvision.transforms import v2
 
 import fastlmdb
 from fastlmdb import converter
-from fastlmdb.cli import sample_tree
+from fastlmdb.testing import sample_tree
 from fastlmdb.loading import crops
 from helpers import psnr, with_bytes_before
 

@@ -30,7 +30,7 @@ from fastlmdb.core import jpeg, store
 from fastlmdb.core import format as fmt
 from fastlmdb import DecodeError, LMDBDataset, LMDBIterDataset
 from fastlmdb.core.errors import DatabaseError, IncompleteDatabaseError
-from fastlmdb.cli.sample_tree import synthetic_photo
+from fastlmdb.testing.sample_tree import synthetic_photo
 
 SPLIT = "train"
 # class -> [(relative file name, kind)]; ImageFolder sorts classes and files (and walks subdirs).
@@ -681,7 +681,7 @@ def test_newer_format_says_upgrade(db, tmp_path):
 
 
 def _corrupt(db, tmp_path, index, garbage=b"\x00garbage" * 40):
-    key = int(store.read_catalog(fmt.db_path(db, SPLIT))[1]["key"][index])  # record index's
+    key = int(store.read_file_catalog(fmt.db_path(db, SPLIT))[1]["key"][index])  # record index's
     dst = _copy_db(db, tmp_path)
     _edit(dst, fmt.IMAGES_DB, fmt.key(key), garbage)
     return dst
@@ -767,11 +767,11 @@ def test_pickle_before_and_after_reading(db, ref, cls):
 def test_reader_close_and_reopen(db):
     reader = store.Reader(fmt.db_path(db, SPLIT))
     first = bytes(reader.get(0))
-    assert bytes(reader.scan(0, 3)[0]) == first
+    assert bytes(reader.read_range(0, 3)[0]) == first
     reader.close()
     assert bytes(reader.get(0)) == first  # reopened on demand
     with pytest.raises(DatabaseError, match="record 99 is missing"):
         reader.get(99)
     with pytest.raises(DatabaseError, match="records 10..99 are not all there"):
-        reader.scan(10, 100)
+        reader.read_range(10, 100)
     reader.close()

@@ -5,13 +5,13 @@ import os
 import numpy as np
 import pytest
 
-from fastlmdb.core import folder
+from fastlmdb.sources import folder
 from fastlmdb.core.errors import ConversionError
 from helpers import imagefolder, make_tree, write_image
 
 
 def assert_same_as_imagefolder(directory):
-    scan = folder.scan(directory)
+    scan = folder.list_tree(directory)
     reference = imagefolder(directory)
     assert scan.classes == reference.classes
     assert scan.class_to_idx == reference.class_to_idx
@@ -26,7 +26,7 @@ def test_plain_tree_matches_imagefolder(tree):
         scan = assert_same_as_imagefolder(os.path.join(tree, split))
         assert scan.classes == ["n00000000", "n00000001", "n00000002"]
         assert scan.root == os.path.join(tree, split)
-    assert len(folder.scan(os.path.join(tree, "train"))) == 12
+    assert len(folder.list_tree(os.path.join(tree, "train"))) == 12
 
 
 def test_extensions_any_case_nested_folders_and_other_files(tmp_path):
@@ -61,19 +61,19 @@ def test_symlinked_class_folder_is_followed(tmp_path):
 
 def test_missing_source_folder(tmp_path):
     with pytest.raises(ConversionError, match=r"nowhere/train does not exist.*--from_dir"):
-        folder.scan(tmp_path / "nowhere" / "train")
+        folder.list_tree(tmp_path / "nowhere" / "train")
 
 
 def test_source_that_is_a_file(tmp_path):
     (tmp_path / "train").write_text("not a folder")
     with pytest.raises(ConversionError, match="does not exist or is not a folder"):
-        folder.scan(tmp_path / "train")
+        folder.list_tree(tmp_path / "train")
 
 
 def test_split_without_class_folders(tmp_path):
     write_image(os.fspath(tmp_path / "train" / "loose.JPEG"))
     with pytest.raises(ConversionError, match=r"no class folders in .*train"):
-        folder.scan(tmp_path / "train")
+        folder.list_tree(tmp_path / "train")
     with pytest.raises(FileNotFoundError):  # ImageFolder refuses it too
         imagefolder(tmp_path / "train")
 
@@ -87,6 +87,6 @@ def test_class_folder_without_images(tmp_path, contents):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("x")
     with pytest.raises(ConversionError, match=r"no images in class folder\(s\) hollow of .*train"):
-        folder.scan(tmp_path / "train")
+        folder.list_tree(tmp_path / "train")
     with pytest.raises(FileNotFoundError):  # ImageFolder refuses it too
         imagefolder(tmp_path / "train")

@@ -21,7 +21,8 @@ import fastlmdb
 from fastlmdb import LMDBDataset
 from fastlmdb.cli import main
 from fastlmdb.converter import prepare
-from fastlmdb.core import folder, jpeg
+from fastlmdb.core import jpeg
+from fastlmdb.sources import folder
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import ConversionError, ImageError
 from fastlmdb.tools import verify
@@ -135,7 +136,7 @@ def test_a_12_bit_jpeg_is_reported_with_what_to_do(tree, dst, save_as):
     stats = run_convert(tree, dst, save_as=save_as, on_error="skip")
     assert stats.skipped == [[path, TWELVE_BIT]]
     assert stats.images == 12
-    scan = folder.scan(os.path.join(tree, "train"))  # it stopped where the file is written
+    scan = folder.list_tree(os.path.join(tree, "train"))  # it stopped where the file is written
     written = fmt.write_order(len(scan), "shuffled", 0).tolist()
     assert stats.resumed_at == written.index(scan.paths.index(path))
 
@@ -163,7 +164,7 @@ def test_damaged_scan_data_is_kept_and_check_decode_warns(tree, damaged, dst, tm
     assert stats.warnings == []  # JPEG mode reads headers only
 
     stats = run_convert(tree, dst, check_decode=True)  # a warning, not a refusal
-    index = folder.scan(os.path.join(tree, "train")).paths.index(damaged)
+    index = folder.list_tree(os.path.join(tree, "train")).paths.index(damaged)
     assert stats.images == 13 and stats.skipped == []
     assert stats.warnings == [[index, damaged, DAMAGED_WHY]]
     _, _, values = read_db(db(dst))
@@ -192,7 +193,7 @@ def test_check_decode_on_the_command_line(tree, damaged, dst, capsys):
             "--check-decode", "--on-error", "skip"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    index = folder.scan(os.path.join(tree, "train")).paths.index(damaged)
+    index = folder.list_tree(os.path.join(tree, "train")).paths.index(damaged)
     assert f"  warning  #{index} {damaged}: {DAMAGED_WHY}\n" in out
     assert "  0 changed, 0 skipped, 1 kept with warnings" in out
 
@@ -250,7 +251,7 @@ def test_fuzzed_files_are_stored_or_reported_and_stored_ones_load(fuzz_tree, dst
     stats = run_convert(fuzz_tree, dst, save_as=save_as, check_decode=check_decode,
                         on_error="skip")
     _, rows, values = read_db(db(dst))
-    paths = folder.scan(os.path.join(fuzz_tree, "train")).paths
+    paths = folder.list_tree(os.path.join(fuzz_tree, "train")).paths
     stored = [paths[source] for source in rows["source"].tolist()]
     skipped = [path for path, _ in stats.skipped]
     assert len(paths) == FUZZ_FILES
@@ -373,7 +374,7 @@ def test_lossless_jpegs_become_what_every_decoder_reads(tree, dst, save_as):
     with open(path, "rb") as file:
         assert b"\xff\xc3" in file.read(200)  # SOF3: lossless
     stats = run_convert(tree, dst, save_as=save_as)
-    index = folder.scan(os.path.join(tree, "train")).paths.index(path)
+    index = folder.list_tree(os.path.join(tree, "train")).paths.index(path)
     _, rows, values = read_db(db(dst))
     if save_as == "numpy":  # lossless: PIL and simplejpeg give the same exact pixels
         np.testing.assert_array_equal(pixels_of(values[index], rows[index]), pil_rgb(path))

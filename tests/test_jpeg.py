@@ -9,7 +9,7 @@ import simplejpeg
 from PIL import Image
 
 from fastlmdb.core import jpeg
-from fastlmdb.cli.sample_tree import synthetic_photo
+from fastlmdb.testing.sample_tree import synthetic_photo
 
 
 def _turbojpeg_error():
@@ -22,7 +22,7 @@ def _turbojpeg_error():
 
 
 TURBO_ERROR = _turbojpeg_error()
-USABLE = [b for b in jpeg.BACKENDS if b != "turbojpeg" or TURBO_ERROR is None]
+USABLE = [b for b in jpeg.DECODERS if b != "turbojpeg" or TURBO_ERROR is None]
 
 
 def _pixels(height=48, width=80, seed=0):

@@ -13,7 +13,7 @@ from torchvision.transforms import v2
 
 import fastlmdb
 from fastlmdb import LMDBDataset, LMDBIterDataset, converter
-from fastlmdb.cli import sample_tree
+from fastlmdb.testing import sample_tree
 from fastlmdb.loading import batch, crops
 from helpers import psnr
 

@@ -248,9 +248,9 @@ def test_merged_plan_is_the_one_file_plan(source, single, dst):
 def test_a_worker_that_cannot_see_the_folders_says_so(source, dst):
     from fastlmdb import converter
     from fastlmdb.converter import prepare, shards
-    from fastlmdb.core import folder
+    from fastlmdb.sources import folder
 
-    scan = folder.scan(os.path.join(source, "train"))
+    scan = folder.list_tree(os.path.join(source, "train"))
     options = converter.Options(source, dst, "train", shards=2, backend="loky")
     job = shards._job(options, scan, prepare.Settings(), os.path.join(dst, "nowhere"), 0)
     with pytest.raises(ConversionError, match=r"cannot see .*nowhere: every worker must see"):

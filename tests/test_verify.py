@@ -13,8 +13,8 @@ import simplejpeg
 from helpers import db, run_convert
 
 from fastlmdb import cli
-from fastlmdb.cli.sample_tree import synthetic_photo
-from fastlmdb.core import folder
+from fastlmdb.testing.sample_tree import synthetic_photo
+from fastlmdb.sources import folder
 from fastlmdb.core import format as fmt
 from fastlmdb.tools import verify
 
@@ -131,7 +131,7 @@ def test_a_full_disk_stops_with_advice_and_the_run_resumes(dst, tmp_path, batch_
     assert advice, run.stderr
     committed, more, remaining = int(advice[1]), float(advice[3].replace(",", "")), int(advice[4])
     assert (committed == 0) == (batch_bytes > limit)
-    paths = folder.scan(os.path.join(tree, "train")).paths
+    paths = folder.list_tree(os.path.join(tree, "train")).paths
     assert remaining == len(paths) - committed
     # JPEG mode stores each file's bytes, on whole 4 KB pages: a little more than the source.
     source_left = sum(os.path.getsize(path) for path in paths[committed:]) / 1e6

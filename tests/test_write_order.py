@@ -157,7 +157,7 @@ def test_sharded_and_merged_keep_the_write_order(tree, shuffled, tmp_path):
     merged = merge.merge(db(tmp_path), os.fspath(tmp_path / "merged.lmdb"))
     merged_info, merged_rows, merged_values = read_db(merged)
     assert merged_values == one_values and np.array_equal(merged_rows, one_rows)
-    assert store.read_paths(merged) == store.read_paths(db(shuffled))
+    assert store.read_file_paths(merged) == store.read_file_paths(db(shuffled))
 
 
 @pytest.mark.parametrize("shards", [1, 2])

@@ -6,7 +6,8 @@ import json
 import logging
 import sys
 
-from fastlmdb import __version__, converter
+from fastlmdb import converter
+from fastlmdb.version import __version__
 from fastlmdb.cli import terminal
 from fastlmdb.converter import prepare, shards
 from fastlmdb.core import catalog, errors, files

@@ -23,7 +23,8 @@ def add_command(commands):
 
 def run(args):
     from fastlmdb import converter
-    from fastlmdb.cli import sample_tree, terminal
+    from fastlmdb.cli import terminal
+    from fastlmdb.testing import sample_tree
 
     work = args.dir or tempfile.mkdtemp(prefix="fastlmdb-demo-")
     src, dst = os.path.join(work, "imagenet"), os.path.join(work, "lmdb")

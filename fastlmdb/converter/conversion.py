@@ -15,7 +15,9 @@ import time
 from typing import Any, Callable, Sequence
 
 from fastlmdb.converter import pipeline, prepare, shards
-from fastlmdb.core import archive, catalog, files, sources
+from fastlmdb.core import catalog, files
+from fastlmdb.sources import archive
+from fastlmdb.sources import listing
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import ON_ERROR, ConversionError
 
@@ -53,7 +55,7 @@ class Options:
     backend: str = "local"  # how shards are run: see shards.BACKENDS
     scheduler: str | None = None  # the dask scheduler's address (backend "dask"); None: local
     from_archive: str | None = None  # instead of from_dir: a tar or zip holding the split
-    labels: str | None = None  # the classes of a flat split's files (see core/labels.py)
+    labels: str | None = None  # the classes of a flat split's files (see sources/labels.py)
     classes_from: str | None = None  # a database or tree whose class list this split uses
 
 
@@ -76,7 +78,9 @@ def convert(options: Options,
             on_progress: Callable[[int, int, int], object] | None = None) -> Stats:
     """Convert one split; returns Stats. `on_progress(done, total, bytes_in)` is optional."""
     _validate(options)
-    scan = sources.scan(options)
+    scan = listing.list_split(options.split, from_dir=options.from_dir,
+                              from_archive=options.from_archive, labels=options.labels,
+                              classes_from=options.classes_from, on_error=options.on_error)
     if options.shard_size:
         options = dataclasses.replace(options, shards=max(1, -(-len(scan) // options.shard_size)))
     if archive.in_order_only(scan.paths):
@@ -98,7 +102,7 @@ def convert(options: Options,
             results = [pipeline.run(options, scan, partial, plan, settings_of(options),
                                     on_progress, positions)]
         else:
-            results = shards.convert(options, scan, positions, partial,
+            results = shards.convert_shards(options, scan, positions, partial,
                                      {**plan, "shards": options.shards}, settings_of(options),
                                      on_progress)
         files.publish(partial, final)

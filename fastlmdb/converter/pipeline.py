@@ -22,7 +22,7 @@ import numpy as np
 
 from fastlmdb.converter import children, prepare
 from fastlmdb.converter.writer import Job, storage_message, writer_main
-from fastlmdb.core import archive, stream
+from fastlmdb.sources import archive, stream
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import ConversionError, ImageError
 
@@ -48,7 +48,11 @@ def plan_of(options, scan):
         else:
             digest.update(os.path.relpath(path, scan.root).encode("utf-8", "surrogateescape"))
         digest.update(b"\0%d\0" % label)
-    return fmt.make_plan(options, os.path.abspath(scan.root), len(scan), digest.hexdigest())
+    o = options
+    return fmt.make_plan(os.path.abspath(scan.root), len(scan), digest.hexdigest(),
+                         split=o.split, save_as=o.save_as, max_pixels=o.max_pixels,
+                         max_size=o.max_size, quality=o.quality, check_decode=o.check_decode,
+                         order=o.order, order_seed=o.order_seed)
 
 
 def in_write_order(scan, options):
@@ -106,7 +110,7 @@ class _Pipeline:
         self.done = self.resumed_at = 0
         # A compressed tar is read here, in order; a chunk's bytes go with its task and are
         # kept until the writer has the chunk (a dead producer's chunk is sent again).
-        self.stream = (stream.Reader(scan.root, archive.compression(scan.root))
+        self.stream = (stream.InOrderReader(scan.root, archive.compression(scan.root))
                        if archive.in_order_only(scan.paths) else None)
         self.chunk_bytes = {}
 

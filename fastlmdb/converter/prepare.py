@@ -19,7 +19,8 @@ import typing
 
 import numpy as np
 
-from fastlmdb.core import archive, jpeg
+from fastlmdb.core import jpeg
+from fastlmdb.sources import archive
 from fastlmdb.core.errors import ImageError
 
 JPEG_MAGIC = b"\xff\xd8\xff"

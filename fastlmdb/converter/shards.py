@@ -35,14 +35,14 @@ class ShardJob:
     """Everything a worker needs to make one shard, picklable."""
     options: object  # convert.Options
     settings: prepare.Settings
-    scan: object  # folder.Scan of the shard's files
+    scan: object  # folder.Listing of the shard's files
     plan: dict
     partial: str
     final: str
     sources: object = None  # the shard's files' positions in the split's scan (numpy)
 
 
-def convert(options, scan, sources, partial, plan, settings, on_progress=None):
+def convert_shards(options, scan, sources, partial, plan, settings, on_progress=None):
     """Make every shard missing from the folder `partial`, then its index. `scan` is in write
     order, `sources` the files' positions in the split's scan.
     Returns [(info, files done before this run)], one per shard in order."""
@@ -98,7 +98,7 @@ def _finished(job):
     if store.read_meta(job.final, fmt.PLAN_KEY) != job.plan:
         raise ConversionError(f"{job.final} was made with other arguments than this run's; "
                               "pass --overwrite to start again")
-    return store.read_catalog(job.final)[0], len(job.scan)
+    return store.read_file_catalog(job.final)[0], len(job.scan)
 
 
 def _make_here(job, progress):

@@ -17,9 +17,10 @@ from multiprocessing import connection
 import lmdb
 import numpy as np
 
-from fastlmdb import __version__
+from fastlmdb.version import __version__
 from fastlmdb.converter import children, prepare
-from fastlmdb.core import archive, store
+from fastlmdb.core import store
+from fastlmdb.sources import archive
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import DatabaseError, ImageError
 

@@ -51,7 +51,7 @@ def read_catalog(path):
     """(info, rows) of a finished database, one file or sharded."""
     path = os.fspath(path)
     if not is_sharded(path):
-        return store.read_catalog(path)
+        return store.read_file_catalog(path)
     catalogs = _shard_catalogs(path)
     rows = split_table([rows for _, rows in catalogs])
     return _merged(path, catalogs, fmt.logical_of_keys(rows)), rows
@@ -60,7 +60,7 @@ def read_catalog(path):
 def _shard_catalogs(path):
     """(info, rows) of every shard of `path`, checked against its index."""
     index = read_index(path)
-    catalogs = [store.read_catalog(p) for p in shard_paths(path)]
+    catalogs = [store.read_file_catalog(p) for p in shard_paths(path)]
     for entry, (info, _) in zip(index["shards"], catalogs):
         if info["count"] != entry["count"]:
             raise DatabaseError(f"{path}/{entry['file']} holds {info['count']} records, the "
@@ -92,11 +92,11 @@ TABLE_FILE, LOGICAL_FILE = "table.npy", "logical.npy"
 
 
 def read_tables(path):
-    """(info, rows, logical) as store.read_tables gives them, one file or sharded: the arrays
+    """(info, rows, logical) as store.read_file_tables gives them, one file or sharded: the arrays
     mapped (shared by every process), not copied, where the database allows."""
     path = os.fspath(path)
     if not is_sharded(path):
-        return store.read_tables(path)
+        return store.read_file_tables(path)
     if not os.path.exists(os.path.join(path, TABLE_FILE)):  # made before the files existed
         info, rows = read_catalog(path)
         return info, rows, fmt.logical_of_keys(rows)
@@ -113,7 +113,7 @@ def read_tables(path):
 def write_tables(path, shards):
     """Write the mapped tables of the finished `shards` (paths, in order) in the folder `path`,
     before its index."""
-    rows = split_table([store.read_catalog(p)[1] for p in shards])
+    rows = split_table([store.read_file_catalog(p)[1] for p in shards])
     for name, array in ((TABLE_FILE, rows), (LOGICAL_FILE, fmt.logical_of_keys(rows))):
         partial = os.path.join(path, name + ".partial")
         np.save(partial, array, allow_pickle=False)
@@ -124,11 +124,11 @@ def read_paths(path):
     """Source paths relative to the split folder in logical order, or None if not recorded."""
     path = os.fspath(path)
     if not is_sharded(path):
-        return store.read_paths(path)
-    shards = [store.read_paths(p) for p in shard_paths(path)]
+        return store.read_file_paths(path)
+    shards = [store.read_file_paths(p) for p in shard_paths(path)]
     if any(names is None for names in shards):
         return None
-    sources = np.concatenate([store.read_catalog(p)[1]["source"] for p in shard_paths(path)])
+    sources = np.concatenate([store.read_file_catalog(p)[1]["source"] for p in shard_paths(path)])
     names = [name for names in shards for name in names]
     return [names[k] for k in np.argsort(sources, kind="stable").tolist()]
 
@@ -196,13 +196,13 @@ class ShardedReader:
                 values[k] = value
         return values
 
-    def scan(self, start, stop):
+    def read_range(self, start, stop):
         """Records start..stop-1 in key order, one cursor per shard it spans."""
         values = []
         for shard, reader in enumerate(self._readers):
             low, high = self._offsets[shard], self._offsets[shard + 1]
             if start < high and stop > low:
-                values += reader.scan(int(max(start, low) - low), int(min(stop, high) - low))
+                values += reader.read_range(int(max(start, low) - low), int(min(stop, high) - low))
         return values
 
     def close(self):

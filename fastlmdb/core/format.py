@@ -186,18 +186,20 @@ def check_info(info, path):
     return info
 
 
-def make_plan(options, source, files, files_sha256):
-    """The `plan` record: what a resumed run must agree on (converter Options, the source
-    folder or archive, its number of files and the digest of their names and labels)."""
-    plan = {"source": source, "split": options.split, "save_as": options.save_as,
-            "max_pixels": options.max_pixels, "max_size": options.max_size,
-            "quality": options.quality, "files": files, "files_sha256": files_sha256}
+def make_plan(source, files, files_sha256, *, split, save_as, max_pixels, max_size, quality,
+              check_decode=False, order="source", order_seed=0):
+    """The `plan` record: what a resumed run must agree on (the converter's settings that
+    change the stored records, the source folder or archive, its number of files and the
+    digest of their names and labels)."""
+    plan = {"source": source, "split": split, "save_as": save_as, "max_pixels": max_pixels,
+            "max_size": max_size, "quality": quality, "files": files,
+            "files_sha256": files_sha256}
     # Only when it matters (numpy mode decodes anyway), so partial databases made before the
     # flag existed still resume.
-    if options.check_decode and options.save_as == "jpeg":
+    if check_decode and save_as == "jpeg":
         plan["check_decode"] = True
-    if options.order != "source":  # absent: the source order, as before the flag existed
-        plan.update(order=options.order, order_seed=options.order_seed)
+    if order != "source":  # absent: the source order, as before the flag existed
+        plan.update(order=order, order_seed=order_seed)
     return plan
 
 

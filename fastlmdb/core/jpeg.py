@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 WHOLE = 1 << 30  # a crop box this large is clipped to the image: the region decoder decodes all
 _REGION_SCALES = ((1, 1), (1, 2), (1, 4), (1, 8))  # the region decoder's scales
 
-BACKENDS = ("simplejpeg", "turbojpeg", "pil")
+DECODERS = ("simplejpeg", "turbojpeg", "pil")
 _INSTALL = {
     "simplejpeg": "pip install simplejpeg",
     "turbojpeg": "apt-get install libturbojpeg0 && pip install 'PyTurboJPEG<2'  "
@@ -46,8 +46,8 @@ _INSTALL = {
 
 def decoder(backend):
     """The decode function of `backend`, checked to be usable in this process."""
-    if backend not in BACKENDS:
-        raise ValueError(f"decoder must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend not in DECODERS:
+        raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {backend!r}")
     try:
         if backend == "turbojpeg":
             _turbojpeg()

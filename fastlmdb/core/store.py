@@ -156,7 +156,7 @@ def _opened(path):
     return opened
 
 
-def read_catalog(path):
+def read_file_catalog(path):
     """(info, rows) of a finished database; rows in logical order (fmt.TABLE)."""
     env = _shared_env(path)
     meta = _open_db(env, fmt.META_DB, path)
@@ -180,7 +180,7 @@ def _final_info(raw_info, raw_table, path):
     return fmt.check_info(fmt.load_json(raw_info, "info", path), path)
 
 
-def read_tables(path):
+def read_file_tables(path):
     """(info, rows, logical) of a finished database, the arrays read-only views of the map
     (no copy: every process reading the file shares these pages). `logical`: the logical
     index of each key, or None where keys are the indices (version 1, whose rows are
@@ -203,7 +203,7 @@ def read_tables(path):
     return info, rows, logical
 
 
-def read_paths(path):
+def read_file_paths(path):
     """The source paths of a database's records (relative to its split folder), in logical
     order; None if it was made before they were recorded."""
     env = _shared_env(path)
@@ -260,7 +260,7 @@ class Reader:
                                     "the database is damaged: run `fastlmdb verify`")
         return values
 
-    def scan(self, start, stop):
+    def read_range(self, start, stop):
         """Zero-copy buffers of records start..stop-1, read with one cursor in key order."""
         cursor = self._ensure_open().cursor()
         values = []

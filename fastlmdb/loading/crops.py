@@ -53,7 +53,7 @@ class RandomResizedCrop(DecodeCrop):
 
     def __init__(self, size: int | Sequence[int], scale: Sequence[float] = (0.08, 1.0),
                  ratio: Sequence[float] = (3 / 4, 4 / 3)) -> None:
-        self.size = _pair(size)
+        self.size = _height_width(size)
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         # torchvision takes the log in float32 on every call; the same values, once.
         self._log_ratio = tuple(float(x) for x in torch.log(torch.tensor(self.ratio)))
@@ -80,7 +80,7 @@ class ResizeCenterCrop(DecodeCrop):
     """Resize(resize) then CenterCrop(crop), the usual validation transform, in one step."""
 
     def __init__(self, resize: int = 256, crop: int | Sequence[int] = 224) -> None:
-        self.resize, self.size = resize, _pair(crop)
+        self.resize, self.size = resize, _height_width(crop)
 
     def box(self, height: int, width: int) -> tuple[int, int, int, int]:
         scale = self.resize / min(height, width)
@@ -104,7 +104,8 @@ def _central_box(height: int, width: int,
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+def _height_width(size: int | Sequence[int]) -> tuple[int, int]:
+    """(height, width) of an output size: one int for both, or a pair."""
     return (size, size) if isinstance(size, int) else cast("tuple[int, int]", tuple(size))
 
 

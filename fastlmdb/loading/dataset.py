@@ -55,8 +55,8 @@ class _Records:
         self.imgtype, self.output, self.on_error = info["imgtype"], output, on_error
         self.classes, self.class_to_idx = info["classes"], info["class_to_idx"]
         self._decode: Any = jpeg.decoder(decoder) if self.imgtype == "jpeg" else None
-        self.decoder, self.min_size = decoder, _pair(min_size)
-        self.order = info.get("order", "source")  # the records' physical order
+        self.decoder, self.min_size = decoder, _min_height_width(min_size)
+        self.physical_order = info.get("order", "source")  # the records' order in the file
         self._source = info["source"]
         self._count = len(rows)
         # The per-sample tables are views of the database's map, not copies: every process
@@ -380,8 +380,8 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.threads = threads
         self._rank, self._world_size, self.batch_size = rank, world_size, batch_size
-        if shuffle and self.order in _UNMIXED:
-            where, again = _UNMIXED[self.order]
+        if shuffle and self.physical_order in _UNMIXED:
+            where, again = _UNMIXED[self.physical_order]
             warnings.warn(
                 f"{self.path} stores its records {where}: shuffle=True mixes blocks of "
                 f"{order.BLOCK} within windows of {order.BLOCK * order.WINDOW_BLOCKS} records, so "
@@ -542,7 +542,7 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
         wanted = self._keys(piece)
         keys = np.unique(wanted)
         if keys[-1] - keys[0] + 1 == len(keys):
-            values = self._reader.scan(int(keys[0]), int(keys[-1]) + 1)
+            values = self._reader.read_range(int(keys[0]), int(keys[-1]) + 1)
         else:
             values = self._reader.get_many(keys.tolist())
         return [values[i] for i in np.searchsorted(keys, wanted).tolist()]
@@ -568,7 +568,8 @@ def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
                          f"got {value!r}")
 
 
-def _pair(size: Size | None) -> tuple[int | None, int | None]:
+def _min_height_width(size: Size | None) -> tuple[int | None, int | None]:
+    """(min height, min width) of `min_size`: (None, None) when not given."""
     if size is None:
         return None, None
     if isinstance(size, int):

@@ -63,7 +63,7 @@ def _copy_records(source: Any, writer: store.Writer, rows: np.ndarray[Any, Any],
     while first < len(rows):
         done = int(ends[first - 1]) if first else 0
         last = max(first + 1, int(np.searchsorted(ends, done + MERGE_BATCH_BYTES, "right")))
-        writer.commit(first, source.scan(first, last), rows[first:last], {})
+        writer.commit(first, source.read_range(first, last), rows[first:last], {})
         first = last
         if on_progress:
             on_progress(first, len(rows))

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import filelock
 
 from fastlmdb.core import catalog, files
-from fastlmdb.tools import remote, verify
+from fastlmdb.core import remote
+from fastlmdb.tools import verify
 from fastlmdb.tools.verify import StrPath
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import DatabaseError

@@ -17,9 +17,10 @@ import joblib  # type: ignore[import-untyped]
 from joblib.externals.loky import get_reusable_executor  # type: ignore[import-untyped]
 import numpy as np
 
-from fastlmdb.core import labels as label_files
-from fastlmdb.core import sources
-from fastlmdb.core import archive, catalog, folder, jpeg
+from fastlmdb.sources import labels as label_files
+from fastlmdb.sources import listing
+from fastlmdb.core import catalog, jpeg
+from fastlmdb.sources import archive, folder
 from fastlmdb.core.errors import ConversionError, FastLMDBError
 
 CHUNK = 512
@@ -104,18 +105,18 @@ def _source_paths(source: StrPath, labels: StrPath | None, info: dict[str, Any],
 
 
 def _scan(source: StrPath, labels: StrPath | None, info: dict[str, Any]) -> Any:
-    """The source's Scan; an archive's or a flat folder's with the database's classes."""
+    """The source's Listing; an archive's or a flat folder's with the database's classes."""
     labels = label_files.read(labels) if labels else None
     if archive.is_archive(source) and archive.compression(source):
         raise ConversionError(f"--source {source} is a compressed tar, which can only be read "
                               "in order: decompress it (gunzip -k, bunzip2 -k or unxz -k) and "
                               "pass the .tar, or pass the folder it extracts to")
     if archive.is_archive(source):
-        return sources.scan_archive(source, info["split"], labels=labels,
+        return listing.list_archive(source, info["split"], labels=labels,
                                     classes=info["classes"], on_error="skip")
     if labels is not None:  # files left out by the conversion are not in the database
-        return sources.scan_flat_folder(source, labels, info["classes"], on_error="skip")
-    return folder.scan(source)
+        return listing.list_flat_folder(source, labels, info["classes"], on_error="skip")
+    return folder.list_tree(source)
 
 
 def _check_records(reader: Any, imgtype: str, decode: bool, rows: np.ndarray[Any, Any],
@@ -125,7 +126,7 @@ def _check_records(reader: Any, imgtype: str, decode: bool, rows: np.ndarray[Any
     `indices`)."""
     problems, warnings = [], []
     try:
-        values = reader.scan(first_key, first_key + len(rows))
+        values = reader.read_range(first_key, first_key + len(rows))
     except FastLMDBError as exc:
         return [str(exc)], []
     for k, (row, value) in enumerate(zip(rows, values)):

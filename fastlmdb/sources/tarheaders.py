@@ -31,7 +31,7 @@ class Truncated(Exception):
     """The tar ends inside a member."""
 
 
-def scan(fd, start, end):
+def list_headers(fd, start, end):
     """[(name, data offset, size)] of the regular files of the tar at bytes [start, end) of
     `fd` (folders are left out); Unusual or Truncated where this reader cannot say."""
     headers = []

@@ -15,7 +15,7 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 
 @dataclasses.dataclass(frozen=True)
-class Scan:
+class Listing:
     root: str
     classes: list
     class_to_idx: dict
@@ -38,7 +38,7 @@ def find_classes(directory):
     return classes, {name: i for i, name in enumerate(classes)}
 
 
-def scan(directory):
+def list_tree(directory):
     """Every image of an ImageFolder tree, in ImageFolder's order."""
     directory = os.fspath(directory)
     classes, class_to_idx = find_classes(directory)
@@ -54,7 +54,7 @@ def scan(directory):
             f"no images in class folder(s) {', '.join(empty[:5])} of {directory} "
             f"(extensions {', '.join(IMG_EXTENSIONS)}, any case); ImageFolder refuses them too: "
             "remove the empty folders")
-    return Scan(directory, classes, class_to_idx, paths, np.asarray(labels, dtype=np.int32))
+    return Listing(directory, classes, class_to_idx, paths, np.asarray(labels, dtype=np.int32))
 
 
 def _images_under(class_dir):

@@ -3,10 +3,10 @@
 A compressed stream cannot be read at random, and the classes and ImageFolder's order must be
 known before the first record is written, so it is read twice: `members()` decompresses it
 once and names every member (as for an uncompressed tar, a member ``<name>.tar`` that is a
-tar is listed inside too), then a `Reader` decompresses it again and hands over the bytes of
+tar is listed inside too), then an `InOrderReader` decompresses it again and hands over the bytes of
 the members asked for, in the stream's order, one member in memory at a time. A Member's
 place is its position in the stream (its ordinal); the records are written in that order.
-Headers are read by core/tarheaders.py (tarfile's parsing costs about half as much as
+Headers are read by sources/tarheaders.py (tarfile's parsing costs about half as much as
 inflating, per JPEG), or by tarfile where that leaves something to it.
 """
 
@@ -19,8 +19,8 @@ import os
 import tarfile
 import zlib
 
-from fastlmdb.core import tarheaders
-from fastlmdb.core.archive import DECOMPRESS, STREAM, Member, clean_name, regular_files
+from fastlmdb.sources import tarheaders
+from fastlmdb.sources.archive import DECOMPRESS, STREAM, Member, clean_name, regular_files
 from fastlmdb.core.errors import ConversionError
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def _listing(path, kind, by_tarfile):
     return found
 
 
-class Reader:
+class InOrderReader:
     """The bytes of a compressed tar's members, by one sequential pass: members are asked
     for in stream order (increasing ordinals), whatever comes between is read through."""
 
@@ -168,7 +168,7 @@ def _units(path, kind, by_tarfile):
 
 
 def _walk(source):
-    """(name, size, data, parent) of the stream's files, headers read by core/tarheaders.py
+    """(name, size, data, parent) of the stream's files, headers read by sources/tarheaders.py
     (Unusual where tarfile must read them)."""
     for name, at, size in tarheaders.walk_stream(source.pread, 0):
         name = clean_name(name)

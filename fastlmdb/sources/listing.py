@@ -1,10 +1,10 @@
-"""Where a split's files come from, as the Scan the converter consumes: an ImageFolder tree, a
+"""Where a split's files come from, as the Listing the converter consumes: an ImageFolder tree, a
 flat folder with a label file, or an archive (tar or zip) holding either, or a tar of per-class
 tars (``ILSVRC2012_img_train.tar``), compressed or not.
 
-Whatever the source, the Scan is the one of the tree it would extract to (for a flat split with
+Whatever the source, the Listing is the one of the tree it would extract to (for a flat split with
 labels: ``<split>/<class>/<file>``): classes sorted, files in ImageFolder's order, the same
-extension filter. Archive members stay in place (core/archive.py reads them by offset).
+extension filter. Archive members stay in place (sources/archive.py reads them by offset).
 """
 
 import collections
@@ -13,30 +13,34 @@ import os
 
 import numpy as np
 
-from fastlmdb.core import labels as label_files
-from fastlmdb.core import archive, catalog, folder, stream
+from fastlmdb.sources import labels as label_files
+from fastlmdb.core import catalog
+from fastlmdb.sources import archive, folder, stream
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import ConversionError
 
 log = logging.getLogger(__name__)
 
 
-def scan(options):
-    """The Scan of the split `options` asks for (from_dir or from_archive, labels, classes)."""
-    classes = classes_from(options.classes_from) if options.classes_from else None
-    labels = label_files.read(options.labels) if options.labels else None
-    if options.from_archive:
-        return scan_archive(options.from_archive, options.split, labels=labels,
-                            classes=classes, on_error=options.on_error)
-    directory = os.path.join(options.from_dir, options.split)
+def list_split(split, *, from_dir=None, from_archive=None, labels=None, classes_from=None,
+               on_error="raise"):
+    """The Listing of `split` from an ImageFolder tree (`from_dir`/<split>) or an archive
+    (`from_archive`); `labels`: a label file for a flat split; `classes_from`: a database or
+    tree whose class list to use; `on_error`: "raise" or "skip" (files that are no images)."""
+    classes = classes_of(classes_from) if classes_from else None
+    labels = label_files.read(labels) if labels else None
+    if from_archive:
+        return list_archive(from_archive, split, labels=labels, classes=classes,
+                            on_error=on_error)
+    directory = os.path.join(from_dir, split)
     if labels is not None:
-        return scan_flat_folder(directory, labels, classes, options.on_error)
-    found = folder.scan(directory)
+        return list_flat_folder(directory, labels, classes, on_error)
+    found = folder.list_tree(directory)
     return found if classes is None else _with_classes(found, classes, directory)
 
 
-def scan_archive(path, split, *, labels=None, classes=None, on_error="raise"):
-    """The Scan of one split packed in the archive at `path` (see the module's doc)."""
+def list_archive(path, split, *, labels=None, classes=None, on_error="raise"):
+    """The Listing of one split packed in the archive at `path` (see the module's doc)."""
     path = os.path.abspath(path)
     kind = archive.compression(path)
     found = stream.members(path, kind) if kind else archive.members(path)
@@ -63,10 +67,10 @@ def scan_archive(path, split, *, labels=None, classes=None, on_error="raise"):
                 sort.add(klass, inside, member)
             else:
                 sort.problem(member, "a file outside any class folder")
-    return sort.scan(path, classes)
+    return sort.listing(path, classes)
 
 
-def classes_from(path):
+def classes_of(path):
     """The sorted class list of a database (file or shard folder) or of an ImageFolder tree."""
     if os.path.isfile(path) or os.path.exists(os.path.join(path, fmt.SHARD_INDEX)):
         return catalog.read_catalog(path)[0]["classes"]
@@ -107,13 +111,13 @@ def _add_labelled(sort, files, labels):
         sort.problem(f"{len(unused) - 5} more", "--labels names them, but they are missing")
 
 
-def scan_flat_folder(directory, labels, classes=None, on_error="raise"):
+def list_flat_folder(directory, labels, classes=None, on_error="raise"):
     if not os.path.isdir(directory):
         raise ConversionError(f"source folder {directory} does not exist or is not a folder")
     entries = sorted(e.name for e in os.scandir(directory) if e.is_file())
     sort = _Sorter(directory, on_error)
     _add_labelled(sort, [(name, os.path.join(directory, name)) for name in entries], labels)
-    return sort.scan(directory, classes)
+    return sort.listing(directory, classes)
 
 
 def _with_classes(found, classes, where):
@@ -122,7 +126,7 @@ def _with_classes(found, classes, where):
         raise ConversionError(f"class(es) {', '.join(unknown[:5])} of {where} are not in "
                               "--classes-from's classes")
     index = np.asarray([classes.index(name) for name in found.classes], dtype=np.int32)
-    return folder.Scan(found.root, list(classes), {c: i for i, c in enumerate(classes)},
+    return folder.Listing(found.root, list(classes), {c: i for i, c in enumerate(classes)},
                        found.paths, index[found.labels])
 
 
@@ -155,7 +159,7 @@ class _Sorter:
             return self.add("", ref, ref)  # reported as not an image instead
         self.problems.append(f"{ref} in {self.where}: {why}")
 
-    def scan(self, root, classes=None):
+    def listing(self, root, classes=None):
         self._report()
         if classes is None:
             classes = sorted(self.classes)
@@ -171,7 +175,7 @@ class _Sorter:
             found = [ref for _, ref in sorted(self.classes[name], key=lambda pair: pair[0])]
             paths += found
             labels += [known[name]] * len(found)
-        return folder.Scan(root, list(classes), known, paths, np.asarray(labels, np.int32))
+        return folder.Listing(root, list(classes), known, paths, np.asarray(labels, np.int32))
 
     def _report(self):
         if not self.problems:

@@ -1,11 +1,11 @@
 """Members of a tar or zip archive, found once and then read by byte offset.
 
-An uncompressed tar is scanned once over its headers (core/tarheaders.py, one ``pread`` each;
+An uncompressed tar is scanned once over its headers (sources/tarheaders.py, one ``pread`` each;
 a member that is itself a tar is scanned the same way, in place); a zip's central directory
 lists every member, and its local headers say where each one's data starts. After that any
 process reads any member with one ``pread`` (a deflated zip member is inflated by the
 reader), so nothing is extracted and the archive is read once. A compressed tar can only be
-read in order, from its start: core/stream.py reads it.
+read in order, from its start: sources/stream.py reads it.
 """
 
 import logging
@@ -15,7 +15,7 @@ import tarfile
 import zipfile
 import zlib
 
-from fastlmdb.core import tarheaders
+from fastlmdb.sources import tarheaders
 from fastlmdb.core.errors import ConversionError, ImageError
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def is_archive(path):
 
 def members(path):
     """Every regular file of the uncompressed tar or zip at `path`, as Members, in archive
-    order (a compressed tar: core/stream.py)."""
+    order (a compressed tar: sources/stream.py)."""
     path = os.path.abspath(path)
     if zipfile.is_zipfile(path):
         return list(_zip_members(path))
@@ -118,7 +118,7 @@ def known_crc(member):
 
 
 def in_order_only(paths):
-    """Whether the files `paths` (a Scan's) are members of a compressed tar."""
+    """Whether the files `paths` (a Listing's) are members of a compressed tar."""
     return bool(paths) and isinstance(paths[0], Member) and paths[0].where[3] == STREAM
 
 
@@ -127,7 +127,7 @@ def _tar_members(archive, start, end, prefix, where):
     tarheaders leaves to it (links, sparse files, ...)."""
     fd = _fd(archive)
     try:
-        found = tarheaders.scan(fd, start, end)
+        found = tarheaders.list_headers(fd, start, end)
     except tarheaders.Truncated as exc:
         raise ConversionError(f"{where} is not a readable tar or zip archive ({exc})") from None
     except tarheaders.Unusual as exc:
