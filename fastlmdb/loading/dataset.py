@@ -64,6 +64,10 @@ class _Records:
         self._tables, self._tables_pid = (rows, logical), os.getpid()
         self._samples: list[tuple[str, int]] | None = None
         self._reader = catalog.reader(self.path)
+        # The in-place batches' dtype, and the recipe tail's 3 x 256 table (fastlmdb.loading.
+        # tail) that makes it from the uint8 pixels; None: uint8 batches.
+        self._tail_table: torch.Tensor | None = None
+        self._tail_dtype = torch.uint8
         self.errors = 0  # records skipped in this process because they failed to decode
 
     def __getstate__(self) -> dict[str, Any]:
@@ -143,8 +147,10 @@ class _Records:
     def _pixels(self, index: int, value: bytes | memoryview,
                 out: torch.Tensor | None = None) -> Any:
         """HWC uint8 pixels of a record: whole, or the crop box of a decode-aware head
-        (resized into `out`, a 3xHxW uint8 tensor, when given)."""
+        (resized into `out`, a 3xHxW slot of the in-place batch, through the tail's table where
+        there is one, when given)."""
         row = self._rows[index]
+        table = None if out is None else self._tail_table
         height, width = int(row["height"]), int(row["width"])
         crop = self._crop
         try:
@@ -153,13 +159,13 @@ class _Records:
                 if crop is None:
                     return pixels.copy()  # detach from the map, writable
                 top, left, h, w = crop.box(height, width)
-                return crops.resize(pixels[top:top + h, left:left + w], crop.size, out)
+                return crops.resize(pixels[top:top + h, left:left + w], crop.size, out, table)
             if crop is None:
                 return self._decode(value, min_height=self.min_size[0],
                                     min_width=self.min_size[1])
             box = crop.box(height, width)
             pixels = crops.decode_box(value, box, crop.size, height, width, self._decode)
-            return crops.resize(pixels, crop.size, out)
+            return crops.resize(pixels, crop.size, out, table)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is this record's
             raise self._error(index, str(exc)) from None
 
@@ -173,7 +179,7 @@ class _Records:
         return self.imgtype == "jpeg" and batch.native_built()
 
     def _record_into(self, index: int, value: bytes | memoryview, image: torch.Tensor) -> int:
-        """_record, the image written into `image`, a 3xHxW uint8 tensor; returns the label."""
+        """_record, the image written into `image`, a 3xHxW slot; returns the label."""
         self._pixels(index, value, out=image)
         if self._rest is not None:
             flipped = self._rest(image)  # the same transform objects and random draws
@@ -307,11 +313,12 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
         """The samples of one batch, decoded into one images tensor (batch.Sample views):
         natively where it can be (batch.fill), else slot by slot."""
         crop = cast(crops.DecodeCrop, self._crop)
-        images, labels = batch.empty(len(positions), crop.size)
+        images, labels = batch.empty(len(positions), crop.size, self._tail_dtype)
         label_list, _ = batch.fill(
             images, values, self._rows[indices], crop, self._rest, self.threads,
             self._natively(),
-            lambda n, slot: self._slot(positions[n], indices[n], values[n], slot))
+            lambda n, slot: self._slot(positions[n], indices[n], values[n], slot),
+            self._tail_table)
         labels.numpy()[:] = label_list
         return batch.samples(images, labels, label_list)
 
@@ -321,6 +328,8 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
             return self._record_into(index, value, image)
         except DecodeError:
             substitute, label = self[i]  # raises, or substitutes and counts, as for one sample
+            if substitute.dtype != image.dtype and self._tail_table is not None:
+                substitute = batch.apply_table(substitute, self._tail_table)
             image.copy_(substitute)
             return int(label)
 
@@ -512,7 +521,8 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
         """The samples of `indices`, each `batch_size` of them decoded into one images tensor
         (batch.Sample views, as LMDBDataset's batches); a skipped record shortens its batch."""
         for piece in order.windows(indices, self._batch_size()):
-            images, labels = batch.empty(len(piece), cast(crops.DecodeCrop, self._crop).size)
+            images, labels = batch.empty(len(piece), cast(crops.DecodeCrop, self._crop).size,
+                                         self._tail_dtype)
             kept, consumed = self._fill(images, piece.tolist(), self._read(piece))
             images, labels = images[:len(kept)], labels[:len(kept)]
             labels.numpy()[:] = kept
@@ -535,7 +545,7 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
 
         return batch.fill(images, values, self._rows[indices],
                           cast(crops.DecodeCrop, self._crop), self._rest, self.threads,
-                          self._natively(), one)
+                          self._natively(), one, self._tail_table)
 
     def _read(self, piece: Ints) -> list[Any]:
         """Buffers of `piece`'s records, read in key order (sequential I/O), in piece order."""
