@@ -6,6 +6,9 @@ from DataLoader workers through reused memfd segments, never /dev/shm."""
 
 import os
 import pickle
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -292,3 +295,38 @@ def test_workers_deliver_float_batches_through_memfd(db, context):
     if hasattr(os, "memfd_create"):  # from the workers' segments, not torch's /dev/shm
         assert all(not images.is_shared() for images, _ in floats[:4])
         assert _mapped_from(floats[0][0]).startswith("/memfd:fastlmdb-batch")
+
+
+def _under_small_shm(db, mode, context, batch_size=128):
+    """shm_probe.py run with a 64 MB /dev/shm of its own (a mount namespace: root only)."""
+    probe = os.path.join(os.path.dirname(__file__), "shm_probe.py")
+    command = (f"mount -t tmpfs -o size=64m tmpfs /dev/shm && exec {sys.executable} {probe} "
+               f"{db} {mode} {batch_size} 224 {context}")
+    return subprocess.run(["unshare", "-m", "sh", "-c", command], capture_output=True,
+                          text=True, timeout=360)
+
+
+def _can_shrink_dev_shm():
+    if shutil.which("unshare") is None or not hasattr(os, "memfd_create"):
+        return False
+    try:
+        return subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64m tmpfs "
+                               "/dev/shm"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("context", ["fork", "spawn", "forkserver"])
+def test_float_batches_run_under_a_64mb_dev_shm(db, context):
+    """Docker's default /dev/shm: a float32 batch of 128 at 224 (77 MB) from workers runs
+    through the fused tail; the same through torch's collate dies (the control, once)."""
+    if not _can_shrink_dev_shm():
+        pytest.skip("needs root and unshare(1) to give the probe a 64 MB /dev/shm")
+    fused = _under_small_shm(db, "fused", context)
+    assert fused.returncode == 0, fused.stderr[-2000:]
+    assert "batches 4 {(torch.float32, (128, 3, 224, 224))}" in fused.stdout
+    if context == "fork":
+        plain = _under_small_shm(db, "torch", context)
+        assert plain.returncode != 0 and "No space left on device" in plain.stderr
