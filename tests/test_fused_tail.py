@@ -99,6 +99,17 @@ def test_fused_resize_is_the_uint8_resize_through_the_table(kernels, shape, dtyp
     assert torch.equal(crops.resize(pixels, (out_h, out_w), table=table), fused)
 
 
+def test_resize_with_a_table_without_the_extension(monkeypatch):
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    monkeypatch.setattr(crops, "_jpegcrop", None)  # torch's interpolate, then the table
+    plain = torch.from_numpy(np.ascontiguousarray(crops.resize(pixels, (20, 30)))).permute(2, 0, 1)
+    table = _normalise_table(torch.float16)
+    out = torch.empty((3, 20, 30), dtype=torch.float16)
+    assert crops.resize(pixels, (20, 30), out, table) is None
+    assert torch.equal(out, batch.apply_table(plain.contiguous(), table))
+
+
 @needs_native
 def test_uint8_table_and_numpy_table(photos):
     boxes, flips = _boxes(photos, (32, 32)), np.array([0, 1, 2, 3], np.uint8)
@@ -262,6 +273,14 @@ def test_float_batches_travel_in_reused_segments(db, as_worker):
     assert again[0].batch[0].data_ptr() == segment.address
 
 
+def test_float_batches_beyond_the_segments_go_in_torch_shared_memory(as_worker):
+    held = [batch.empty(2, (5, 7), torch.float32)[0] for _ in range(handover.MAX_SEGMENTS)]
+    assert all(_mapped_from(images).startswith("/memfd:") for images in held)
+    images, _ = batch.empty(2, (5, 7), torch.float32)
+    assert images.is_shared() and images.dtype == torch.float32 and images.shape == (2, 3, 5, 7)
+    assert len(handover._segments()) == handover.MAX_SEGMENTS
+
+
 def _mapped_from(tensor):
     """The path of the mapping that holds `tensor`'s memory (/proc/self/maps)."""
     address = tensor.data_ptr()
@@ -330,3 +349,13 @@ def test_float_batches_run_under_a_64mb_dev_shm(db, context):
     if context == "fork":
         plain = _under_small_shm(db, "torch", context)
         assert plain.returncode != 0 and "No space left on device" in plain.stderr
+
+
+def test_the_docs_examples_run():
+    """docs/speed-tail.md: its python blocks run as written."""
+    page = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "speed-tail.md")
+    with open(page, encoding="utf-8") as file:
+        blocks = file.read().split("```python\n")[1:]
+    assert blocks
+    for block in blocks:
+        exec(compile(block.split("```")[0], page, "exec"), {})
