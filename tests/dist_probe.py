@@ -41,7 +41,7 @@ def _loader(root, kind, context, persistent):
                   persistent_workers=persistent)
     if kind == "iter":
         dataset = LMDBIterDataset(root, "train", checksum, output="numpy", shuffle=True,
-                                  seed=SEED)
+                                  seed=SEED, batch_size=common["batch_size"])
         return dataset.set_epoch, DataLoader(dataset, **common)
     dataset = LMDBDataset(root, "train", checksum, output="numpy")
     sampler = (EpochSampler(dataset, seed=SEED) if kind == "EpochSampler"

@@ -20,7 +20,8 @@ from lmdb_probes import checksum
 def main(root, rank, world, port, epochs):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    dataset = LMDBIterDataset(root, "train", checksum, output="numpy", shuffle=True, seed=7)
+    dataset = LMDBIterDataset(root, "train", checksum, output="numpy", shuffle=True, seed=7,
+                              batch_size=8)
     loader = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=2,
                                          persistent_workers=True)
     seen, pss = [], []

@@ -21,6 +21,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+import fastlmdb
 import helpers
 from lmdb_probes import checksum
 from fastlmdb import EpochSampler, LMDBDataset, LMDBIterDataset
@@ -64,9 +65,10 @@ def _checksums(loader):
 def test_iter_loader_length_is_what_workers_yield_and_epochs_move_on(db, everything, context,
                                                                     persistent):
     stream = LMDBIterDataset(db, "train", checksum, output="numpy", shuffle=True, seed=2)
-    loader = DataLoader(stream, batch_size=BATCH, num_workers=2, multiprocessing_context=context,
-                        persistent_workers=persistent)
-    assert len(loader) == 13  # asked first, as Lightning does: the workers take turns by batch
+    loader = fastlmdb.loader(stream, batch_size=BATCH, num_workers=2,
+                             multiprocessing_context=context, persistent_workers=persistent)
+    assert stream.batch_size == BATCH  # told by fastlmdb.loader: the workers take turns by batch
+    assert len(loader) == 13
     epochs = []
     for _ in range(2):  # nobody calls set_epoch
         batches = [[int(c) for c in batch] for batch, _ in loader]
@@ -80,23 +82,68 @@ def test_iter_loader_length_is_what_workers_yield_and_epochs_move_on(db, everyth
 
 
 @pytest.mark.timeout(120)
-def test_without_len_every_sample_still_arrives(db, everything):
+def test_without_the_batch_size_every_sample_still_arrives(db, everything):
     stream = LMDBIterDataset(db, "train", checksum, output="numpy")
     loader = DataLoader(stream, batch_size=BATCH, num_workers=2)
-    batches = [batch for batch in loader]  # (list(loader) asks len(loader))
-    # Halves per worker: 7 + 7 batches, where len(loader) would say 13; nobody asked it.
+    assert len(loader) == 13  # asking it teaches the dataset nothing
+    batches = [batch for batch in loader]
+    # Halves per worker: 7 + 7 batches, where len(loader) says 13.
     assert len(batches) == 14
+    assert sorted(int(c) for b, _ in batches for c in b) == sorted(c for c, _ in everything)
+    assert stream.batch_size is None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_an_unknown_batch_size_is_said_once_naming_what_to_pass(db, capfd):
+    """Worker 0 warns, once across epochs and workers started again (spawn: the worker's
+    stderr is the test's, where warnings print by default)."""
+    stream = LMDBIterDataset(db, "train", checksum, output="numpy")
+    loader = DataLoader(stream, batch_size=BATCH, num_workers=2, multiprocessing_context="spawn")
+    for _ in range(2):
+        assert len([batch for batch in loader]) == 14
+    err = capfd.readouterr().err
+    assert err.count("does not know the DataLoader's batch size") == 1, err
+    assert "pass batch_size=<the DataLoader's> to LMDBIterDataset" in err
+    assert "fastlmdb.loader(dataset, batch_size=n, ...)" in err
+
+
+@pytest.mark.timeout(120)
+def test_set_batch_size_reaches_persistent_workers(db, everything):
+    stream = LMDBIterDataset(db, "train", checksum, output="numpy")
+    loader = DataLoader(stream, batch_size=BATCH, num_workers=2, persistent_workers=True)
+    assert len([batch for batch in loader]) == 14
+    stream.set_batch_size(BATCH)  # as LitData's loader does
+    assert stream.batch_size == BATCH
+    batches = [batch for batch in loader]
+    assert len(batches) == len(loader) == 13
     assert sorted(int(c) for b, _ in batches for c in b) == sorted(c for c, _ in everything)
 
 
 def test_a_batch_size_unlike_the_loaders_is_refused(db):
     stream = LMDBIterDataset(db, "train", batch_size=4)
-    with pytest.raises(ValueError, match="batch_size=4 was given to LMDBIterDataset, but its "
-                                         "DataLoader has batch_size=8: give both the same"):
-        len(DataLoader(stream, batch_size=BATCH))
-    assert len(DataLoader(stream, batch_size=4)) == 25
-    with pytest.raises(ValueError, match="batch_size must be a positive int"):
-        LMDBIterDataset(db, "train", batch_size=0)
+    with pytest.raises(ValueError, match="batch_size=4 was given to LMDBIterDataset, but the "
+                                         "loader has batch_size=8: give both the same"):
+        fastlmdb.loader(stream, batch_size=BATCH)
+    assert len(fastlmdb.loader(stream, batch_size=4)) == 25
+    for bad in (0, -1, True, 2.0, "8"):
+        with pytest.raises(ValueError, match="batch_size must be a positive int"):
+            LMDBIterDataset(db, "train", batch_size=bad)
+        with pytest.raises(ValueError, match="batch_size must be a positive int"):
+            stream.set_batch_size(bad)
+    assert stream.batch_size == 4
+
+
+def test_loader_passes_everything_else_on(db):
+    """Map-style datasets (no set_batch_size) and other loader classes go through as they are."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    dataset = LMDBDataset(db, "train", checksum, output="numpy")
+    loader = fastlmdb.loader(dataset, batch_size=BATCH, drop_last=True)
+    assert type(loader) is DataLoader and loader.drop_last and len(loader) == 12
+    stream = LMDBIterDataset(db, "train", checksum, output="numpy")
+    stateful = fastlmdb.loader(stream, batch_size=BATCH, loader_class=StatefulDataLoader)
+    assert isinstance(stateful, StatefulDataLoader) and stream.batch_size == BATCH
 
 
 # --------------------------------------------------------------------------- Lightning
@@ -158,9 +205,11 @@ def _ddp(root, kind, out, use_distributed_sampler, seconds=400):
                          [("map", False), ("map", True), ("iter", True)])
 def test_lightning_ddp_two_ranks_share_each_epoch_exactly(db, everything, tmp_path, kind,
                                                           use_distributed_sampler):
-    """Lightning's default use_distributed_sampler=True wraps EpochSampler in its own
-    DistributedSamplerWrapper: EpochSampler then yields the whole epoch for it to split."""
+    """Lightning's default use_distributed_sampler=True replaces or wraps only samplers that
+    are not DistributedSamplers: EpochSampler is one, so it keeps its own split either way."""
     results = _ddp(db, kind, os.fspath(tmp_path), use_distributed_sampler)
+    if kind == "map":
+        assert [results[r]["sampler"] for r in (0, 1)] == ["EpochSampler"] * 2
     per_rank = -(-COUNT // 2)
     assert [results[r]["batches"] for r in (0, 1)] == [-(-per_rank // BATCH)] * 2
     orders = []
@@ -291,9 +340,11 @@ def test_cached_iterable_dataset_keeps_its_epochs_in_persistent_workers(db, ever
     """A torch.load-ed LMDBIterDataset: set_epoch and the epoch count still reach persistent
     workers (its shared counters are shared again when unpickled from a file)."""
     cache = tmp_path / "stream.pt"
-    torch.save(LMDBIterDataset(db, "train", output="numpy", shuffle=True, seed=4), cache)
+    torch.save(LMDBIterDataset(db, "train", output="numpy", shuffle=True, seed=4,
+                               batch_size=BATCH), cache)
     stream = torch.load(cache, weights_only=False)
     stream.transform = checksum
+    assert stream.batch_size == BATCH  # kept in the cache
     loader = DataLoader(stream, batch_size=BATCH, num_workers=2, persistent_workers=True,
                         multiprocessing_context=context)
     assert len(loader) == 13

@@ -59,7 +59,7 @@ def _compare(src, dst, workers):
         "LMDBDataset (tensor output, v2)": lambda: LMDBDataset(dst, "train", tensor_tf,
                                                                output="tensor"),
         "LMDBIterDataset (tensor output, v2)": lambda: LMDBIterDataset(
-            dst, "train", tensor_tf, output="tensor", shuffle=True),
+            dst, "train", tensor_tf, output="tensor", shuffle=True, batch_size=BATCH),
         "LMDBDataset (decode-aware crop, uint8)": lambda: LMDBDataset(
             dst, "train", in_place_tf, output="tensor"),
     }
