@@ -14,21 +14,20 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import warnings
 
+import probes
 import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 import fastlmdb
 import helpers
-from lmdb_probes import checksum
+from probes.lmdb_probes import checksum
 from fastlmdb import EpochSampler, LMDBDataset, LMDBIterDataset
 
 COUNT, BATCH = 100, 8
-CONTEXTS = ["fork", "spawn", "forkserver"]
-PROBE = os.path.join(os.path.dirname(__file__), "client_probes.py")
+CONTEXTS = helpers.START_METHODS
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -60,8 +59,9 @@ def _checksums(loader):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("context, persistent",
-                         [("fork", False), ("fork", True), ("spawn", True), ("forkserver", True)])
+@pytest.mark.parametrize("context, persistent", [
+    ("fork", False), ("fork", True), pytest.param("spawn", True, marks=pytest.mark.slow),
+    pytest.param("forkserver", True, marks=pytest.mark.slow)])
 def test_iter_loader_length_is_what_workers_yield_and_epochs_move_on(db, everything, context,
                                                                     persistent):
     stream = LMDBIterDataset(db, "train", checksum, output="numpy", shuffle=True, seed=2)
@@ -155,13 +155,14 @@ def _quiet():
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("kind", ["map", "iter"])
 @pytest.mark.parametrize("context, persistent",
                          [("fork", False), ("spawn", True), ("forkserver", True)])
 def test_lightning_sees_every_sample_once_per_epoch_in_a_new_order(db, everything, kind,
                                                                   context, persistent):
-    import client_probes
+    from probes import client_probes
 
     _quiet()
     model = client_probes.Recorder()
@@ -177,13 +178,11 @@ def test_lightning_sees_every_sample_once_per_epoch_in_a_new_order(db, everythin
 
 
 def _ddp(root, kind, out, use_distributed_sampler, seconds=400):
-    """Run client_probes.py as a 2-rank Lightning DDP job; {rank: result}."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__)),
-         os.environ.get("PYTHONPATH", "")]), "PYTHONWARNINGS": "ignore"}
+    """Run probes/client_probes.py as a 2-rank Lightning DDP job; {rank: result}."""
     process = subprocess.Popen(
-        [sys.executable, PROBE, root, kind, out, "1" if use_distributed_sampler else "0"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        probes.command("client_probes", root, kind, out, int(use_distributed_sampler)),
+        env=probes.env(PYTHONWARNINGS="ignore"), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
         start_new_session=True)  # its own group: Lightning's second rank and the workers
     try:
         _, err = process.communicate(timeout=seconds)
@@ -200,6 +199,7 @@ def _ddp(root, kind, out, use_distributed_sampler, seconds=400):
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("kind, use_distributed_sampler",
                          [("map", False), ("map", True), ("iter", True)])
@@ -223,12 +223,13 @@ def test_lightning_ddp_two_ranks_share_each_epoch_exactly(db, everything, tmp_pa
     assert orders[0] != orders[1]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("kind", ["iter-stateful", "map-stateful"])
 def test_lightning_resumes_mid_epoch_from_a_checkpoint(db, tmp_path, kind):
     """A job checkpointed after 5 steps (torchdata's StatefulDataLoader, whose state Lightning
     saves) and restarted from it: what it saw + what the restart sees == one whole epoch."""
-    import client_probes
+    from probes import client_probes
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     _quiet()
@@ -254,6 +255,7 @@ def test_lightning_resumes_mid_epoch_from_a_checkpoint(db, tmp_path, kind):
 # --------------------------------------------------------------------------- timm
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("use_prefetcher", [False, True])
 @pytest.mark.parametrize("context", CONTEXTS)
@@ -283,6 +285,7 @@ def test_timm_create_loader_eval_gives_imagefolders_batches(db, src, context, us
         assert torch.equal(images, ref_images)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("use_prefetcher", [False, True])
 def test_timm_create_loader_training_every_sample(db, everything, use_prefetcher):

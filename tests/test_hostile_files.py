@@ -10,11 +10,11 @@ import multiprocessing
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import zlib
 
 import numpy as np
+import probes
 import pytest
 
 import fastlmdb
@@ -33,7 +33,6 @@ from helpers import (HEADER_WARNS, LENIENT_LAYOUT, LIBJPEG_WARNS, ODD_SAMPLING, 
 # Every test here starts spawn-context producer and writer processes: none may hang.
 pytestmark = pytest.mark.timeout(60)
 
-PROBE = os.path.join(os.path.dirname(__file__), "load_probe.py")
 TWELVE_BIT = ("12-bit JPEG: libjpeg-turbo decodes 8-bit samples only; "
               "convert it to 8-bit first")
 
@@ -233,12 +232,8 @@ def fuzz_tree(tmp_path):
 
 
 def load_in_a_child(root):
-    env = dict(os.environ)
-    package_root = os.path.dirname(os.path.dirname(fastlmdb.__file__))  # this fastlmdb
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(PROBE), package_root, env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, PROBE, root, "train"], capture_output=True,
-                          text=True, env=env, timeout=90)
+    done = subprocess.run(probes.command("load_probe", root, "train"), capture_output=True,
+                          text=True, env=probes.env(), timeout=90)
     assert done.returncode == 0, f"loading crashed ({done.returncode}):\n{done.stderr[-3000:]}"
     return json.loads(done.stdout)
 

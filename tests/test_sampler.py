@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmdb_probes import checksum
+from probes.lmdb_probes import checksum
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from fastlmdb import EpochSampler, LMDBDataset, LMDBIterDataset

@@ -15,11 +15,12 @@ from fastlmdb.core import catalog, store
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import ConversionError
 from fastlmdb.loading import order
+import helpers
 from helpers import add_bad_files, db, imagefolder, make_tree, plain_layout, read_db, run_convert
 
-import memory_probe
+from probes import memory_probe
 
-CONTEXTS = ["fork", "spawn", "forkserver"]
+CONTEXTS = helpers.START_METHODS
 
 
 def distinct_per_batch(labels, batch=256):

@@ -46,7 +46,8 @@ def _compare(src, dst, workers):
 
     from torchvision.transforms import v2
 
-    from fastlmdb import LMDBDataset, LMDBIterDataset, RandomResizedCrop
+    from fastlmdb.loading.crops import RandomResizedCrop
+    from fastlmdb.loading.dataset import LMDBDataset, LMDBIterDataset
 
     pil_tf, tensor_tf = _transforms()
     # The fastest way on original bytes: decode only the crop, whole uint8 batches (normalise

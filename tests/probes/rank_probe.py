@@ -1,4 +1,4 @@
-"""One distributed rank for test_load.py: python rank_probe.py ROOT RANK WORLD PORT EPOCHS.
+"""One distributed rank for test_load.py: python -m probes.rank_probe ROOT RANK WORLD PORT EPOCHS.
 
 Joins a gloo process group on loopback, reads ROOT/train.lmdb with LMDBIterDataset through a
 DataLoader with two persistent workers, and prints JSON: the sample checksums of each epoch and
@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from fastlmdb import LMDBIterDataset
-from lmdb_probes import checksum
+from probes.lmdb_probes import checksum
 
 
 def main(root, rank, world, port, epochs):

@@ -1,5 +1,5 @@
 """A tiny LightningModule that records which samples it trains on, and DataModules over both
-datasets, for test_clients.py and the DDP probe (python client_probes.py ROOT KIND OUT)."""
+datasets, for test_clients.py and the DDP probe (python -m probes.client_probes ROOT KIND OUT)."""
 
 import json
 import os
@@ -12,7 +12,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 import fastlmdb
 from fastlmdb import EpochSampler, LMDBDataset
-from lmdb_probes import pooled_and_checksum
+from probes.lmdb_probes import pooled_and_checksum
 
 BATCH = 8
 CLASSES = 3
