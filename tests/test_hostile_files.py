@@ -174,6 +174,7 @@ def test_damaged_scan_data_is_kept_and_check_decode_warns(tree, damaged, dst, tm
         np.testing.assert_array_equal(pixels, pil_rgb(damaged), err_msg=decoder)
 
 
+@pytest.mark.slow
 def test_a_run_started_with_check_decode_resumes_only_with_it(tree, dst, bad_files):
     (bad,) = bad_files(os.path.join(tree, "train", "n00000001"), kinds=["truncated"])
     with pytest.raises(ConversionError, match=re.escape(bad) + ": truncated or corrupt JPEG"):
@@ -238,6 +239,7 @@ def load_in_a_child(root):
     return json.loads(done.stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("save_as, check_decode",
                          [("jpeg", False), ("jpeg", True), ("numpy", False)])
@@ -314,6 +316,7 @@ def _png_claiming(data, height, width):
     return data[:12] + body + zlib.crc32(body).to_bytes(4, "big") + data[33:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("save_as", ["jpeg", "numpy"])
 def test_decompression_bombs_are_refused_before_decoding(tree, dst, save_as):
     """Headers that claim 4 G and 2.5 G pixels in a file of a few KB: refused from the header

@@ -130,6 +130,7 @@ def test_order_flags_are_checked_and_shown(tree, tmp_path, capsys):
     ("--order", {"order": "source"}, "--order shuffled, this run asks for source"),
     ("--order-seed", {"order_seed": 3}, "--order-seed 0, this run asks for 3"),
 ])
+@pytest.mark.slow
 def test_resume_with_another_order_is_refused_naming_the_flag(tmp_path, flag, options,
                                                               message):
     src = make_tree(tmp_path / "src", plain_layout(classes=2, train=20, val=0))
