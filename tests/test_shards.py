@@ -48,7 +48,8 @@ def assert_same_as_single(path, single):
 
 
 # 30 > files: some shards are empty
-@pytest.mark.parametrize("count", [2, 3, pytest.param(30, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("count", [2, pytest.param(3, marks=pytest.mark.slow),
+                                   pytest.param(30, marks=pytest.mark.slow)])
 def test_sharded_split_reads_as_the_one_file_database(source, single, dst, count):
     stats = run_convert(source, dst, on_error="skip", shards=count)
     path = db(dst)
@@ -62,6 +63,7 @@ def test_sharded_split_reads_as_the_one_file_database(source, single, dst, count
         (ref_info["count"], ref_info["skipped"], ref_info["transcoded"])
 
 
+@pytest.mark.slow
 def test_each_shard_is_a_database_of_its_own(source, dst):
     run_convert(source, dst, on_error="skip", shards=3)
     index = catalog.read_index(db(dst))
@@ -83,6 +85,7 @@ def test_each_shard_is_a_database_of_its_own(source, dst):
     assert first == index["count"]
 
 
+@pytest.mark.slow
 def test_numpy_shards_equal_numpy_one_file(source, tmp_path):
     run_convert(source, tmp_path / "one", on_error="skip", save_as="numpy")
     run_convert(source, tmp_path / "sharded", on_error="skip", save_as="numpy", shards=2)
@@ -249,6 +252,7 @@ def test_merge_of_one_file_says_so(single):
         merge.merge(single, single + ".out")
 
 
+@pytest.mark.slow
 def test_merged_plan_is_the_one_file_plan(source, single, dst):
     run_convert(source, dst, on_error="skip", shards=3)
     merge.merge(db(dst))
