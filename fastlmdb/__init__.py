@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers
     from fastlmdb.loading.batch import collate
     from fastlmdb.loading.crops import RandomResizedCrop, ResizeCenterCrop
     from fastlmdb.loading.dataset import LMDBDataset, LMDBIterDataset
+    from fastlmdb.loading.loader import loader
     from fastlmdb.loading.sampler import EpochSampler
     from fastlmdb.tools.merge import merge
     from fastlmdb.tools.stage import stage
@@ -48,6 +49,7 @@ __all__ = [
     "__version__",
     "collate",
     "convert",
+    "loader",
     "merge",
     "stage",
     "verify",
@@ -66,6 +68,7 @@ _LAZY = {
     "LMDBDataset": "fastlmdb.loading.dataset",
     "LMDBIterDataset": "fastlmdb.loading.dataset",
     "EpochSampler": "fastlmdb.loading.sampler",
+    "loader": "fastlmdb.loading.loader",
     "RandomResizedCrop": "fastlmdb.loading.crops",
     "ResizeCenterCrop": "fastlmdb.loading.crops",
     "collate": "fastlmdb.loading.batch",

@@ -220,8 +220,8 @@ def _epochs(dataset, context, persistent, epochs=2, batch_size=4):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("context, persistent", [("fork", True), ("fork", False),
-                                                 ("spawn", True)])
+@pytest.mark.parametrize("context, persistent", [
+    ("fork", True), ("fork", False), pytest.param("spawn", True, marks=pytest.mark.slow)])
 def test_workers_give_the_per_sample_pixels(dbs, context, persistent):
     transform = PIPELINES["v2 flips"]()
     fast = _epochs(LMDBDataset(dbs["jpeg"], "train", transform, output="tensor"),

@@ -78,12 +78,12 @@ def convert(options: Options,
             on_progress: Callable[[int, int, int], object] | None = None) -> Stats:
     """Convert one split; returns Stats. `on_progress(done, total, bytes_in)` is optional."""
     _validate(options)
-    scan = listing.list_split(options.split, from_dir=options.from_dir,
+    inputs = listing.list_split(options.split, from_dir=options.from_dir,
                               from_archive=options.from_archive, labels=options.labels,
                               classes_from=options.classes_from, on_error=options.on_error)
     if options.shard_size:
-        options = dataclasses.replace(options, shards=max(1, -(-len(scan) // options.shard_size)))
-    if archive.in_order_only(scan.paths):
+        options = dataclasses.replace(options, shards=max(1, -(-len(inputs) // options.shard_size)))
+    if archive.in_order_only(inputs.paths):
         options = _in_archive_order(options)
     final = fmt.db_path(options.to_dir, options.split)
     if os.path.exists(final) and not options.overwrite:
@@ -91,18 +91,18 @@ def convert(options: Options,
                               "(the old one stays until the new one is complete)")
     os.makedirs(options.to_dir, exist_ok=True)
     partial = fmt.partial_path(final)
-    plan = pipeline.plan_of(options, scan)
-    scan, positions = pipeline.in_write_order(scan, options)
+    plan = pipeline.plan_of(options, inputs)
+    inputs, positions = pipeline.in_write_order(inputs, options)
     started = time.monotonic()
     _check_layout(partial, options)
     if options.shards > 1:
         os.makedirs(partial, exist_ok=True)
     with files.exclusive(partial):
         if options.shards == 1:
-            results = [pipeline.run(options, scan, partial, plan, settings_of(options),
+            results = [pipeline.run(options, inputs, partial, plan, settings_of(options),
                                     on_progress, positions)]
         else:
-            results = shards.convert_shards(options, scan, positions, partial,
+            results = shards.convert_shards(options, inputs, positions, partial,
                                      {**plan, "shards": options.shards}, settings_of(options),
                                      on_progress)
         files.publish(partial, final)

@@ -32,59 +32,59 @@ CHUNK = 16  # files per task: small enough to balance, large enough to amortise 
 POLL_SECONDS = 0.25
 
 
-def run(options, scan, partial, plan, settings, on_progress=None, sources=None):
-    """Convert `scan` (in write order; `sources`: the files' positions in the split's scan)
+def run(options, inputs, partial, plan, settings, on_progress=None, positions=None):
+    """Convert `inputs` (in write order; `positions`: the files' positions in the split's listing)
     into the database at `partial`; returns (info, files done before)."""
-    pipeline = _Pipeline(options, scan, partial, plan, settings, on_progress, sources)
+    pipeline = _Pipeline(options, inputs, partial, plan, settings, on_progress, positions)
     return pipeline.run(), pipeline.resumed_at
 
 
-def plan_of(options, scan):
+def plan_of(options, inputs):
     """What a resumed run must agree on: everything that changes the stored records."""
     digest = hashlib.sha256()
-    for path, label in zip(scan.paths, scan.labels.tolist()):
+    for path, label in zip(inputs.paths, inputs.labels.tolist()):
         if isinstance(path, archive.Member):  # its name and place in the archive
             digest.update(path.identity())
         else:
-            digest.update(os.path.relpath(path, scan.root).encode("utf-8", "surrogateescape"))
+            digest.update(os.path.relpath(path, inputs.root).encode("utf-8", "surrogateescape"))
         digest.update(b"\0%d\0" % label)
     o = options
-    return fmt.make_plan(os.path.abspath(scan.root), len(scan), digest.hexdigest(),
+    return fmt.make_plan(os.path.abspath(inputs.root), len(inputs), digest.hexdigest(),
                          split=o.split, save_as=o.save_as, max_pixels=o.max_pixels,
                          max_size=o.max_size, quality=o.quality, check_decode=o.check_decode,
                          order=o.order, order_seed=o.order_seed)
 
 
-def in_write_order(scan, options):
-    """(the scan's files in the order they are written, their positions in `scan`)."""
+def in_write_order(inputs, options):
+    """(the input files in the order they are written, their positions in `inputs`)."""
     if options.order == fmt.ARCHIVE_ORDER:  # a compressed tar's members, in stream order
-        sources = np.argsort([path.where[1] for path in scan.paths], kind="stable")
+        positions = np.argsort([path.where[1] for path in inputs.paths], kind="stable")
     else:
-        sources = fmt.write_order(len(scan), options.order, options.order_seed)
+        positions = fmt.write_order(len(inputs), options.order, options.order_seed)
     if options.order == "source":
-        return scan, sources
-    paths = [scan.paths[i] for i in sources.tolist()]
-    return dataclasses.replace(scan, paths=paths, labels=scan.labels[sources]), sources
+        return inputs, positions
+    paths = [inputs.paths[i] for i in positions.tolist()]
+    return dataclasses.replace(inputs, paths=paths, labels=inputs.labels[positions]), positions
 
 
-def writer_job(options, scan, partial, plan, sources=None):
-    """What the writer needs to make the database at `partial` from `scan` (in write order)."""
-    return Job(partial, plan, scan.labels, scan.classes, options.on_error, options.batch_bytes,
-               options.map_size, options.overwrite, sources, _names(scan))
+def writer_job(options, inputs, partial, plan, positions=None):
+    """What the writer needs to make the database at `partial` from `inputs` (in write order)."""
+    return Job(partial, plan, inputs.labels, inputs.classes, options.on_error, options.batch_bytes,
+               options.map_size, options.overwrite, positions, _names(inputs))
 
 
-def _names(scan):
-    """The scan's files relative to its folder (an archive's: the members' names), as
+def _names(inputs):
+    """The inputs's files relative to its folder (an archive's: the members' names), as
     fmt.join_paths joins them."""
-    prefix = os.path.join(scan.root, "")
+    prefix = os.path.join(inputs.root, "")
     return fmt.join_paths(str(path) if isinstance(path, archive.Member)
                           else path[len(prefix):] if path.startswith(prefix)
-                          else os.path.relpath(path, scan.root) for path in scan.paths)
+                          else os.path.relpath(path, inputs.root) for path in inputs.paths)
 
 
 class _Pipeline:
-    def __init__(self, options, scan, partial, plan, settings, on_progress, sources):
-        self.options, self.scan, self.on_progress = options, scan, on_progress
+    def __init__(self, options, inputs, partial, plan, settings, on_progress, positions):
+        self.options, self.inputs, self.on_progress = options, inputs, on_progress
         self.partial, self.plan = partial, plan
         self.window = (2 * options.procs + 2) * CHUNK
         ctx = multiprocessing.get_context("spawn")
@@ -97,7 +97,7 @@ class _Pipeline:
         # Per producer: the chunk it is working on and the file it is preparing (-1: none),
         # so that a death can be pinned on a file and its chunk given to another producer.
         self.slots = ctx.RawArray("q", [-1] * (2 * options.procs))
-        job = writer_job(options, scan, partial, plan, sources)
+        job = writer_job(options, inputs, partial, plan, positions)
         self.writer = ctx.Process(
             target=writer_main, name="fastlmdb-writer",
             args=(job, [receive for receive, _ in self.pipes], self.status, os.getpid()))
@@ -110,8 +110,8 @@ class _Pipeline:
         self.done = self.resumed_at = 0
         # A compressed tar is read here, in order; a chunk's bytes go with its task and are
         # kept until the writer has the chunk (a dead producer's chunk is sent again).
-        self.stream = (stream.InOrderReader(scan.root, archive.compression(scan.root))
-                       if archive.in_order_only(scan.paths) else None)
+        self.archive_reader = (stream.InOrderReader(inputs.root, archive.compression(inputs.root))
+                       if archive.in_order_only(inputs.paths) else None)
         self.chunk_bytes = {}
 
     def run(self):
@@ -136,7 +136,7 @@ class _Pipeline:
             log.info("resuming %s: %d files done, %d records stored",
                      self.plan["source"], self.resumed_at, stored)
         self.done = dispatched = self.resumed_at
-        total = len(self.scan)
+        total = len(self.inputs)
         while True:
             while dispatched < total and dispatched - self.done < self.window:
                 self._dispatch(dispatched)
@@ -181,7 +181,7 @@ class _Pipeline:
             starts[:] = [s for s in starts if s + CHUNK > self.done]
         producer = min(self.live, key=lambda p: len(self.assigned[p]))
         self.assigned[producer].append(start)
-        task = (start, self.scan.paths[start:start + CHUNK], poison or {},
+        task = (start, self.inputs.paths[start:start + CHUNK], poison or {},
                 self._chunk_bytes(start))
         try:
             self.task_pipes[self.producers.index(producer)][1].send(task)
@@ -191,12 +191,13 @@ class _Pipeline:
 
     def _chunk_bytes(self, start):
         """The bytes of the chunk at `start` of a compressed tar (None: producers read it)."""
-        if self.stream is None:
+        if self.archive_reader is None:
             return None
         for taken in [s for s in self.chunk_bytes if s + CHUNK <= self.done]:
             del self.chunk_bytes[taken]
         if start not in self.chunk_bytes:
-            self.chunk_bytes[start] = self.stream.read(self.scan.paths[start:start + CHUNK])
+            paths = self.inputs.paths[start:start + CHUNK]
+            self.chunk_bytes[start] = self.archive_reader.read(paths)
         return self.chunk_bytes[start]
 
     def _replace(self, producer):
@@ -209,7 +210,7 @@ class _Pipeline:
         if not self.live:
             raise ConversionError(
                 f"every producer process died (the last: {reason}"
-                + (f", while preparing {self.scan.paths[current]}" if current >= 0 else "")
+                + (f", while preparing {self.inputs.paths[current]}" if current >= 0 else "")
                 + f"). Committed work is kept in {self.partial}: run the same command again "
                 "to resume")
         log.warning("%s died (%s); its work goes to the others", producer.name, reason)
@@ -220,11 +221,11 @@ class _Pipeline:
                 self._dispatch(start, poison if start == chunk else None)
 
     def _fail(self, kind, args):
-        raise failure(kind, args, self.plan, self.partial, self.scan.paths)
+        raise failure(kind, args, self.plan, self.partial, self.inputs.paths)
 
     def _stop(self):
-        if self.stream is not None:
-            self.stream.close()
+        if self.archive_reader is not None:
+            self.archive_reader.close()
         for producer in self.live:
             try:
                 self.task_pipes[self.producers.index(producer)][1].send(None)
