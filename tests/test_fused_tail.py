@@ -24,6 +24,8 @@ from fastlmdb import LMDBDataset, LMDBIterDataset, converter
 from fastlmdb.loading import batch, crops, handover, tail
 from fastlmdb.testing import sample_tree
 
+import probes
+
 _jpegcrop = crops._jpegcrop
 needs_native = pytest.mark.skipif(not batch.native_built(), reason="C extension not built")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -317,12 +319,11 @@ def test_workers_deliver_float_batches_through_memfd(db, context):
 
 
 def _under_small_shm(db, mode, context, batch_size=128):
-    """shm_probe.py run with a 64 MB /dev/shm of its own (a mount namespace: root only)."""
-    probe = os.path.join(os.path.dirname(__file__), "shm_probe.py")
-    command = (f"mount -t tmpfs -o size=64m tmpfs /dev/shm && exec {sys.executable} {probe} "
-               f"{db} {mode} {batch_size} 224 {context}")
+    """probes/shm_probe.py run with a 64 MB /dev/shm of its own (a mount namespace: root only)."""
+    run = " ".join(probes.command("shm_probe", db, mode, batch_size, 224, context))
+    command = f"mount -t tmpfs -o size=64m tmpfs /dev/shm && exec {run}"
     return subprocess.run(["unshare", "-m", "sh", "-c", command], capture_output=True,
-                          text=True, timeout=360)
+                          text=True, timeout=360, env=probes.env())
 
 
 def _can_shrink_dev_shm():

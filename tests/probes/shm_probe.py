@@ -2,7 +2,7 @@
 DataLoader workers, through the fused tail (reused memfd segments) or through torch's own
 collate (shared memory in /dev/shm, the control). Prints one line: batches, dtype, shape.
 
-    python shm_probe.py DB fused|torch BATCH SIZE CONTEXT
+    python -m probes.shm_probe DB fused|torch BATCH SIZE CONTEXT
 """
 
 import sys
