@@ -156,6 +156,18 @@ def _opened(path):
     return opened
 
 
+def close_file(path):
+    """Close this process's environment of the database file `path`, if open (a streamed
+    shard about to be released: every buffer read from it becomes invalid)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return
+    opened = _ENVS.pop((stat.st_dev, stat.st_ino), None)
+    if opened is not None:
+        opened.env.close()  # ends its transactions too
+
+
 def read_file_catalog(path):
     """(info, rows) of a finished database; rows in logical order (fmt.TABLE)."""
     env = _shared_env(path)
