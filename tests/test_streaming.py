@@ -470,9 +470,11 @@ def test_two_ranks_of_two_workers_with_a_quarter_of_the_database(local_db, s3, t
     sizes = _shard_sizes(local_db[0])
     limit = 2 * 3 * max(sizes)  # 2 ranks x (window 1 + prefetch 1 + 1) shards
     assert limit <= 0.3 * sum(sizes)  # about a quarter of the database
-    for samples, fetched in _two_ranks(url, tmp_path, limit, method, server):
+    epochs = _two_ranks(url, tmp_path, limit, method, server)
+    for epoch, (samples, fetched) in enumerate(epochs):
         assert samples == local_db[1]
-        assert sum(sizes) <= fetched <= 1.1 * sum(sizes)
+        # The first epoch fetches every shard; the second may find a few still cached.
+        assert (sum(sizes) if epoch == 0 else 1) <= fetched <= 1.1 * sum(sizes)
     folder, stats = _stats(tmp_path)
     assert stats["peak_bytes"] <= limit
     assert not glob.glob(os.path.join(folder, "*.part"))

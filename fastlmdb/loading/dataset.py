@@ -534,8 +534,10 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
         if self._batch_size() and self._decodes_in_place():
             yield from self._batches_in_place(indices)
             return
-        # Streamed records are copies (their shard may go): fewer held at once.
-        piece_size = order.BLOCK if self._stream else order.BLOCK * order.WINDOW_BLOCKS
+        # Streamed: a batch at a time, so that the workers of a rank, which take turns by
+        # batch, read each shard together (none done with it before another begins it).
+        piece_size = (self._batch_size() or order.BLOCK) if self._stream \
+            else order.BLOCK * order.WINDOW_BLOCKS
         for piece in order.windows(indices, piece_size):
             for index, value in zip(piece.tolist(), self._read(piece)):
                 self._yielded += 1
