@@ -491,3 +491,12 @@ def test_two_ranks_fetch_nothing_in_the_second_epoch_when_the_limit_holds_it(loc
                                                    server)
     assert first == second == local_db[1]
     assert fetched == sum(sizes) and again == 0
+
+
+def test_the_pages_examples_run(local_db, tmp_path):
+    page = open(os.path.join(os.path.dirname(__file__), "..", "docs", "streaming.md")).read()
+    blocks = [block.split("```", 1)[0] for block in page.split("```python\n")[1:]]
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "docs/streaming.md", "exec"),
+             {"DB": local_db[0], "CACHE": os.fspath(tmp_path)})

@@ -65,7 +65,7 @@ class _Records:
         # maps the same pages (see _rows). Dropped on pickling, mapped again where unpickled.
         self._tables, self._tables_pid = (rows, logical), os.getpid()
         self._samples: list[tuple[str, int]] | None = None
-        self._reader = None if stream else catalog.reader(self.path)
+        self._reader: Any = None if stream else catalog.reader(self.path)
         self.errors = 0  # records skipped in this process because they failed to decode
 
     def __getstate__(self) -> dict[str, Any]:
