@@ -500,3 +500,17 @@ def test_the_pages_examples_run(local_db, tmp_path):
     for block in blocks:
         exec(compile(block, "docs/streaming.md", "exec"),
              {"DB": local_db[0], "CACHE": os.fspath(tmp_path)})
+
+
+def test_more_ranks_reading_than_the_limit_allows_are_refused(local_db, tmp_path):
+    url = _memory_copy(local_db, "ranks")
+    largest = max(_shard_sizes(local_db[0]))
+    ranks = [LMDBIterDataset(url, "train", cache_dir=tmp_path, cache_limit=4 * largest,
+                             rank=rank, world_size=2) for rank in (0, 1)]
+    reading = iter(ranks[0])
+    next(reading)
+    with pytest.raises(DatabaseError, match=f"below the minimum for {url}/train.lmdb: "
+                                            f"{8 * largest:,} .* = 2 rank.s. on this node"):
+        next(iter(ranks[1]))
+    reading.close()  # rank 0 done: rank 1 alone fits
+    assert len(list(ranks[1])) == SHARDS * PER_SHARD // 2

@@ -523,7 +523,7 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
         if self._stream is None:
             yield from self._iterate(indices)
             return
-        self._session = self._stream.session(self._keys(indices))
+        self._session = self._stream.session(self._keys(indices), self._ranks()[0])
         try:
             yield from self._iterate(indices)
         finally:

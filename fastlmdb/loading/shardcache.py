@@ -241,6 +241,24 @@ class ShardCache:
                         log.info("removing %s, left by a process that stopped", entry.path)
                         _remove(entry.path)
 
+    def join(self, rank):
+        """Register this process as a reader for `rank` (until leave(fd)): (its lock's
+        descriptor, the ranks of the node reading now, this one included)."""
+        fd = self._lock(f"rank-{rank}.{os.getpid()}.reader", fcntl.LOCK_EX)
+        ranks = set()
+        for entry in os.scandir(os.path.join(self.folder, LOCKS)):
+            if entry.name.startswith("rank-") and entry.name.endswith(".reader"):
+                with self._held(entry.name, fcntl.LOCK_EX | fcntl.LOCK_NB) as gone:
+                    if gone:  # its process ended
+                        _remove(entry.path)
+                    else:
+                        ranks.add(entry.name.split(".")[0])
+        return fd, len(ranks)
+
+    @staticmethod
+    def leave(fd):
+        os.close(fd)
+
     def clear(self):
         """Delete every shard (another version of the database is cached): refused while a
         process of the node reads one."""

@@ -142,15 +142,15 @@ class StreamedSplit:
         self.info = fmt.check_info(manifest.get("info", {}), self.remote.url_of(MANIFEST))
         self.offsets = np.cumsum([0] + self.counts).astype(np.int64)
 
-    def _check_limit(self, limit):
+    def _check_limit(self, limit, ranks=None, error=ValueError):
         """Refuse a limit that could deadlock: each rank of the node holds up to its window,
-        the shards fetched ahead and one it finishes (LOCAL_WORLD_SIZE ranks, as torchrun
-        says, else 1)."""
-        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        the shards fetched ahead and one it finishes (`ranks` on the node: LOCAL_WORLD_SIZE,
+        as torchrun says, else 1)."""
+        ranks = ranks or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         held = self.window + self.prefetch + 1
         least = ranks * held * max(self.sizes)
         if limit < least:
-            raise ValueError(
+            raise error(
                 f"cache_limit={limit:,} bytes is below the minimum for {self.url}: "
                 f"{least:,} ({least / 1e6:.1f} MB) = {ranks} rank(s) on this node x "
                 f"(window_shards {self.window} + prefetch_shards {self.prefetch} + 1) x the "
@@ -186,8 +186,16 @@ class StreamedSplit:
     def shard_of(self, keys):
         return np.searchsorted(self.offsets, keys, side="right") - 1
 
-    def session(self, keys):
-        return Session(self, keys)
+    def session(self, keys, rank):
+        """The reads of one iteration of `rank`, refused when more ranks of the node read this
+        cache now than its limit was checked for."""
+        registration, ranks = self.cache.join(rank)
+        try:
+            self._check_limit(self.cache.limit, ranks, DatabaseError)
+        except DatabaseError:
+            self.cache.leave(registration)
+            raise
+        return Session(self, keys, registration)
 
     def fetch(self, shard, stopping):
         """The local path of shard `shard`, pinned (release() it)."""
@@ -240,8 +248,8 @@ class Session:
     fetched by a thread ahead of the reader (the first `prefetch` not yet touched), each
     released once the reader is past its last record."""
 
-    def __init__(self, split, keys):
-        self.split = split
+    def __init__(self, split, keys, registration):
+        self.split, self.registration = split, registration
         keys = np.asarray(keys, dtype=np.int64)
         shards = split.shard_of(keys)
         unique, first = np.unique(shards, return_index=True)
@@ -321,6 +329,7 @@ class Session:
                 reader.close()
             self.split.release(shard)
         self.ready.clear()
+        self.split.cache.leave(self.registration)
 
 
 def _read_json(path):
