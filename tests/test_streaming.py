@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 import torch.utils.data
-from helpers import db, make_tree, run_convert
+from helpers import db, make_tree, read_db, run_convert
 
 pytest.importorskip("s3fs", reason="pip install 'fastlmdb[remote]' to test object storage")
 pytest.importorskip("moto", reason="pip install 'fastlmdb[test]'")
@@ -541,3 +541,27 @@ def test_streaming_over_plain_http(local_db, tmp_path):
     finally:
         server.shutdown()
         thread.join(10)
+
+
+def test_without_a_manifest_shards_are_checked_record_by_record(local_db, tmp_path):
+    """A database copied to the bucket another way (no manifest.json): sizes from the server,
+    each shard checked against the table's sizes and CRC-32s; a damaged record refused."""
+    import fsspec
+
+    url = _memory_copy(local_db, "no-manifest")
+    memory = fsspec.filesystem("memory")
+    memory.rm_file("/no-manifest/db/train.lmdb/manifest.json")
+    stream = LMDBIterDataset(url, "train", cache_dir=tmp_path / "a", cache_limit="10MB",
+                             output="numpy", shuffle=True)
+    assert collections.Counter(_md5(image) for image, _ in stream) == local_db[1]
+    name = f"train-00005-of-{SHARDS:05d}.lmdb"
+    value = read_db(os.path.join(local_db[0], name))[2][0]
+    data = bytearray(memory.cat_file(f"/no-manifest/db/train.lmdb/{name}"))
+    record = data.find(value)
+    assert record >= 0
+    data[record + len(value) // 2] ^= 0xFF
+    memory.pipe_file(f"/no-manifest/db/train.lmdb/{name}", bytes(data))
+    stream = LMDBIterDataset(url, "train", cache_dir=tmp_path / "b", cache_limit="10MB")
+    with pytest.raises(DatabaseError, match=f"{url}/train.lmdb/{name}: 1 record.s. do not match "
+                                            "their size and CRC-32 in the table"):
+        list(stream)

@@ -11,12 +11,14 @@ shard is fetched, so a database replaced in the bucket during a run is refused, 
 """
 
 import collections
+import contextlib
 import concurrent.futures
 import hashlib
 import json
 import logging
 import os
 import threading
+import zlib
 
 import numpy as np
 
@@ -72,11 +74,11 @@ class StreamedSplit:
         name = f"{os.path.basename(self.url)}-{hashlib.sha1(self.url.encode()).hexdigest()[:12]}"
         self.cache = shardcache.ShardCache(os.path.join(os.fspath(cache_dir), name), limit)
         self.cache.prepare()
+        self._tables = self._tables_pid = None
         self.version = self._index_version()
         self._fetch_meta()
         self._read_manifest()
         self._check_limit(limit)
-        self._tables = self._tables_pid = None
         log.info("streaming %s: %d shards of up to %.1f MB through %s (cache_limit %.1f MB, "
                  "window %d shards, %d fetched ahead)", self.url, len(self.names),
                  max(self.sizes) / 1e6, self.cache.folder, limit / 1e6, self.window,
@@ -108,8 +110,12 @@ class StreamedSplit:
                 return
             self.cache.clear()
             os.makedirs(self._meta(""), exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self._meta(MANIFEST))
             for name in (MANIFEST, TABLE, LOGICAL, fmt.SHARD_INDEX):
                 data = self._read_object(name)
+                if data is None:
+                    continue
                 with open(self._meta(name) + ".tmp", "wb") as file:
                     file.write(data)
                 os.replace(self._meta(name) + ".tmp", self._meta(name))
@@ -117,7 +123,11 @@ class StreamedSplit:
             _write_json(stamp, {"url": self.url, "index": self.version})
 
     def _read_object(self, name):
+        """The object's bytes; None for a missing manifest (a database copied to the bucket
+        another way: its shards are then checked record by record)."""
         if name in (MANIFEST, TABLE, LOGICAL) and self.remote.stat(name, True) is None:
+            if name == MANIFEST:
+                return None
             raise DatabaseError(f"{self.url}: no {name}; publish the database with "
                                 "`fastlmdb upload DB URL`, which writes it")
         return self.remote.read(name)
@@ -126,21 +136,37 @@ class StreamedSplit:
         with open(self._meta(fmt.SHARD_INDEX), "rb") as file:
             index = fmt.check_shard_index(fmt.load_json(file.read(), "index", self.url),
                                           self.url)
+        self.names = [entry["file"] for entry in index["shards"]]
+        self.counts = [entry["count"] for entry in index["shards"]]
+        self.offsets = np.cumsum([0] + self.counts).astype(np.int64)
+        if not os.path.exists(self._meta(MANIFEST)):
+            self._without_manifest()
+            return
         with open(self._meta(MANIFEST), "rb") as file:
             manifest = fmt.load_json(file.read(), "manifest", self.remote.url_of(MANIFEST))
         entries = manifest.get("files")
         if manifest.get("format") != fmt.MANIFEST_FORMAT or manifest.get("version") != 1:
             raise DatabaseError(f"{self.remote.url_of(MANIFEST)} is not a fastlmdb manifest "
                                 "this version reads; upgrade fastlmdb or upload again")
-        self.names = [entry["file"] for entry in index["shards"]]
         if not isinstance(entries, list) or [e.get("file") for e in entries] != self.names:
             raise DatabaseError(f"{self.remote.url_of(MANIFEST)} does not list the shards of "
                                 f"{fmt.SHARD_INDEX}; upload the database again")
-        self.counts = [entry["count"] for entry in index["shards"]]
         self.sizes = [int(entry["size"]) for entry in entries]
         self.digests = [entry["sha256"] for entry in entries]
         self.info = fmt.check_info(manifest.get("info", {}), self.remote.url_of(MANIFEST))
-        self.offsets = np.cumsum([0] + self.counts).astype(np.int64)
+
+    def _without_manifest(self):
+        """Sizes from the server; each shard checked by its records' sizes and CRC-32 (the
+        table's); the info from the first shard's (every shard has the split's classes)."""
+        log.info("%s has no %s: shard sizes asked of the server, downloads checked record by "
+                 "record (`fastlmdb upload` writes it)", self.url, MANIFEST)
+        self.sizes = [self.remote.stat(name)[0] for name in self.names]
+        self.digests, self.info = None, {"classes": []}
+        path = self.fetch(0, lambda: False)
+        try:
+            self.info = store.read_file_catalog(path)[0]
+        finally:
+            self.release(0)
 
     def _check_limit(self, limit, ranks=None, error=ValueError):
         """Refuse a limit that could deadlock: each rank of the node holds up to its window,
@@ -216,9 +242,31 @@ class StreamedSplit:
             for data in self._chunks(name, size, stopping):
                 file.write(data)
                 digest.update(data)
-        if digest.hexdigest() != self.digests[shard]:
+        if self.digests is None:
+            self._check_records(shard, part)
+        elif digest.hexdigest() != self.digests[shard]:
             raise shardcache.ShardMismatch(f"{self.remote.url_of(name)}: the downloaded bytes "
                                            "do not match the SHA-256 in manifest.json")
+
+    def _check_records(self, shard, part):
+        """Every record of the downloaded shard `part` against the split's table."""
+        url = self.remote.url_of(self.names[shard])
+        _, rows, logical = self.tables()
+        wanted = rows[logical[self.offsets[shard]:self.offsets[shard + 1]]]
+        reader = store.Reader(part)
+        try:
+            values = reader.read_range(0, self.counts[shard])
+            bad = [k for k, (value, row) in enumerate(zip(values, wanted))
+                   if len(value) != row["nbytes"] or zlib.crc32(value) != row["crc32"]]
+        except DatabaseError as exc:
+            raise shardcache.ShardMismatch(f"{url}: not a complete shard ({exc})") from None
+        finally:
+            reader.close()
+            store.close_file(part)
+        if bad:
+            raise shardcache.ShardMismatch(f"{url}: {len(bad)} record(s) do not match their "
+                                           f"size and CRC-32 in the table (the first: record "
+                                           f"{bad[0]} of the shard)")
 
     def _chunks(self, name, size, stopping):
         """The object's bytes in order, PARALLEL_RANGES ranged GETs in flight."""
