@@ -42,6 +42,7 @@ def _parser():
     _add_convert(commands)
     _add_verify(commands)
     _add_stage(commands)
+    _add_upload(commands)
     info_command = commands.add_parser("info", help="describe a database")
     info_command.add_argument("db", help="a DST/<split>.lmdb file")
     info_command.add_argument("--json", action="store_true", help="print the metadata as JSON")
@@ -118,7 +119,9 @@ def _add_convert(commands):
                    help="write each split as K shard files in the folder DST/<split>.lmdb, "
                         "one writer each (default 1: one file)")
     p.add_argument("--shard-size", "--shard_size", type=_positive, default=0, metavar="N",
-                   help="instead of --shards: as many shards as give about N images each")
+                   help="instead of --shards: as many shards as give about N images each; "
+                        "for streaming (docs/streaming.md) pick N for 256 MB-1 GB shards: "
+                        "N = 512 MB / the mean image size (about 4,500 ImageNet JPEGs)")
     p.add_argument("--backend", default="local", choices=shards.BACKENDS,
                    help="where shards are made: local (one after another, each with --procs "
                         "processes; default), loky (shards side by side in local processes), "
@@ -174,6 +177,21 @@ def _add_stage(commands):
                                         "'{\"anon\": true}' or '{\"client_kwargs\": "
                                         "{\"endpoint_url\": \"http://minio:9000\"}}'")
     p.set_defaults(run=_stage)
+
+
+def _add_upload(commands):
+    p = commands.add_parser("upload", help="publish a database to object storage",
+                            description="Copy DB (a file or a sharded folder) to URL, the "
+                                        "index last, so readers never see a partial database. "
+                                        "A sharded database is then ready to stream "
+                                        "(LMDBIterDataset(URL's folder, split, cache_dir=..., "
+                                        "cache_limit=...)).")
+    p.add_argument("db", help="a DST/<split>.lmdb file or folder")
+    p.add_argument("url", help="where it goes, e.g. s3://bucket/prefix/train.lmdb (S3 not on "
+                               "AWS, e.g. MinIO: set AWS_ENDPOINT_URL)")
+    p.add_argument("--storage-options", "--storage_options", type=_json_object, default=None,
+                   metavar="JSON", help="fsspec options as a JSON object, as for stage")
+    p.set_defaults(run=_upload)
 
 
 def _json_object(text):
@@ -236,6 +254,13 @@ def _stage(args):
 
     print(stage.stage(args.db, args.local_dir, procs=args.procs,
                       storage_options=args.storage_options))
+    return 0
+
+
+def _upload(args):
+    from fastlmdb.tools import upload
+
+    print(upload.upload(args.db, args.url, storage_options=args.storage_options))
     return 0
 
 

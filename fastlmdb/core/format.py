@@ -314,6 +314,11 @@ def _field_error(path: StrPath, name: str, what: str) -> DatabaseError:
 # contiguous range of the split's files in write order (its rows keep their `source`
 # positions in the whole split), and an index written last.
 SHARD_INDEX = "index.json"
+# A sharded database published for streaming (`fastlmdb upload`) also holds the manifest:
+# {"format": MANIFEST_FORMAT, "version": 1, "info": <the split's info>,
+#  "files": [{"file": <shard>, "size": <bytes>, "sha256": <hex>}, ...]} (in the index's order).
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "fastlmdb-manifest"
 SHARDS_FORMAT = "fastlmdb-shards"
 SHARDS_VERSION = 1
 

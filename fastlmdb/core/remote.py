@@ -170,3 +170,104 @@ def _error(url, exc, during="access"):
     return DatabaseError(f"{url}: {during} failed ({type(exc).__name__}: {exc}); check the "
                          "address, the endpoint (AWS_ENDPOINT_URL for S3 that is not AWS) and "
                          "the network, then run again")
+
+
+# Streaming (fastlmdb.loading.streaming) and `upload`: the objects under one URL, read in
+# ranges and written, each call retried with backoff when the failure may pass (a network
+# error, a 5xx, a server restarting), then failing with the URL named.
+RETRIES = 5
+BACKOFF_S = 0.2  # doubles after each failed try: 0.2 + 0.4 + ... = 6 s before giving up
+
+
+class RemoteFolder:
+    """The objects under the prefix `url` (a sharded database's folder). Picklable: the fsspec
+    filesystem is made again in each process (an s3fs client must not cross a fork)."""
+
+    def __init__(self, url, storage_options=None):
+        self.url = url.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self._fs = self._pid = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_fs": None, "_pid": None}
+
+    def _filesystem(self):
+        if self._pid != os.getpid():
+            options = {**self.storage_options, "skip_instance_cache": True}
+            self._fs = _filesystem(self.url, options)
+            self._pid = os.getpid()
+        return self._fs
+
+    def url_of(self, name):
+        return f"{self.url}/{name}"
+
+    def _path(self, name):
+        return f"{self._filesystem()[1]}/{name}"
+
+    def stat(self, name, missing_ok=False):
+        """(size, version) of object `name` (version: what the backend says, e.g. ETag), or
+        None when it is missing and `missing_ok`."""
+        fs = self._filesystem()[0]
+
+        def info():
+            fs.invalidate_cache()
+            return fs.info(self._path(name))
+
+        try:
+            found = retried(self.url_of(name), info)
+        except DatabaseError as exc:
+            if missing_ok and isinstance(exc.__cause__, FileNotFoundError) \
+                    and not _denied(exc.__cause__):
+                return None
+            raise
+        return found.get("size"), _version(found)
+
+    def read(self, name):
+        """The whole (small) object `name`."""
+        fs = self._filesystem()[0]
+        return retried(self.url_of(name), lambda: fs.cat_file(self._path(name)))
+
+    def read_range(self, name, start, end, size):
+        """Bytes start..end-1 of object `name`, whose size is `size`."""
+        fs = self._filesystem()[0]
+
+        def get():
+            data = fs.cat_file(self._path(name), start=start, end=end)
+            if len(data) == size != end - start:  # a server that ignores Range
+                data = data[start:end]
+            if len(data) != end - start:
+                raise OSError(f"got {len(data)} bytes of range {start}-{end}")
+            return data
+
+        return retried(self.url_of(name), get, during="download")
+
+    def put(self, local, name):
+        fs = self._filesystem()[0]
+        retried(self.url_of(name), lambda: fs.put_file(local, self._path(name)),
+                during="upload")
+
+    def remove(self, name):
+        fs = self._filesystem()[0]
+        try:
+            fs.rm_file(self._path(name))
+        except FileNotFoundError:
+            pass
+
+
+def retried(url, call, during="access"):
+    """call(), tried again with backoff while its failure may pass; else a DatabaseError
+    naming `url` (at once for a missing object or a denied access)."""
+    for attempt in range(RETRIES + 1):
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - any backend's error
+            permanent = isinstance(exc, (FileNotFoundError, PermissionError)) \
+                or getattr(exc, "status", None) in (400, 401, 403, 404) or _denied(exc)
+            if permanent or attempt == RETRIES:
+                if attempt:
+                    log.warning("%s: giving up after %d tries", url, attempt + 1)
+                raise _error(url, exc, during) from exc
+            log.warning("%s: %s failed (%s: %s); trying again in %.1f s", url, during,
+                        type(exc).__name__, exc, BACKOFF_S * 2 ** attempt)
+            time.sleep(BACKOFF_S * 2 ** attempt)
+    raise AssertionError("unreachable")

@@ -160,6 +160,18 @@ def _opened(path: StrPath) -> _Opened:
     return opened
 
 
+def close_file(path: StrPath) -> None:
+    """Close this process's environment of the database file `path`, if open (a streamed
+    shard about to be released: every buffer read from it becomes invalid)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return
+    opened = _ENVS.pop((stat.st_dev, stat.st_ino), None)
+    if opened is not None:
+        opened.env.close()  # ends its transactions too
+
+
 def read_file_catalog(path: StrPath) -> tuple[Json, Rows]:
     """(info, rows) of a finished database; rows in logical order (fmt.TABLE)."""
     env = _shared_env(path)

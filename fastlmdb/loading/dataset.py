@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from fastlmdb.core import catalog, jpeg
-from fastlmdb.loading import batch, crops, order, progress, sampler
+from fastlmdb.core import catalog, jpeg, remote
+from fastlmdb.loading import batch, crops, order, progress, sampler, streaming
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import ON_ERROR, DatabaseError, DecodeError
 
@@ -41,12 +41,14 @@ class _Records:
     def __init__(self, root: StrPath, split: str, transform: Transform | None,
                  target_transform: Transform | None, imgtype: str | None, *, output: str,
                  decoder: str, min_size: Size | None, on_error: str,
-                 decode_aware: bool = False) -> None:
+                 decode_aware: bool = False, stream: Any = None) -> None:
         self.root, self.split = os.fspath(root), split
         self.path = fmt.db_path(self.root, split)
         self.decode_aware = decode_aware
         self.transform, self.target_transform = transform, target_transform
-        info, rows, logical = catalog.read_tables(self.path)
+        # A database at a URL (LMDBIterDataset only): a streaming.StreamedSplit.
+        self._stream = stream
+        info, rows, logical = stream.tables() if stream else catalog.read_tables(self.path)
         if imgtype is not None and imgtype != info["imgtype"]:
             raise ValueError(f"imgtype={imgtype!r}, but {self.path} holds {info['imgtype']} "
                              f"records: pass imgtype={info['imgtype']!r} or leave it out")
@@ -63,7 +65,7 @@ class _Records:
         # maps the same pages (see _rows). Dropped on pickling, mapped again where unpickled.
         self._tables, self._tables_pid = (rows, logical), os.getpid()
         self._samples: list[tuple[str, int]] | None = None
-        self._reader = catalog.reader(self.path)
+        self._reader: Any = None if stream else catalog.reader(self.path)
         # The in-place batches' dtype, and the recipe tail's 3 x 256 table (fastlmdb.loading.
         # tail) that makes it from the uint8 pixels; None: uint8 batches.
         self._tail_table: torch.Tensor | None = None
@@ -77,7 +79,8 @@ class _Records:
     def _rows(self) -> Table:
         """The record table in logical order (fmt.TABLE), mapped in this process."""
         if self._tables_pid != os.getpid():
-            _, rows, logical = catalog.read_tables(self.path)
+            _, rows, logical = self._stream.tables() if self._stream \
+                else catalog.read_tables(self.path)
             self._tables, self._tables_pid = (rows, logical), os.getpid()
         return cast("Table", self._tables[0])
 
@@ -108,6 +111,9 @@ class _Records:
         """(path, target) of every record in this dataset's order, as ImageFolder has them;
         read from the database on first use."""
         if self._samples is None:
+            if self._stream:
+                raise AttributeError(f"{self.path} is streamed: its source paths are in its "
+                                     "shards; `fastlmdb stage` it to get `samples`")
             names = catalog.read_paths(self.path)
             if names is None:
                 raise AttributeError(f"{self.path} does not record its source paths (made by "
@@ -257,6 +263,12 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
                  on_error: str = "raise", seed: int = 0, decode_aware: bool = False,
                  threads: int = 1) -> None:
         threads = _checked_threads(threads)  # before the database is opened
+        if remote.is_url(os.fspath(root)):
+            raise DatabaseError(
+                f"{root}: LMDBDataset reads records at random, which needs the database on "
+                f"local disk: copy it with `fastlmdb stage {fmt.db_path(os.fspath(root), split)} "
+                "LOCAL_DIR` and pass LOCAL_DIR, or stream it in order with "
+                "LMDBIterDataset(..., cache_dir=..., cache_limit=...)")
         super().__init__(root, split, transform, target_transform, imgtype, output=output,
                          decoder=decoder, min_size=min_size, on_error=on_error,
                          decode_aware=decode_aware)
@@ -382,11 +394,19 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
                  on_error: str = "raise", seed: int = 0, rank: int | None = None,
                  world_size: int | None = None, drop_last: bool = False,
                  batch_size: int | None = None, decode_aware: bool = False,
-                 threads: int = 1) -> None:
+                 threads: int = 1, cache_dir: StrPath | None = None,
+                 cache_limit: int | str | None = None,
+                 storage_options: Mapping[str, Any] | None = None, window_shards: int = 1,
+                 prefetch_shards: int = 2) -> None:
         threads = _checked_threads(threads)
+        stream = streaming.open_split(
+            fmt.db_path(os.fspath(root), split), cache_dir=cache_dir, cache_limit=cache_limit,
+            storage_options=storage_options, window_shards=window_shards,
+            prefetch_shards=prefetch_shards)
         super().__init__(root, split, transform, target_transform, imgtype, output=output,
                          decoder=decoder, min_size=min_size, on_error=on_error,
-                         decode_aware=decode_aware)
+                         decode_aware=decode_aware, stream=stream)
+        self._session: Any = None  # the streamed reads of the iteration under way
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.threads = threads
         self._rank, self._world_size = rank, world_size
@@ -465,7 +485,7 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
         # take itself for rank 0 of 1: the process that pickles the dataset for its workers
         # (the one iterating the loader) carries its rank along. Without a process group here
         # nothing is fixed, so a copy unpickled in a distributed process still asks its own.
-        state = super().__getstate__()
+        state = {**super().__getstate__(), "_session": None}
         if self._world_size is None and sampler.distributed():
             state["_rank"], state["_world_size"] = self._ranks()
         return state
@@ -484,14 +504,17 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
 
     def _indices(self, epoch: int, offset: int) -> Any:
         keys = self._epoch_share(epoch, offset)
-        return self._logical(keys) if self.shuffle else keys
+        return self._logical(keys) if self.shuffle or self._stream else keys
 
     def _epoch_share(self, epoch: int, offset: int) -> Any:
         """This process's share of `epoch` after `offset` samples of the rank's: keys when
         shuffled (blocks of the physical order, read sequentially), else the logical order."""
         rank, world_size = self._ranks()
-        epoch_order = order.epoch_order(self._count, shuffle=self.shuffle,
-                                        seed=self.seed, epoch=epoch)
+        if self._stream:  # keys, shard by shard (shuffled or not)
+            epoch_order = self._stream.order(shuffle=self.shuffle, seed=self.seed, epoch=epoch)
+        else:
+            epoch_order = order.epoch_order(self._count, shuffle=self.shuffle,
+                                            seed=self.seed, epoch=epoch)
         share = order.rank_share(epoch_order, rank, world_size, self.drop_last)
         share = share[offset:]
         worker = torch.utils.data.get_worker_info()
@@ -512,10 +535,25 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
     def __iter__(self) -> Iterator[Any]:
         self._yielded, self._skip = self._skip, 0
         indices = self._indices(*self._progress.begin())[self._yielded:]
+        if self._stream is None:
+            yield from self._iterate(indices)
+            return
+        self._session = self._stream.session(self._keys(indices), self._ranks()[0])
+        try:
+            yield from self._iterate(indices)
+        finally:
+            self._session.close()
+            self._session = None
+
+    def _iterate(self, indices: Ints) -> Iterator[Any]:
         if self._batch_size() and self._decodes_in_place():
             yield from self._batches_in_place(indices)
             return
-        for piece in order.windows(indices, order.BLOCK * order.WINDOW_BLOCKS):
+        # Streamed: a batch at a time, so that the workers of a rank, which take turns by
+        # batch, read each shard together (none done with it before another begins it).
+        piece_size = (self._batch_size() or order.BLOCK) if self._stream \
+            else order.BLOCK * order.WINDOW_BLOCKS
+        for piece in order.windows(indices, piece_size):
             for index, value in zip(piece.tolist(), self._read(piece)):
                 self._yielded += 1
                 try:
@@ -556,6 +594,8 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
     def _read(self, piece: Ints) -> list[Any]:
         """Buffers of `piece`'s records, read in key order (sequential I/O), in piece order."""
         wanted = self._keys(piece)
+        if self._session is not None:
+            return cast("list[Any]", self._session.read(wanted))
         keys = np.unique(wanted)
         if keys[-1] - keys[0] + 1 == len(keys):
             values = self._reader.read_range(int(keys[0]), int(keys[-1]) + 1)

@@ -74,3 +74,21 @@ def windows(indices, size):
     """Consecutive pieces of `indices`, each at most `size` long."""
     for start in range(0, len(indices), size):
         yield indices[start:start + size]
+
+
+def shard_order(counts, *, shuffle, seed=0, epoch=0, window=1):
+    """Keys of a sharded database (shard k holding `counts[k]` consecutive keys) in an epoch's
+    streaming order: the shards permuted, then the records of each `window` consecutive shards
+    of that permutation shuffled together; without `shuffle`, key order. A pure function of
+    its arguments: every rank and worker knows which shards it reads, and when."""
+    offsets = np.cumsum([0] + list(counts)).astype(np.int64)
+    if not shuffle:
+        return np.arange(offsets[-1], dtype=np.int64)
+    rng = np.random.default_rng([seed, epoch, len(counts)])
+    shards = rng.permutation(len(counts))
+    windows = []
+    for w in range(0, len(shards), window):
+        keys = np.concatenate([np.arange(offsets[k], offsets[k + 1]) for k in shards[w:w + window]])
+        rng.shuffle(keys)
+        windows.append(keys)
+    return np.concatenate(windows) if windows else np.empty(0, dtype=np.int64)
