@@ -20,7 +20,7 @@ import typing
 import numpy as np
 
 from fastlmdb.core import jpeg
-from fastlmdb.sources import archive
+from fastlmdb.sources.refs import Ref
 from fastlmdb.core.errors import ImageError
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -117,9 +117,9 @@ def _shrink(pixels, max_size):
 
 
 def read(path, check_crc=True):
-    """The bytes of a file or archive member (`check_crc`: see archive.read)."""
-    if isinstance(path, archive.Member):  # a file inside a tar or zip, read in place
-        return archive.read(path, check_crc)
+    """The bytes of a file or a Ref (`check_crc`: see archive.read)."""
+    if isinstance(path, Ref):  # inside a tar, zip, parquet file, dataset: it knows how
+        return path.read(check_crc)
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block open() forever
             raise ImageError("not a regular file")

@@ -123,6 +123,8 @@ def make_shard(job):
                                   "shared filesystem)")
     if os.path.exists(job.final):
         return job.final, _finished(job)
+    if job.scan.setup is not None:
+        job.scan.setup()
     with files.exclusive(job.partial):
         resumed_at, (kind, *args) = writer.write_inline(
             pipeline.writer_job(job.options, job.scan, job.partial, job.plan, job.sources),

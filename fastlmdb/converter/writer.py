@@ -20,7 +20,7 @@ import numpy as np
 from fastlmdb.version import __version__
 from fastlmdb.converter import children, prepare
 from fastlmdb.core import store
-from fastlmdb.sources import archive
+from fastlmdb.sources.refs import Ref
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import DatabaseError, ImageError
 
@@ -313,8 +313,8 @@ def _file_bytes(nbytes, page_size):
 
 
 def _size_or_zero(path):
-    if isinstance(path, archive.Member):
-        return path.where[2]
+    if isinstance(path, Ref):
+        return path.size()
     try:
         return os.stat(path).st_size
     except OSError:  # gone since the scan: it will be reported when its turn comes

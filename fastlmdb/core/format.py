@@ -38,6 +38,9 @@ IMGTYPES = ("jpeg", "numpy")
 ORDERS = ("shuffled", "source")  # the write order: seeded random (default), or ImageFolder's
 # The write order of a compressed tar's members, read in one pass: the stream's.
 ARCHIVE_ORDER = "archive"
+# The write order of sources read a row group at a time (parquet): row groups in a seeded
+# shuffled order, the rows of each shuffled (fmt.grouped_write_order).
+GROUPS_ORDER = "row-groups"
 
 IMAGES_DB = b"images"
 ROWS_DB = b"rows"
@@ -71,6 +74,17 @@ def write_order(files, order, seed):
     if order == "source":
         return np.arange(files, dtype=np.int64)
     return np.random.default_rng([seed, files]).permutation(files)
+
+
+def grouped_write_order(groups, seed):
+    """Source positions in write order for files in groups (`groups`: a group number per
+    file, in source order, each group's files together): groups in a seeded random order,
+    each group's files shuffled; a pure function of its arguments, like write_order."""
+    groups = np.asarray(groups, dtype=np.int64)
+    rng = np.random.default_rng([seed, len(groups), 1])
+    rank = np.empty(int(groups.max(initial=-1)) + 1, dtype=np.int64)
+    rank[rng.permutation(len(rank))] = np.arange(len(rank))
+    return np.lexsort((rng.random(len(groups)), rank[groups]))
 
 
 def logical_of_keys(table):

@@ -20,7 +20,8 @@ import numpy as np
 from fastlmdb.sources import labels as label_files
 from fastlmdb.sources import listing
 from fastlmdb.core import catalog, jpeg
-from fastlmdb.sources import archive, folder
+from fastlmdb.sources import archive, folder, refs
+from fastlmdb.sources.refs import Ref
 from fastlmdb.core.errors import ConversionError, FastLMDBError
 
 CHUNK = 512
@@ -175,12 +176,12 @@ def _decode_jpeg(value: bytes | memoryview) -> tuple[tuple[int, ...], str | None
 def _compare_source(imgtype: str, value: bytes | memoryview, source_path: str) -> str | None:
     if imgtype != "jpeg":
         return None  # pixels were checked against their shape and checksum
-    if isinstance(source_path, archive.Member):
+    if isinstance(source_path, Ref):
+        where = refs.describe(source_path)
         try:
-            return None if archive.read(source_path) == bytes(value) else \
-                f"bytes differ from {source_path} in {source_path.archive}"
+            return None if source_path.read() == bytes(value) else f"bytes differ from {where}"
         except FastLMDBError as exc:
-            return f"cannot read {source_path} in {source_path.archive} ({exc})"
+            return f"cannot read {where} ({exc})"
     try:
         with open(source_path, "rb") as file:
             same = file.read() == bytes(value)
