@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 from fastlmdb.converter import pipeline, prepare, shards
 from fastlmdb.core import catalog, files
 from fastlmdb.sources import archive
+from fastlmdb.sources import dataset as dataset_source
 from fastlmdb.sources import listing, patterns
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import ON_ERROR, ConversionError
@@ -82,6 +83,7 @@ class Stats:
 def convert(options: Options,
             on_progress: Callable[[int, int, int], object] | None = None) -> Stats:
     """Convert one split; returns Stats. `on_progress(done, total, bytes_in)` is optional."""
+    _validate_source(options)
     _validate(options)
     scan = listing.list_split(options.split, from_dir=options.from_dir,
                               from_archive=options.from_archive, labels=options.labels,
@@ -89,6 +91,26 @@ def convert(options: Options,
                               columns=(options.image_column, options.label_column),
                               unlabeled=options.unlabeled)
     return convert_listing(options, scan, on_progress)
+
+
+def convert_dataset(dataset: Any, to_dir: str, split: str, *, classes: Sequence[str] | None = None,
+                    unlabeled: bool = False,
+                    on_progress: Callable[[int, int, int], object] | None = None,
+                    **options: Any) -> Stats:
+    """Convert a map-style Python dataset whose items are (image, label) into
+    `to_dir`/<split>.lmdb (sources/dataset.py says which images and items); `classes`: the
+    class names (default: the dataset's `classes`); `unlabeled`: keep label -1; `options`:
+    Options' fields (procs, save_as, on_error, max_size, order, shards, overwrite, ...)."""
+    for name in ("from_dir", "from_archive", "labels", "classes_from", "image_column",
+                 "label_column", "unlabeled"):
+        if name in options:
+            raise ValueError(f"{name} is for convert()'s files, not for convert_dataset")
+    settings = Options(None, os.fspath(to_dir), split, **options)
+    _validate(settings)
+    scan = dataset_source.list_dataset(dataset, classes=classes, unlabeled=unlabeled)
+    log.info("converting a Python dataset (%s, %d items) read by %d producer processes",
+             type(dataset).__name__, len(scan), settings.procs)
+    return convert_listing(settings, scan, on_progress)
 
 
 def convert_listing(options: Options, scan: Any,
@@ -166,7 +188,7 @@ def _stats(final: str, results: Sequence[Any], seconds: float) -> Stats:
                  info["warnings"])
 
 
-def _validate(o: Options) -> None:
+def _validate_source(o: Options) -> None:
     if (o.from_dir is None) == (o.from_archive is None):
         raise ValueError("give --from_dir SRC or --from-archive FILE (one of them), got "
                          f"{'both' if o.from_dir else 'neither'}")
@@ -175,6 +197,9 @@ def _validate(o: Options) -> None:
         if path is not None and not os.path.exists(path) and not (
                 flag == "--from-archive" and patterns.is_pattern(path)):
             raise ValueError(f"{flag} {path} does not exist")
+
+
+def _validate(o: Options) -> None:
     if o.save_as not in fmt.IMGTYPES:
         raise ValueError(f"--save-as must be one of {', '.join(fmt.IMGTYPES)}, got {o.save_as!r}")
     if not isinstance(o.procs, int) or o.procs < 1:

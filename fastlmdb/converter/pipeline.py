@@ -50,7 +50,8 @@ def plan_of(options, scan):
             digest.update(os.path.relpath(path, scan.root).encode("utf-8", "surrogateescape"))
         digest.update(b"\0%d\0" % label)
     o = options
-    return fmt.make_plan(os.path.abspath(scan.root), len(scan), digest.hexdigest(),
+    source = scan.root if "://" in scan.root else os.path.abspath(scan.root)
+    return fmt.make_plan(source, len(scan), digest.hexdigest(),
                          split=o.split, save_as=o.save_as, max_pixels=o.max_pixels,
                          max_size=o.max_size, quality=o.quality, check_decode=o.check_decode,
                          order=o.order, order_seed=o.order_seed)
@@ -291,7 +292,10 @@ def producer_main(tasks, results, settings, coordinator, slots, i, setup=None):
 def entry(path, settings, data=None):
     """What a producer sends the writer about one file (whose bytes are `data`, when the
     coordinator read them): the record, or why there is none."""
+    label = None
     try:
+        if data is None and isinstance(path, Ref):
+            data, label = path.read_labelled()
         record = prepare.prepare(path, settings, data)
     except ImageError as exc:  # this file is bad: reported as data, skipped or fatal
         return {"path": path, "error": str(exc)}
@@ -305,7 +309,8 @@ def entry(path, settings, data=None):
     reread = unchanged and (not ref or path.rereadable())
     # A zip member's CRC-32 was checked on reading: it is the checksum of unchanged bytes.
     crc = path.known_crc() if unchanged and ref else None
-    return {"path": path, "payload": None if reread else record.payload,
+    found = {} if label is None else {"label": label}  # else the listing's
+    return {**found, "path": path, "payload": None if reread else record.payload,
             "height": record.height, "width": record.width,
             "crc32": zlib.crc32(record.payload) if crc is None else crc,
             "source_bytes": record.source_bytes, "transcoded": record.transcoded,

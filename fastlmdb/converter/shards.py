@@ -116,7 +116,8 @@ def _make_here(job, progress):
 def make_shard(job):
     """A task, in whatever process runs it: prepare and write one shard in this process.
     Returns (shard path, (info, files done before this run))."""
-    for needed in (job.scan.root, os.path.dirname(job.partial)):
+    local = [] if "://" in job.scan.root else [job.scan.root]  # not a Python dataset's
+    for needed in (*local, os.path.dirname(job.partial)):
         if not os.path.exists(needed):  # a cluster worker without the shared filesystem
             raise ConversionError(f"{socket.gethostname()} cannot see {needed}: every worker "
                                   "must see --from_dir and --to_dir at the same paths (a "

@@ -185,7 +185,8 @@ class _Writer:
         if entry.get("warning"):
             p["warnings"].append([p["stored"], entry["path"], entry["warning"]])
         self.payloads.append(payload)
-        self.pending_rows.append((self.job.labels[source], entry["height"], entry["width"],
+        label = entry.get("label", self.job.labels[source])  # a Python dataset's: its item's
+        self.pending_rows.append((label, entry["height"], entry["width"],
                                   len(payload), entry["crc32"], self.sources[source],
                                   _changed(entry)))
         p["stored"] += 1

@@ -8,15 +8,32 @@ dataset.Item) and a list function that listing.py dispatches to.
 """
 
 
+import typing
+
+import numpy as np
+
+
+class Pixels(typing.NamedTuple):
+    """An image a source holds only decoded (a Python dataset's PIL image or array): RGB
+    uint8 HxWx3, and why the stored record is not the source's bytes."""
+
+    array: np.ndarray
+    why: str
+
+
 class Ref(str):
     """An image inside something else (an archive, a parquet file, a Python dataset)."""
 
     container = ""  # the file (or object) holding it, for messages: "<ref> in <container>"
 
     def read(self, check_crc=True):
-        """The image's encoded bytes (or, for a Python dataset, what its item holds);
+        """The image's encoded bytes, or its Pixels where the source holds only those;
         ImageError if they cannot be had. `check_crc`: see archive.read."""
         raise NotImplementedError
+
+    def read_labelled(self):
+        """(read(), the label that came with it, or None where the listing has it)."""
+        return self.read(), None
 
     def rereadable(self):
         """Whether the writer may read it again instead of receiving its bytes through a pipe
