@@ -59,44 +59,82 @@ def main(argv=None):
     import shard_writers  # the test suite's writers of parquet and WebDataset shards
 
     with harness.work_dir(args) as work:
-        src, out = os.path.join(work, "src"), os.path.join(work, "out")
-        files = harness.tree_from_args(args, src)
-        train = os.path.join(src, "train")
-        parquet = shard_writers.parquet_from_tree(train, os.path.join(work, "pq"),
-                                                  files=SHARDS, rows_per_group=ROWS_PER_GROUP)
-        wds = shard_writers.wds_from_tree(train, os.path.join(work, "wds"), shards=SHARDS)
-        wds_gz = shard_writers.wds_from_tree(train, os.path.join(work, "wdsgz"), shards=SHARDS,
-                                             compression="gz")
-        classes = os.path.join(work, "classes.txt")
-        with open(classes, "w") as file:
-            file.write("\n".join(folder.find_classes(train)[0]) + "\n")
-        shards = ["--classes-from", classes]
-        ways = {TREE: _convert(["--from-dir", src], out),
-                "parquet, 4 files (--from-archive 'pq/*.parquet')":
-                    _convert(["--from-archive", os.path.join(work, "pq", "*.parquet")], out),
-                "WebDataset, 4 .tar shards":
-                    _convert(["--from-archive", os.path.join(work, "wds"), *shards], out),
-                "WebDataset, 4 .tar.gz shards (one pass, in order)":
-                    _convert(["--from-archive", os.path.join(work, "wdsgz"), *shards], out),
-                **{f"convert_dataset: {what}": _dataset(Items(train, kind), out)
-                   for kind, what in (("path", "(path, label)"), ("bytes", "(bytes, label)"),
-                                      ("pil-file", "(PIL opened from a file, label)"),
-                                      ("pil-bytes", "(PIL decoded from bytes: encoded "
-                                                    "again), label)"))}}
-        packed = (*parquet, *wds, *wds_gz)
+        out = os.path.join(work, "out")
+        files = harness.tree_from_args(args, os.path.join(work, "src"))
+        ways, packed = _ways(shard_writers, os.path.join(work, "src"), out)
         candidates = [harness.Candidate(label, run, files=(*files, *packed), cache="warm",
                                         setup=_fresh(out)) for label, run in ways.items()]
+        fixed = _fixed_costs(shard_writers, work, out, args)
         results = harness.measure(candidates, repeats=args.repeats, warmup=args.warmup)
         info = [*harness.machine_info(work),
                 f"input: {len(files)} files, {harness.total_bytes(files) / 1e6:.0f} MB; "
                 f"{SHARDS} parquet files (row groups of {ROWS_PER_GROUP}), {SHARDS} .tar and "
                 f"{SHARDS} .tar.gz WebDataset shards of the same images; --save-as jpeg "
                 "--procs 2"]
+    net = _net(fixed)
+    base = net(next(r for r in results if r.candidate.label == TREE))
+    columns = [harness.Column("img/CPU-s net of start-up",
+                              lambda r: "-" if net(r) is None else f"{net(r):,.0f}"),
+               harness.Column("net vs baseline", lambda r: "-" if None in (net(r), base)
+                              else f"{net(r) / base:.2f}x")]
     harness.report(harness.result_name(args, "convert-sources"), results, baseline=TREE,
                    title="Converting parquet, WebDataset shards and Python datasets vs the "
-                         "tree", info=info,
+                         "tree", info=info, columns=columns,
                    notes=["Targets (issue 20): parquet and WebDataset >= 1.0x the tree per "
-                          "CPU-second; convert_dataset over paths or bytes >= 0.8x."])
+                          "CPU-second; convert_dataset over paths or bytes >= 0.8x.",
+                          "Net of start-up: images / (CPU-s - the CPU-s of converting one "
+                          "image the same way: starting the processes, importing pyarrow, "
+                          "the final fsync), the rate that counts at ImageNet's scale.",
+                          *[f"start-up of `{label}`: {r.cpu:.2f} CPU-s"
+                            for label, r in fixed.items()]])
+
+
+def _ways(shard_writers, src, out):
+    """({label: run} of every way to convert the tree at `src`, the shard files made)."""
+    work, train = os.path.dirname(src), os.path.join(src, "train")
+    tag = os.path.basename(src)
+    parquet = shard_writers.parquet_from_tree(train, os.path.join(work, f"{tag}-pq"),
+                                              files=SHARDS, rows_per_group=ROWS_PER_GROUP)
+    wds = shard_writers.wds_from_tree(train, os.path.join(work, f"{tag}-wds"), shards=SHARDS)
+    wds_gz = shard_writers.wds_from_tree(train, os.path.join(work, f"{tag}-wdsgz"),
+                                         shards=SHARDS, compression="gz")
+    classes = os.path.join(work, f"{tag}-classes.txt")
+    with open(classes, "w") as file:
+        file.write("\n".join(folder.find_classes(train)[0]) + "\n")
+    shards = ["--classes-from", classes]
+    ways = {TREE: _convert(["--from-dir", src], out),
+            "parquet, 4 files (--from-archive 'pq/*.parquet')":
+                _convert(["--from-archive", os.path.join(work, f"{tag}-pq", "*.parquet")], out),
+            "WebDataset, 4 .tar shards":
+                _convert(["--from-archive", os.path.join(work, f"{tag}-wds"), *shards], out),
+            "WebDataset, 4 .tar.gz shards (one pass, in order)":
+                _convert(["--from-archive", os.path.join(work, f"{tag}-wdsgz"), *shards], out),
+            **{f"convert_dataset: {what}": _dataset(Items(train, kind), out)
+               for kind, what in (("path", "(path, label)"), ("bytes", "(bytes, label)"),
+                                  ("pil-file", "(PIL opened from a file, label)"),
+                                  ("pil-bytes", "(PIL decoded from bytes: encoded again), "
+                                                "label)"))}}
+    return ways, (*parquet, *wds, *wds_gz)
+
+
+def _fixed_costs(shard_writers, work, out, args):
+    """{label: Result} of converting a one-image source each way."""
+    tiny = os.path.join(work, "tiny")
+    harness.make_tree(tiny, harness.sample_files(args.images_dir, 1))
+    print("start-up cost per run, on a one-image source:", file=sys.stderr)
+    ways, _ = _ways(shard_writers, tiny, out)
+    candidates = [harness.Candidate(label, run, setup=_fresh(out))
+                  for label, run in ways.items()]
+    results = harness.measure(candidates, repeats=args.repeats, warmup=args.warmup)
+    return {r.candidate.label: r for r in results}
+
+
+def _net(fixed):
+    def net(result):
+        start = fixed[result.candidate.label]  # None where start-up is most of the run
+        spent = result.cpu - start.cpu
+        return result.images / spent if spent > 0.5 * result.cpu else None
+    return net
 
 
 def _fresh(out):

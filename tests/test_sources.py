@@ -197,3 +197,21 @@ def test_webdataset_bad_keys_named(awkward, tmp_path):
     with pytest.raises(ConversionError, match=r"a\.jpg in .*range\.tar has label 7, outside "
                                               r"the 3 classes"):
         convert(tmp_path / "range.tar", tmp_path / "e", classes_from=names)
+
+
+def test_patterns_expand_braces_globs_and_folders(tmp_path):
+    from fastlmdb.sources import patterns
+
+    for name in ("a-0008.tar", "a-0009.tar", "a-0010.tar", "b-0.parquet", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    names = lambda found: [os.path.basename(path) for path in found]  # noqa: E731
+    assert names(patterns.expand(str(tmp_path / "a-{0008..0010}.tar"))) == \
+        ["a-0008.tar", "a-0009.tar", "a-0010.tar"]
+    assert names(patterns.expand(str(tmp_path / "{a-0009,b-0}.*"))) == \
+        ["a-0009.tar", "b-0.parquet"]
+    assert names(patterns.expand(str(tmp_path / "a-*.tar"))) == \
+        ["a-0008.tar", "a-0009.tar", "a-0010.tar"]
+    assert names(patterns.expand(str(tmp_path))) == \
+        ["a-0008.tar", "a-0009.tar", "a-0010.tar", "b-0.parquet"]
+    with pytest.raises(ConversionError, match=r"no file matches .*c-\{1\.\.2\}\.tar"):
+        patterns.expand(str(tmp_path / "c-{1..2}.tar"))

