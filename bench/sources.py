@@ -133,7 +133,7 @@ def _net(fixed):
     def net(result):
         start = fixed[result.candidate.label]  # None where start-up is most of the run
         spent = result.cpu - start.cpu
-        return result.images / spent if spent > 0.5 * result.cpu else None
+        return result.images / spent if spent > 0.25 * result.cpu else None
     return net
 
 
