@@ -168,7 +168,8 @@ def _rows(work, databases, batch_size):
         ("LMDBDataset tensor, v2 uint8 (normalise on the GPU)",
          LMDBDataset(root, "train", uint8, output="tensor"), jpeg_db),
         ("LMDBIterDataset tensor, v2 float32",
-         LMDBIterDataset(root, "train", floats, output="tensor", shuffle=True), jpeg_db),
+         LMDBIterDataset(root, "train", floats, output="tensor", shuffle=True,
+                         batch_size=batch_size), jpeg_db),
         ("LMDBDataset numpy db, tensor, v2 float32",
          LMDBDataset(numpy_root, "train", floats, output="tensor"), numpy_db),
     ]

@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers
     from fastlmdb.loading.batch import collate
     from fastlmdb.loading.crops import RandomResizedCrop, ResizeCenterCrop
     from fastlmdb.loading.dataset import LMDBDataset, LMDBIterDataset
+    from fastlmdb.loading.loader import loader
     from fastlmdb.loading.sampler import EpochSampler
     from fastlmdb.tools.merge import merge
     from fastlmdb.tools.stage import stage
@@ -49,6 +50,7 @@ __all__ = [
     "collate",
     "convert",
     "convert_dataset",
+    "loader",
     "merge",
     "stage",
     "verify",
@@ -68,6 +70,7 @@ _LAZY = {
     "LMDBDataset": "fastlmdb.loading.dataset",
     "LMDBIterDataset": "fastlmdb.loading.dataset",
     "EpochSampler": "fastlmdb.loading.sampler",
+    "loader": "fastlmdb.loading.loader",
     "RandomResizedCrop": "fastlmdb.loading.crops",
     "ResizeCenterCrop": "fastlmdb.loading.crops",
     "collate": "fastlmdb.loading.batch",

@@ -348,3 +348,9 @@ def assert_same_database(path, reference):
 
 def without_times(info):
     return {k: v for k, v in info.items() if k not in ("started", "finished")}
+
+
+# DataLoader worker start methods: fork in the quick loop (`pytest -m "not slow"`), spawn and
+# forkserver (a fresh interpreter importing torch per worker, seconds each) in the full run.
+START_METHODS = ["fork", pytest.param("spawn", marks=pytest.mark.slow),
+                 pytest.param("forkserver", marks=pytest.mark.slow)]

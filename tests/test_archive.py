@@ -152,6 +152,7 @@ def test_flat_split_with_labels_is_the_valprep_tree(src, reference, tmp_path, ki
                          _member_of(src, "val", template))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_classes_from_train_keeps_train_indices_where_val_lacks_a_class(src, reference,
                                                                         tmp_path):
@@ -241,6 +242,7 @@ class _Stop(Exception):
     pass
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_an_interrupted_archive_conversion_resumes_identical(src, reference, tmp_path):
     packed = tar_of_tars(os.path.join(src, "train"), str(tmp_path / "train.tar"))
@@ -262,6 +264,7 @@ def test_an_interrupted_archive_conversion_resumes_identical(src, reference, tmp
                          _member_of(src, "train", "{klass}.tar/{rel}"))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_shards_and_verify_from_an_archive(src, reference, tmp_path):
     packed = tree(os.path.join(src, "train"), str(tmp_path / "train.zip"),
@@ -346,6 +349,7 @@ def _devkit(path, truth_ids, wnids):
     return str(path)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_val_tar_with_the_devkit_is_the_valprep_tree(src, reference, tmp_path):
     """ILSVRC2012_img_val.tar's flat ILSVRC2012_val_NNNNNNNN.JPEG files, labelled by the
@@ -436,6 +440,7 @@ def _stream_order(path):
             for member in archive.inner_members(member)]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("compression, prefix", [("gz", "imagenet/train/"), ("xz", "")])
 def test_a_compressed_tar_of_a_tree_is_the_tree(src, reference, tmp_path, compression, prefix):
@@ -448,6 +453,7 @@ def test_a_compressed_tar_of_a_tree_is_the_tree(src, reference, tmp_path, compre
                          stream_order=_stream_order(packed))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_compressed_flat_tar_with_labels_is_the_valprep_tree(src, reference, tmp_path):
     packed = str(tmp_path / "val.tar.gz")
@@ -458,6 +464,7 @@ def test_a_compressed_flat_tar_with_labels_is_the_valprep_tree(src, reference, t
                          _member_of(src, "val", "{name}"), stream_order=_stream_order(packed))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_an_interrupted_compressed_tar_of_tars_conversion_resumes_identical(src, reference,
                                                                            tmp_path):
@@ -488,6 +495,7 @@ def test_a_truncated_compressed_tar_is_named(src, tmp_path):
         _convert(tmp_path / "dst", "val", from_archive=packed)
 
 
+@pytest.mark.slow
 def test_a_compressed_tar_is_not_sharded_nor_verified_against(src, tmp_path):
     """...and its database, in the tar's order, says so to a shuffling sequential reader."""
     from fastlmdb import LMDBIterDataset

@@ -157,15 +157,6 @@ def test_skipped_record_as_on_the_per_sample_path(dbs, tmp_path):
 # --------------------------------------------------------------------------- handover
 
 
-@pytest.fixture
-def as_worker(monkeypatch):
-    """This process acting as a DataLoader worker: batches go in reused segments."""
-    if not hasattr(os, "memfd_create"):
-        pytest.skip("no memfd_create: batches go in torch's shared memory")
-    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
-    monkeypatch.setattr(handover, "_SEGMENTS", {"pid": None, "list": []})
-
-
 def _send(built):
     """What the main process receives of a collated batch from a worker."""
     from multiprocessing.reduction import ForkingPickler
@@ -229,8 +220,8 @@ def _epochs(dataset, context, persistent, epochs=2, batch_size=4):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("context, persistent", [("fork", True), ("fork", False),
-                                                 ("spawn", True)])
+@pytest.mark.parametrize("context, persistent", [
+    ("fork", True), ("fork", False), pytest.param("spawn", True, marks=pytest.mark.slow)])
 def test_workers_give_the_per_sample_pixels(dbs, context, persistent):
     transform = PIPELINES["v2 flips"]()
     fast = _epochs(LMDBDataset(dbs["jpeg"], "train", transform, output="tensor"),

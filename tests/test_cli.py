@@ -146,6 +146,7 @@ def test_ctrl_c_says_how_to_resume(tree, dst, monkeypatch, capsys):
     assert "interrupted" in err and "run the same command again to resume" in err
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_demo_runs_end_to_end(tmp_path, capsys):
     assert main(["demo", "--dir", os.fspath(tmp_path), "--classes", "2", "--per-class", "4",

@@ -14,20 +14,20 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import warnings
 
+import probes
 import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+import fastlmdb
 import helpers
-from lmdb_probes import checksum
+from probes.lmdb_probes import checksum
 from fastlmdb import EpochSampler, LMDBDataset, LMDBIterDataset
 
 COUNT, BATCH = 100, 8
-CONTEXTS = ["fork", "spawn", "forkserver"]
-PROBE = os.path.join(os.path.dirname(__file__), "client_probes.py")
+CONTEXTS = helpers.START_METHODS
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -59,14 +59,16 @@ def _checksums(loader):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("context, persistent",
-                         [("fork", False), ("fork", True), ("spawn", True), ("forkserver", True)])
+@pytest.mark.parametrize("context, persistent", [
+    ("fork", False), ("fork", True), pytest.param("spawn", True, marks=pytest.mark.slow),
+    pytest.param("forkserver", True, marks=pytest.mark.slow)])
 def test_iter_loader_length_is_what_workers_yield_and_epochs_move_on(db, everything, context,
                                                                     persistent):
     stream = LMDBIterDataset(db, "train", checksum, output="numpy", shuffle=True, seed=2)
-    loader = DataLoader(stream, batch_size=BATCH, num_workers=2, multiprocessing_context=context,
-                        persistent_workers=persistent)
-    assert len(loader) == 13  # asked first, as Lightning does: the workers take turns by batch
+    loader = fastlmdb.loader(stream, batch_size=BATCH, num_workers=2,
+                             multiprocessing_context=context, persistent_workers=persistent)
+    assert stream.batch_size == BATCH  # told by fastlmdb.loader: the workers take turns by batch
+    assert len(loader) == 13
     epochs = []
     for _ in range(2):  # nobody calls set_epoch
         batches = [[int(c) for c in batch] for batch, _ in loader]
@@ -80,23 +82,68 @@ def test_iter_loader_length_is_what_workers_yield_and_epochs_move_on(db, everyth
 
 
 @pytest.mark.timeout(120)
-def test_without_len_every_sample_still_arrives(db, everything):
+def test_without_the_batch_size_every_sample_still_arrives(db, everything):
     stream = LMDBIterDataset(db, "train", checksum, output="numpy")
     loader = DataLoader(stream, batch_size=BATCH, num_workers=2)
-    batches = [batch for batch in loader]  # (list(loader) asks len(loader))
-    # Halves per worker: 7 + 7 batches, where len(loader) would say 13; nobody asked it.
+    assert len(loader) == 13  # asking it teaches the dataset nothing
+    batches = [batch for batch in loader]
+    # Halves per worker: 7 + 7 batches, where len(loader) says 13.
     assert len(batches) == 14
+    assert sorted(int(c) for b, _ in batches for c in b) == sorted(c for c, _ in everything)
+    assert stream.batch_size is None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_an_unknown_batch_size_is_said_once_naming_what_to_pass(db, capfd):
+    """Worker 0 warns, once across epochs and workers started again (spawn: the worker's
+    stderr is the test's, where warnings print by default)."""
+    stream = LMDBIterDataset(db, "train", checksum, output="numpy")
+    loader = DataLoader(stream, batch_size=BATCH, num_workers=2, multiprocessing_context="spawn")
+    for _ in range(2):
+        assert len([batch for batch in loader]) == 14
+    err = capfd.readouterr().err
+    assert err.count("does not know the DataLoader's batch size") == 1, err
+    assert "pass batch_size=<the DataLoader's> to LMDBIterDataset" in err
+    assert "fastlmdb.loader(dataset, batch_size=n, ...)" in err
+
+
+@pytest.mark.timeout(120)
+def test_set_batch_size_reaches_persistent_workers(db, everything):
+    stream = LMDBIterDataset(db, "train", checksum, output="numpy")
+    loader = DataLoader(stream, batch_size=BATCH, num_workers=2, persistent_workers=True)
+    assert len([batch for batch in loader]) == 14
+    stream.set_batch_size(BATCH)  # as LitData's loader does
+    assert stream.batch_size == BATCH
+    batches = [batch for batch in loader]
+    assert len(batches) == len(loader) == 13
     assert sorted(int(c) for b, _ in batches for c in b) == sorted(c for c, _ in everything)
 
 
 def test_a_batch_size_unlike_the_loaders_is_refused(db):
     stream = LMDBIterDataset(db, "train", batch_size=4)
-    with pytest.raises(ValueError, match="batch_size=4 was given to LMDBIterDataset, but its "
-                                         "DataLoader has batch_size=8: give both the same"):
-        len(DataLoader(stream, batch_size=BATCH))
-    assert len(DataLoader(stream, batch_size=4)) == 25
-    with pytest.raises(ValueError, match="batch_size must be a positive int"):
-        LMDBIterDataset(db, "train", batch_size=0)
+    with pytest.raises(ValueError, match="batch_size=4 was given to LMDBIterDataset, but the "
+                                         "loader has batch_size=8: give both the same"):
+        fastlmdb.loader(stream, batch_size=BATCH)
+    assert len(fastlmdb.loader(stream, batch_size=4)) == 25
+    for bad in (0, -1, True, 2.0, "8"):
+        with pytest.raises(ValueError, match="batch_size must be a positive int"):
+            LMDBIterDataset(db, "train", batch_size=bad)
+        with pytest.raises(ValueError, match="batch_size must be a positive int"):
+            stream.set_batch_size(bad)
+    assert stream.batch_size == 4
+
+
+def test_loader_passes_everything_else_on(db):
+    """Map-style datasets (no set_batch_size) and other loader classes go through as they are."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    dataset = LMDBDataset(db, "train", checksum, output="numpy")
+    loader = fastlmdb.loader(dataset, batch_size=BATCH, drop_last=True)
+    assert type(loader) is DataLoader and loader.drop_last and len(loader) == 12
+    stream = LMDBIterDataset(db, "train", checksum, output="numpy")
+    stateful = fastlmdb.loader(stream, batch_size=BATCH, loader_class=StatefulDataLoader)
+    assert isinstance(stateful, StatefulDataLoader) and stream.batch_size == BATCH
 
 
 # --------------------------------------------------------------------------- Lightning
@@ -108,13 +155,14 @@ def _quiet():
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("kind", ["map", "iter"])
 @pytest.mark.parametrize("context, persistent",
                          [("fork", False), ("spawn", True), ("forkserver", True)])
 def test_lightning_sees_every_sample_once_per_epoch_in_a_new_order(db, everything, kind,
                                                                   context, persistent):
-    import client_probes
+    from probes import client_probes
 
     _quiet()
     model = client_probes.Recorder()
@@ -130,13 +178,11 @@ def test_lightning_sees_every_sample_once_per_epoch_in_a_new_order(db, everythin
 
 
 def _ddp(root, kind, out, use_distributed_sampler, seconds=400):
-    """Run client_probes.py as a 2-rank Lightning DDP job; {rank: result}."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__)),
-         os.environ.get("PYTHONPATH", "")]), "PYTHONWARNINGS": "ignore"}
+    """Run probes/client_probes.py as a 2-rank Lightning DDP job; {rank: result}."""
     process = subprocess.Popen(
-        [sys.executable, PROBE, root, kind, out, "1" if use_distributed_sampler else "0"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        probes.command("client_probes", root, kind, out, int(use_distributed_sampler)),
+        env=probes.env(PYTHONWARNINGS="ignore"), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
         start_new_session=True)  # its own group: Lightning's second rank and the workers
     try:
         _, err = process.communicate(timeout=seconds)
@@ -153,14 +199,17 @@ def _ddp(root, kind, out, use_distributed_sampler, seconds=400):
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("kind, use_distributed_sampler",
                          [("map", False), ("map", True), ("iter", True)])
 def test_lightning_ddp_two_ranks_share_each_epoch_exactly(db, everything, tmp_path, kind,
                                                           use_distributed_sampler):
-    """Lightning's default use_distributed_sampler=True wraps EpochSampler in its own
-    DistributedSamplerWrapper: EpochSampler then yields the whole epoch for it to split."""
+    """Lightning's default use_distributed_sampler=True replaces or wraps only samplers that
+    are not DistributedSamplers: EpochSampler is one, so it keeps its own split either way."""
     results = _ddp(db, kind, os.fspath(tmp_path), use_distributed_sampler)
+    if kind == "map":
+        assert [results[r]["sampler"] for r in (0, 1)] == ["EpochSampler"] * 2
     per_rank = -(-COUNT // 2)
     assert [results[r]["batches"] for r in (0, 1)] == [-(-per_rank // BATCH)] * 2
     orders = []
@@ -174,12 +223,13 @@ def test_lightning_ddp_two_ranks_share_each_epoch_exactly(db, everything, tmp_pa
     assert orders[0] != orders[1]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("kind", ["iter-stateful", "map-stateful"])
 def test_lightning_resumes_mid_epoch_from_a_checkpoint(db, tmp_path, kind):
     """A job checkpointed after 5 steps (torchdata's StatefulDataLoader, whose state Lightning
     saves) and restarted from it: what it saw + what the restart sees == one whole epoch."""
-    import client_probes
+    from probes import client_probes
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     _quiet()
@@ -205,6 +255,7 @@ def test_lightning_resumes_mid_epoch_from_a_checkpoint(db, tmp_path, kind):
 # --------------------------------------------------------------------------- timm
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("use_prefetcher", [False, True])
 @pytest.mark.parametrize("context", CONTEXTS)
@@ -234,6 +285,7 @@ def test_timm_create_loader_eval_gives_imagefolders_batches(db, src, context, us
         assert torch.equal(images, ref_images)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("use_prefetcher", [False, True])
 def test_timm_create_loader_training_every_sample(db, everything, use_prefetcher):
@@ -291,9 +343,11 @@ def test_cached_iterable_dataset_keeps_its_epochs_in_persistent_workers(db, ever
     """A torch.load-ed LMDBIterDataset: set_epoch and the epoch count still reach persistent
     workers (its shared counters are shared again when unpickled from a file)."""
     cache = tmp_path / "stream.pt"
-    torch.save(LMDBIterDataset(db, "train", output="numpy", shuffle=True, seed=4), cache)
+    torch.save(LMDBIterDataset(db, "train", output="numpy", shuffle=True, seed=4,
+                               batch_size=BATCH), cache)
     stream = torch.load(cache, weights_only=False)
     stream.transform = checksum
+    assert stream.batch_size == BATCH  # kept in the cache
     loader = DataLoader(stream, batch_size=BATCH, num_workers=2, persistent_workers=True,
                         multiprocessing_context=context)
     assert len(loader) == 13

@@ -183,6 +183,7 @@ def test_max_size_resizes_only_larger_images(awkward_tree, dst, save_as):
     assert info["resized"] == large and info["max_size"] == 80
 
 
+@pytest.mark.slow
 def test_several_producers_keep_source_order(tmp_path, dst):
     # 3 chunks of work per class set: with two producers results arrive out of order.
     src = make_tree(tmp_path / "src", plain_layout(classes=3, train=15, val=0))
@@ -303,9 +304,9 @@ def interrupted(tmp_path, dst, bad_files):
     src = make_tree(tmp_path / "src", plain_layout(classes=3, train=12, val=0))
     (bad,) = bad_files(os.path.join(src, "train", "n00000001"), kinds=["truncated"],
                        prefix="n00000001_005x")
-    scan = folder.list_tree(os.path.join(src, "train"))
+    inputs = folder.list_tree(os.path.join(src, "train"))
     # Files are written in the shuffled write order: the bad one is the 17th written.
-    index = fmt.write_order(len(scan), "shuffled", 0).tolist().index(scan.paths.index(bad))
+    index = fmt.write_order(len(inputs), "shuffled", 0).tolist().index(inputs.paths.index(bad))
     assert index == 16  # past the first 16-file chunk: there is a commit before it
     with pytest.raises(ConversionError, match=re.escape(bad)):
         run_convert(src, dst, batch_bytes=1)
@@ -321,6 +322,7 @@ def count_records(partial):
         env.close()
 
 
+@pytest.mark.slow
 def test_interrupted_run_keeps_committed_work_and_resumes(interrupted, tmp_path, dst):
     partial = fmt.partial_path(db(dst))
     assert count_records(partial) == interrupted.index  # everything before the bad file
@@ -430,6 +432,7 @@ def test_when_every_producer_dies_the_run_fails(long_tree, dst):
     assert not os.path.exists(db(dst))
 
 
+@pytest.mark.slow
 def test_a_dead_producers_work_goes_to_the_others(long_tree, tmp_path, dst):
     on_progress, killed = kill_child_on_progress("fastlmdb-producer-0", after=16)
     stats = converter.convert(converter.Options(long_tree, dst, "train", procs=2, batch_bytes=1,
@@ -450,6 +453,7 @@ def test_a_dead_producers_work_goes_to_the_others(long_tree, tmp_path, dst):
     assert fresh.images == 100
 
 
+@pytest.mark.slow
 def test_a_writer_that_dies_fails_the_run_and_the_next_run_resumes(long_tree, tmp_path, dst):
     # Killed once 32 files are reported: the writer committed the first chunk before
     # taking the second, so at least 16 records survive.
@@ -525,15 +529,15 @@ def test_a_bug_while_preparing_stops_the_run_naming_the_file(tree, dst, monkeypa
         raise AttributeError("module 'PIL.Image' has no attribute 'Resampling'")
 
     monkeypatch.setattr(prepare, "prepare", buggy)
-    scan = folder.list_tree(os.path.join(tree, "train"))
-    assert "AttributeError" in pipeline.entry(scan.paths[0], prepare.Settings())["bug"]
+    inputs = folder.list_tree(os.path.join(tree, "train"))
+    assert "AttributeError" in pipeline.entry(inputs.paths[0], prepare.Settings())["bug"]
     options = converter.Options(tree, dst, "train", on_error="skip", procs=1)
     os.makedirs(dst)
     partial = os.path.join(dst, "train.lmdb.partial")
-    job = pipeline.writer_job(options, scan, partial, pipeline.plan_of(options, scan))
+    job = pipeline.writer_job(options, inputs, partial, pipeline.plan_of(options, inputs))
     _, (kind, message) = writer.write_inline(
-        job, scan.paths, lambda paths: [pipeline.entry(p, prepare.Settings()) for p in paths],
+        job, inputs.paths, lambda paths: [pipeline.entry(p, prepare.Settings()) for p in paths],
         pipeline.CHUNK)
     assert kind == "fatal"
-    assert f"preparing {scan.paths[0]} failed with an unexpected error" in message
+    assert f"preparing {inputs.paths[0]} failed with an unexpected error" in message
     assert "Resampling" in message

@@ -141,6 +141,7 @@ def test_fuzzed_json_records(raw):
                                  st.lists(st.integers(), max_size=3),
                                  st.dictionaries(st.text(max_size=3), st.integers(),
                                                  max_size=2))))
+@pytest.mark.slow
 def test_fuzzed_info_fields(info):
     try:
         checked = fmt.check_info(info, "p")

@@ -13,6 +13,7 @@ import fastlmdb
 from fastlmdb import converter
 from fastlmdb.testing import sample_tree
 from fastlmdb.loading import crops
+import helpers
 from helpers import psnr, with_bytes_before
 
 
@@ -143,6 +144,7 @@ def test_validation_crop_matches_torchvision_resize_center_crop(db):
         assert psnr(ours[i][0], expected) > 25
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_decode_aware_pipeline_in_dataloader_workers(db):
     _, dst, _ = db
@@ -215,7 +217,7 @@ def test_decode_aware_torchvision_crop_draws_as_torchvision(db, module_name):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("context", ["fork", "spawn", "forkserver"])
+@pytest.mark.parametrize("context", helpers.START_METHODS)
 def test_a_torchvision_pipeline_gets_in_place_batches_by_one_argument(db, context):
     from fastlmdb.loading import batch
 

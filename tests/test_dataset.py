@@ -23,7 +23,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-import lmdb_probes
+from probes import lmdb_probes
+import helpers
 from helpers import usable_decoders
 from fastlmdb import converter
 from fastlmdb.core import jpeg, store
@@ -47,7 +48,7 @@ COUNT = sum(map(len, LAYOUT.values()))  # 14: not divisible by 3 (ranks) nor 4 (
 
 DECODERS = usable_decoders()
 TURBO = "turbojpeg" in DECODERS
-CONTEXTS = ["fork", "spawn", "forkserver"]
+CONTEXTS = helpers.START_METHODS
 
 
 def _jpeg_bytes(kind, rng):

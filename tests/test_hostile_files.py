@@ -10,11 +10,11 @@ import multiprocessing
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import zlib
 
 import numpy as np
+import probes
 import pytest
 
 import fastlmdb
@@ -33,7 +33,6 @@ from helpers import (HEADER_WARNS, LENIENT_LAYOUT, LIBJPEG_WARNS, ODD_SAMPLING, 
 # Every test here starts spawn-context producer and writer processes: none may hang.
 pytestmark = pytest.mark.timeout(60)
 
-PROBE = os.path.join(os.path.dirname(__file__), "load_probe.py")
 TWELVE_BIT = ("12-bit JPEG: libjpeg-turbo decodes 8-bit samples only; "
               "convert it to 8-bit first")
 
@@ -175,6 +174,7 @@ def test_damaged_scan_data_is_kept_and_check_decode_warns(tree, damaged, dst, tm
         np.testing.assert_array_equal(pixels, pil_rgb(damaged), err_msg=decoder)
 
 
+@pytest.mark.slow
 def test_a_run_started_with_check_decode_resumes_only_with_it(tree, dst, bad_files):
     (bad,) = bad_files(os.path.join(tree, "train", "n00000001"), kinds=["truncated"])
     with pytest.raises(ConversionError, match=re.escape(bad) + ": truncated or corrupt JPEG"):
@@ -233,16 +233,13 @@ def fuzz_tree(tmp_path):
 
 
 def load_in_a_child(root):
-    env = dict(os.environ)
-    package_root = os.path.dirname(os.path.dirname(fastlmdb.__file__))  # this fastlmdb
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(PROBE), package_root, env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, PROBE, root, "train"], capture_output=True,
-                          text=True, env=env, timeout=90)
+    done = subprocess.run(probes.command("load_probe", root, "train"), capture_output=True,
+                          text=True, env=probes.env(), timeout=90)
     assert done.returncode == 0, f"loading crashed ({done.returncode}):\n{done.stderr[-3000:]}"
     return json.loads(done.stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("save_as, check_decode",
                          [("jpeg", False), ("jpeg", True), ("numpy", False)])
@@ -319,6 +316,7 @@ def _png_claiming(data, height, width):
     return data[:12] + body + zlib.crc32(body).to_bytes(4, "big") + data[33:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("save_as", ["jpeg", "numpy"])
 def test_decompression_bombs_are_refused_before_decoding(tree, dst, save_as):
     """Headers that claim 4 G and 2.5 G pixels in a file of a few KB: refused from the header

@@ -3,19 +3,20 @@ same database as an uninterrupted run, and leaves no process behind."""
 
 import os
 import subprocess
-import sys
 
 import psutil
+import probes
 import pytest
 from helpers import db, make_tree, read_db, run_convert, without_times
 
 from fastlmdb.converter import pipeline
 from fastlmdb.core import format as fmt
 
+pytestmark = pytest.mark.slow  # conversions killed in child processes
+
 # A producer that dies does not stop the run: its work goes to the others (test_convert.py).
 HOWS = ["main-SIGKILL", "main-SIGTERM", "main-SIGINT", "writer-SIGKILL"]
 POINTS = [1, 40, 90]  # source files done before the stop (of 100)
-PROBE = os.path.join(os.path.dirname(__file__), "interrupt_probe.py")
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +34,8 @@ def reference(source, tmp_path_factory):
 
 
 def _interrupt(source, dst, how, at, shards=1):
-    probe = subprocess.run([sys.executable, PROBE, str(source), str(dst), how, str(at),
-                            str(shards)],
-                           capture_output=True, text=True, timeout=60)
+    probe = subprocess.run(probes.command("interrupt_probe", source, dst, how, at, shards),
+                           env=probes.env(), capture_output=True, text=True, timeout=60)
     assert probe.returncode != 0, probe.stdout + probe.stderr
     assert os.path.exists(fmt.partial_path(db(dst))) and not os.path.exists(db(dst))
     return [int(pid) for pid in probe.stdout.split()]

@@ -3,19 +3,19 @@ persistent DataLoader workers, several epochs: every sample exactly once per epo
 and worker memory (PSS, not RSS, which counts the shared page cache) stays flat."""
 
 import json
-import os
 import socket
 import subprocess
-import sys
 
+import probes
 import pytest
 from helpers import make_tree, run_convert
 
 from fastlmdb import LMDBDataset
-from lmdb_probes import checksum
+from probes.lmdb_probes import checksum
+
+pytestmark = pytest.mark.slow  # two gloo ranks with workers, four epochs
 
 EPOCHS = 4
-PROBE = os.path.join(os.path.dirname(__file__), "rank_probe.py")
 
 
 def _free_port():
@@ -33,13 +33,10 @@ def _expected(root):
 def test_two_ranks_with_workers_read_each_sample_once_per_epoch(tmp_path):
     make_tree(tmp_path / "src", {"train": {"a": 40, "b": 40, "c": 41}})  # 121: uneven
     run_convert(tmp_path / "src", tmp_path / "dst")
-    # The tests' folder for the probe, and this checkout's fastlmdb before any installed one.
-    tests = os.path.dirname(os.path.abspath(__file__))
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.path.dirname(tests)])}
-    ranks = [subprocess.Popen([sys.executable, PROBE, str(tmp_path / "dst"), str(r), "2",
-                               str(port), str(EPOCHS)], stdout=subprocess.PIPE, env=env,
-                              text=True) for r in range(2)]
+    ranks = [subprocess.Popen(probes.command("rank_probe", tmp_path / "dst", r, 2, port, EPOCHS),
+                              stdout=subprocess.PIPE, env=probes.env(), text=True)
+             for r in range(2)]
     outputs = [json.loads(rank.communicate(timeout=200)[0]) for rank in ranks]
     assert [rank.returncode for rank in ranks] == [0, 0]
     expected = _expected(tmp_path / "dst")

@@ -15,6 +15,7 @@ import fastlmdb
 from fastlmdb import LMDBDataset, LMDBIterDataset, converter
 from fastlmdb.testing import sample_tree
 from fastlmdb.loading import batch, crops
+import helpers
 from helpers import psnr
 
 _jpegcrop = crops._jpegcrop
@@ -251,7 +252,7 @@ def test_without_the_native_call_the_per_sample_path_gives_the_same(db, monkeypa
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("context", ["fork", "spawn", "forkserver"])
+@pytest.mark.parametrize("context", helpers.START_METHODS)
 def test_threads_inside_workers(db, context):
     epochs = []
     for threads in (1, 2):

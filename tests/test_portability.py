@@ -1,6 +1,6 @@
 """macOS and Windows: each Linux-only call the package makes is taken away here, and the
 converter, both datasets (in DataLoader workers), stage and merge still give the same results.
-Linux is where this runs; the other systems themselves are not tested (see README)."""
+Linux is where this runs; the other systems themselves are not tested (see docs/api.md)."""
 
 import json
 import os
@@ -9,6 +9,7 @@ import sys
 
 import lmdb
 import numpy as np
+import probes
 import pytest
 
 from fastlmdb.cli import main
@@ -17,6 +18,8 @@ from fastlmdb.core import files, store
 from fastlmdb.core import format as fmt
 from fastlmdb.tools import merge
 from helpers import assert_same_database, db, run_convert
+
+pytestmark = pytest.mark.slow  # conversions and loaders in child processes, twice
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -32,12 +35,11 @@ sys.modules["fcntl"] = None  # `import fcntl` raises ImportError, as on Windows
 
 
 def probe(tree, base, shim):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
-        shim, ROOT, HERE, os.environ.get("PYTHONPATH")])))
     dst, local = os.path.join(base, "dst"), os.path.join(base, "local")
-    done = subprocess.run([sys.executable, "-W", "ignore", os.path.join(HERE,
-                           "portability_probe.py"), tree, dst, local],
-                          env=env, capture_output=True, text=True, timeout=100, check=False)
+    done = subprocess.run(probes.command("portability_probe", tree, dst, local,
+                                         python_options=("-W", "ignore")),
+                          env=probes.env(*filter(None, [shim])), capture_output=True,
+                          text=True, timeout=100, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.splitlines()[-1]), dst
 

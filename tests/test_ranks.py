@@ -13,20 +13,21 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
+import probes
 import pytest
 from torch.utils.data import DistributedSampler
 
-import dist_probe
+from probes import dist_probe
 from fastlmdb import EpochSampler, LMDBDataset
 from fastlmdb.core import catalog
 from fastlmdb.core import format as fmt
 from fastlmdb.loading import order
-from lmdb_probes import checksum
+from probes.lmdb_probes import checksum
 
-PROBE = os.path.join(os.path.dirname(__file__), "dist_probe.py")
+pytestmark = pytest.mark.slow  # ranks started as programs and by torch.multiprocessing.spawn
+
 WORLD = 2
 SECONDS = 500  # for all configurations of one job: generous, the machine may be busy
 
@@ -35,11 +36,6 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _env(**extra):
-    path = os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path, **{k: str(v) for k, v in extra.items()}}
 
 
 def _finish(processes):
@@ -119,9 +115,8 @@ def _check(results, samples, logical, configs):
 @pytest.mark.timeout(SECONDS + 60)
 def test_ranks_started_by_torch_multiprocessing_spawn(uneven_db, samples, logical, tmp_path):
     launcher = subprocess.Popen(
-        [sys.executable, PROBE, "spawn", str(uneven_db), str(tmp_path), str(_free_port()),
-         str(SECONDS - 20)], env=_env(), stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
+        probes.command("dist_probe", "spawn", uneven_db, tmp_path, _free_port(), SECONDS - 20),
+        env=probes.env(), stderr=subprocess.PIPE, text=True, start_new_session=True)
     _finish([launcher])
     _check(_results(tmp_path), samples, logical, dist_probe.CONFIGS)
 
@@ -130,8 +125,8 @@ def test_ranks_started_by_torch_multiprocessing_spawn(uneven_db, samples, logica
 def test_ranks_started_as_separate_programs(uneven_db, samples, logical, tmp_path):
     port = _free_port()
     ranks = [subprocess.Popen(
-        [sys.executable, PROBE, "env", str(uneven_db), str(tmp_path), "60"],
-        env=_env(RANK=rank, WORLD_SIZE=WORLD, MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+        probes.command("dist_probe", "env", uneven_db, tmp_path, 60),
+        env=probes.env(RANK=rank, WORLD_SIZE=WORLD, MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
         stderr=subprocess.PIPE, text=True, start_new_session=True) for rank in range(WORLD)]
     _finish(ranks)
     _check(_results(tmp_path), samples, logical, dist_probe.PROGRAM_CONFIGS)

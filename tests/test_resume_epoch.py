@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from lmdb_probes import checksum
+from probes.lmdb_probes import checksum
 
 from fastlmdb import LMDBIterDataset
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmdb_probes import checksum
+from probes.lmdb_probes import checksum
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from fastlmdb import EpochSampler, LMDBDataset, LMDBIterDataset
@@ -55,6 +55,25 @@ def test_epochs_differ_and_repeat():
     assert list(EpochSampler(range(50), shuffle=False)) == list(range(50))
     dropped = EpochSampler(range(37), rank=1, world_size=2, drop_last=True)
     assert len(dropped) == len(list(dropped)) == 18
+
+
+@pytest.mark.parametrize("count, world_size, drop_last",
+                         [(37, 1, False), (37, 2, False), (37, 2, True), (37, 5, True),
+                          (40, 4, False)])
+def test_it_is_a_distributed_sampler_of_the_same_shape(count, world_size, drop_last):
+    """Frameworks leave a DistributedSampler as it is (Lightning's Trainer wraps or replaces
+    only other samplers) and read its attributes: they are torch's."""
+    for rank in range(world_size):
+        ours = EpochSampler(range(count), rank=rank, world_size=world_size,
+                            drop_last=drop_last, seed=3)
+        torchs = torch.utils.data.DistributedSampler(range(count), num_replicas=world_size,
+                                                     rank=rank, drop_last=drop_last, seed=3)
+        assert isinstance(ours, torch.utils.data.DistributedSampler)
+        assert len(ours) == len(list(ours)) == len(torchs) == ours.num_samples
+        assert (ours.num_replicas, ours.rank, ours.total_size, ours.seed, ours.drop_last) == \
+            (world_size, rank, torchs.total_size, 3, drop_last)
+    with pytest.raises(ValueError, match="rank"):
+        EpochSampler(range(count), rank=world_size, world_size=world_size)
 
 
 @pytest.mark.timeout(120)

@@ -47,7 +47,9 @@ def assert_same_as_single(path, single):
         without_times(ref_info)
 
 
-@pytest.mark.parametrize("count", [2, 3, 30])  # 30 > files: some shards are empty
+# 30 > files: some shards are empty
+@pytest.mark.parametrize("count", [2, pytest.param(3, marks=pytest.mark.slow),
+                                   pytest.param(30, marks=pytest.mark.slow)])
 def test_sharded_split_reads_as_the_one_file_database(source, single, dst, count):
     stats = run_convert(source, dst, on_error="skip", shards=count)
     path = db(dst)
@@ -61,6 +63,7 @@ def test_sharded_split_reads_as_the_one_file_database(source, single, dst, count
         (ref_info["count"], ref_info["skipped"], ref_info["transcoded"])
 
 
+@pytest.mark.slow
 def test_each_shard_is_a_database_of_its_own(source, dst):
     run_convert(source, dst, on_error="skip", shards=3)
     index = catalog.read_index(db(dst))
@@ -82,6 +85,7 @@ def test_each_shard_is_a_database_of_its_own(source, dst):
     assert first == index["count"]
 
 
+@pytest.mark.slow
 def test_numpy_shards_equal_numpy_one_file(source, tmp_path):
     run_convert(source, tmp_path / "one", on_error="skip", save_as="numpy")
     run_convert(source, tmp_path / "sharded", on_error="skip", save_as="numpy", shards=2)
@@ -114,6 +118,7 @@ def test_sharded_split_in_dataloader_workers(source, single, dst):
     assert labels == sorted(LMDBDataset(os.path.dirname(single), "train").targets)
 
 
+@pytest.mark.slow
 def test_merge_in_place_and_to_another_file(source, single, dst, tmp_path):
     run_convert(source, dst, on_error="skip", shards=3)
     out = os.fspath(tmp_path / "merged.lmdb")
@@ -125,6 +130,7 @@ def test_merge_in_place_and_to_another_file(source, single, dst, tmp_path):
     assert_same_database(db(dst), single)
 
 
+@pytest.mark.slow
 def test_cli_convert_info_verify_merge(source, dst, capsys):
     assert cli.main(["convert", "--from_dir", source, "--to_dir", dst, "--split", "train",
                      "--shards", "2", "--on-error", "skip", "--procs", "1"]) == 0
@@ -137,6 +143,7 @@ def test_cli_convert_info_verify_merge(source, dst, capsys):
     assert cli.main(["verify", db(dst), "--source", os.path.join(source, "train")]) == 0
 
 
+@pytest.mark.slow
 def test_stopped_sharded_conversion_resumes_finished_shards_untouched(source, dst, tmp_path):
     # In the source order the text file stops a run in shard 1; shard 0 is finished by then.
     with pytest.raises(ConversionError, match="bb_text.JPEG"):
@@ -154,6 +161,7 @@ def test_stopped_sharded_conversion_resumes_finished_shards_untouched(source, ds
     assert_same_as_single(db(dst), db(tmp_path / "one"))
 
 
+@pytest.mark.slow
 def test_resume_with_other_shards_is_refused_naming_the_flag(source, dst):
     with pytest.raises(ConversionError):
         run_convert(source, dst, shards=3)
@@ -165,6 +173,7 @@ def test_resume_with_other_shards_is_refused_naming_the_flag(source, dst):
     assert catalog.read_catalog(db(dst))[0]["shards"] == 4
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_one_file_by_shards_and_back(source, single, dst):
     run_convert(source, dst, on_error="skip")
     run_convert(source, dst, on_error="skip", shards=2, overwrite=True)
@@ -184,6 +193,7 @@ def test_overwrite_replaces_one_file_by_shards_and_back(source, single, dst):
     (lambda index: index.update(count=5, shards=[{"file": index["shards"][0]["file"],
                                                   "count": 5}]), "the index says 5"),
 ])
+@pytest.mark.slow
 def test_tampered_index_is_a_clear_error(source, dst, change, message):
     run_convert(source, dst, on_error="skip", shards=2)
     index_path = os.path.join(db(dst), fmt.SHARD_INDEX)
@@ -202,12 +212,14 @@ def test_folder_without_index_is_not_a_database(tmp_path):
         LMDBDataset(tmp_path, "train")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_shards_as_loky_tasks_equal_local(source, single, dst):
     run_convert(source, dst, on_error="skip", shards=3, backend="loky", procs=2)
     assert_same_as_single(db(dst), single)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_shards_on_a_dask_cluster_equal_local(source, single, dst):
     from dask.distributed import LocalCluster
@@ -228,6 +240,7 @@ def test_backend_needs_shards(source, dst):
         run_convert(source, dst, shards=2, shard_size=5)
 
 
+@pytest.mark.slow
 def test_shard_size_sets_the_number_of_shards(source, single, dst):
     run_convert(source, dst, on_error="skip", shard_size=5)  # 21 files: 5 shards
     assert catalog.read_catalog(db(dst))[0]["shards"] == 5
@@ -239,6 +252,7 @@ def test_merge_of_one_file_says_so(single):
         merge.merge(single, single + ".out")
 
 
+@pytest.mark.slow
 def test_merged_plan_is_the_one_file_plan(source, single, dst):
     run_convert(source, dst, on_error="skip", shards=3)
     merge.merge(db(dst))

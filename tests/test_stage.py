@@ -48,6 +48,7 @@ def _stage_and_stat(args):
     return os.stat(path).st_ino
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_ranks_of_a_node_staging_at_once_copy_once(made):
     base, source = made

@@ -23,6 +23,8 @@ from fastlmdb import cli
 from fastlmdb.core.errors import DatabaseError  # noqa: E402
 from fastlmdb.tools import stage  # noqa: E402
 
+pytestmark = pytest.mark.slow  # an S3 (moto) and an HTTP server
+
 
 _BUCKETS = itertools.count()
 

@@ -2,24 +2,24 @@
 naming the file, by every reader, in every process that opens it: never a SIGBUS.
 
 LMDB maps the file and would read past its end. Each reader runs in a child process
-(reader_probe.py) so that a signal fails the test instead of killing pytest.
+(probes/reader_probe.py) so that a signal fails the test instead of killing pytest.
 """
 
 import json
 import os
 import shutil
 import subprocess
-import sys
 
+import probes
 import pytest
+import helpers
 from helpers import make_tree, run_convert
 
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import ConversionError
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]  # every reader in a child process
 
-PROBE = os.path.join(os.path.dirname(__file__), "reader_probe.py")
 PAGE = 4096
 # name -> bytes kept of a file of `size` bytes
 CUTS = {
@@ -63,10 +63,8 @@ def _damaged_copy(db, tmp_path, cut):
 
 def _run_probe(*args):
     """The probe's reports, {reader: error}; fails the test on a signal or a crash."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, PROBE, *map(str, args)], capture_output=True,
-                         text=True, env=env, timeout=90)
+    run = subprocess.run(probes.command("reader_probe", *args), capture_output=True,
+                         text=True, env=probes.env(), timeout=90)
     reports = [json.loads(line) for line in run.stdout.splitlines()]
     done = [r["reader"] for r in reports]
     assert run.returncode == 0, (f"the probe exited with {run.returncode} (negative: a "
@@ -97,7 +95,7 @@ def test_every_reader_refuses_a_cut_file_with_a_message(made, tmp_path, layout, 
     assert not os.path.exists(tmp_path / "merged.lmdb")
 
 
-@pytest.mark.parametrize("context", ["fork", "spawn"])
+@pytest.mark.parametrize("context", helpers.START_METHODS[:2])
 @pytest.mark.parametrize("layout", ["one-file", "sharded"])
 def test_dataloader_workers_refuse_a_file_cut_after_the_dataset_was_made(made, tmp_path,
                                                                          layout, context):

@@ -118,6 +118,7 @@ def _photo_tree(root, count):
 
 
 # The first commit failing is the case that once said "27,011 MB more" for 65 MB of source.
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_bytes, limit", [(10_000_000, 150_000), (100_000, 1_000_000)],
                          ids=["first-commit", "later-commit"])
 def test_a_full_disk_stops_with_advice_and_the_run_resumes(dst, tmp_path, batch_bytes, limit):

@@ -15,11 +15,12 @@ from fastlmdb.core import catalog, store
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import ConversionError
 from fastlmdb.loading import order
+import helpers
 from helpers import add_bad_files, db, imagefolder, make_tree, plain_layout, read_db, run_convert
 
-import memory_probe
+from probes import memory_probe
 
-CONTEXTS = ["fork", "spawn", "forkserver"]
+CONTEXTS = helpers.START_METHODS
 
 
 def distinct_per_batch(labels, batch=256):
@@ -129,6 +130,7 @@ def test_order_flags_are_checked_and_shown(tree, tmp_path, capsys):
     ("--order", {"order": "source"}, "--order shuffled, this run asks for source"),
     ("--order-seed", {"order_seed": 3}, "--order-seed 0, this run asks for 3"),
 ])
+@pytest.mark.slow
 def test_resume_with_another_order_is_refused_naming_the_flag(tmp_path, flag, options,
                                                               message):
     src = make_tree(tmp_path / "src", plain_layout(classes=2, train=20, val=0))

@@ -42,18 +42,19 @@ def _parser():
     _add_convert(commands)
     _add_verify(commands)
     _add_stage(commands)
-    info = commands.add_parser("info", help="describe a database")
-    info.add_argument("db", help="a DST/<split>.lmdb file")
-    info.add_argument("--json", action="store_true", help="print the metadata as JSON")
-    info.set_defaults(run=_info)
-    merge = commands.add_parser("merge", help="join the shards of a database into one file",
-                                description="Join DST/<split>.lmdb's shards into one database "
-                                            "file with the same records, in place by default.")
-    merge.add_argument("db", help="a sharded DST/<split>.lmdb folder")
-    merge.add_argument("--output", metavar="FILE",
-                       help="write the one file here and keep the shards (default: replace "
-                            "the folder by the file, once it is complete)")
-    merge.set_defaults(run=_merge)
+    info_command = commands.add_parser("info", help="describe a database")
+    info_command.add_argument("db", help="a DST/<split>.lmdb file")
+    info_command.add_argument("--json", action="store_true", help="print the metadata as JSON")
+    info_command.set_defaults(run=_info)
+    merge_command = commands.add_parser(
+        "merge", help="join the shards of a database into one file",
+        description="Join DST/<split>.lmdb's shards into one database file with the same "
+                    "records, in place by default.")
+    merge_command.add_argument("db", help="a sharded DST/<split>.lmdb folder")
+    merge_command.add_argument("--output", metavar="FILE",
+                               help="write the one file here and keep the shards (default: "
+                                    "replace the folder by the file, once it is complete)")
+    merge_command.set_defaults(run=_merge)
     from fastlmdb.cli import demo
 
     demo.add_command(commands)

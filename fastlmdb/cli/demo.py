@@ -46,7 +46,8 @@ def _compare(src, dst, workers):
 
     from torchvision.transforms import v2
 
-    from fastlmdb import LMDBDataset, LMDBIterDataset, RandomResizedCrop
+    from fastlmdb.loading.crops import RandomResizedCrop
+    from fastlmdb.loading.dataset import LMDBDataset, LMDBIterDataset
 
     pil_tf, tensor_tf = _transforms()
     # The fastest way on original bytes: decode only the crop, whole uint8 batches (normalise
@@ -59,7 +60,7 @@ def _compare(src, dst, workers):
         "LMDBDataset (tensor output, v2)": lambda: LMDBDataset(dst, "train", tensor_tf,
                                                                output="tensor"),
         "LMDBIterDataset (tensor output, v2)": lambda: LMDBIterDataset(
-            dst, "train", tensor_tf, output="tensor", shuffle=True),
+            dst, "train", tensor_tf, output="tensor", shuffle=True, batch_size=BATCH),
         "LMDBDataset (decode-aware crop, uint8)": lambda: LMDBDataset(
             dst, "train", in_place_tf, output="tensor"),
     }

@@ -85,12 +85,12 @@ def convert(options: Options,
     """Convert one split; returns Stats. `on_progress(done, total, bytes_in)` is optional."""
     _validate_source(options)
     _validate(options)
-    scan = listing.list_split(options.split, from_dir=options.from_dir,
-                              from_archive=options.from_archive, labels=options.labels,
-                              classes_from=options.classes_from, on_error=options.on_error,
-                              columns=(options.image_column, options.label_column),
-                              unlabeled=options.unlabeled)
-    return convert_listing(options, scan, on_progress)
+    inputs = listing.list_split(options.split, from_dir=options.from_dir,
+                                from_archive=options.from_archive, labels=options.labels,
+                                classes_from=options.classes_from, on_error=options.on_error,
+                                columns=(options.image_column, options.label_column),
+                                unlabeled=options.unlabeled)
+    return convert_listing(options, inputs, on_progress)
 
 
 def convert_dataset(dataset: Any, to_dir: str, split: str, *, classes: Sequence[str] | None = None,
@@ -107,20 +107,20 @@ def convert_dataset(dataset: Any, to_dir: str, split: str, *, classes: Sequence[
             raise ValueError(f"{name} is for convert()'s files, not for convert_dataset")
     settings = Options(None, os.fspath(to_dir), split, **options)
     _validate(settings)
-    scan = dataset_source.list_dataset(dataset, classes=classes, unlabeled=unlabeled)
+    inputs = dataset_source.list_dataset(dataset, classes=classes, unlabeled=unlabeled)
     log.info("converting a Python dataset (%s, %d items) read by %d producer processes",
-             type(dataset).__name__, len(scan), settings.procs)
-    return convert_listing(settings, scan, on_progress)
+             type(dataset).__name__, len(inputs), settings.procs)
+    return convert_listing(settings, inputs, on_progress)
 
 
-def convert_listing(options: Options, scan: Any,
+def convert_listing(options: Options, inputs: Any,
                     on_progress: Callable[[int, int, int], object] | None = None) -> Stats:
-    """Convert the Listing `scan` (sources/) with `options` (its source fields unused)."""
+    """Convert the Listing `inputs` (sources/) with `options` (its source fields unused)."""
     if options.shard_size:
-        options = dataclasses.replace(options, shards=max(1, -(-len(scan) // options.shard_size)))
-    if archive.in_order_only(scan.paths):
+        options = dataclasses.replace(options, shards=max(1, -(-len(inputs) // options.shard_size)))
+    if archive.in_order_only(inputs.paths):
         options = _in_archive_order(options)
-    elif pipeline.task_bounds(scan.paths[:1]) is not None and options.order == "shuffled":
+    elif pipeline.task_bounds(inputs.paths[:1]) is not None and options.order == "shuffled":
         log.info("the source is read a row group at a time: records are written row group by "
                  "row group, row groups in a seeded shuffled order, rows shuffled within each "
                  "(--order %s)", fmt.GROUPS_ORDER)
@@ -131,18 +131,18 @@ def convert_listing(options: Options, scan: Any,
                               "(the old one stays until the new one is complete)")
     os.makedirs(options.to_dir, exist_ok=True)
     partial = fmt.partial_path(final)
-    plan = pipeline.plan_of(options, scan)
-    scan, positions = pipeline.in_write_order(scan, options)
+    plan = pipeline.plan_of(options, inputs)
+    inputs, positions = pipeline.in_write_order(inputs, options)
     started = time.monotonic()
     _check_layout(partial, options)
     if options.shards > 1:
         os.makedirs(partial, exist_ok=True)
     with files.exclusive(partial):
         if options.shards == 1:
-            results = [pipeline.run(options, scan, partial, plan, settings_of(options),
+            results = [pipeline.run(options, inputs, partial, plan, settings_of(options),
                                     on_progress, positions)]
         else:
-            results = shards.convert_shards(options, scan, positions, partial,
+            results = shards.convert_shards(options, inputs, positions, partial,
                                      {**plan, "shards": options.shards}, settings_of(options),
                                      on_progress)
         files.publish(partial, final)

@@ -33,68 +33,68 @@ CHUNK = 16  # files per task: small enough to balance, large enough to amortise 
 POLL_SECONDS = 0.25
 
 
-def run(options, scan, partial, plan, settings, on_progress=None, sources=None):
-    """Convert `scan` (in write order; `sources`: the files' positions in the split's scan)
+def run(options, inputs, partial, plan, settings, on_progress=None, positions=None):
+    """Convert `inputs` (in write order; `positions`: the files' positions in the split's listing)
     into the database at `partial`; returns (info, files done before)."""
-    pipeline = _Pipeline(options, scan, partial, plan, settings, on_progress, sources)
+    pipeline = _Pipeline(options, inputs, partial, plan, settings, on_progress, positions)
     return pipeline.run(), pipeline.resumed_at
 
 
-def plan_of(options, scan):
+def plan_of(options, inputs):
     """What a resumed run must agree on: everything that changes the stored records."""
     digest = hashlib.sha256()
-    for path, label in zip(scan.paths, scan.labels.tolist()):
+    for path, label in zip(inputs.paths, inputs.labels.tolist()):
         if isinstance(path, Ref):  # its name and place in its container
             digest.update(path.identity())
         else:
-            digest.update(os.path.relpath(path, scan.root).encode("utf-8", "surrogateescape"))
+            digest.update(os.path.relpath(path, inputs.root).encode("utf-8", "surrogateescape"))
         digest.update(b"\0%d\0" % label)
     o = options
-    source = scan.root if "://" in scan.root else os.path.abspath(scan.root)
-    return fmt.make_plan(source, len(scan), digest.hexdigest(),
+    source = inputs.root if "://" in inputs.root else os.path.abspath(inputs.root)
+    return fmt.make_plan(source, len(inputs), digest.hexdigest(),
                          split=o.split, save_as=o.save_as, max_pixels=o.max_pixels,
                          max_size=o.max_size, quality=o.quality, check_decode=o.check_decode,
                          order=o.order, order_seed=o.order_seed)
 
 
-def in_write_order(scan, options):
-    """(the scan's files in the order they are written, their positions in `scan`)."""
+def in_write_order(inputs, options):
+    """(the input files in the order they are written, their positions in `inputs`)."""
     if options.order == fmt.ARCHIVE_ORDER:  # a compressed tar's members, in stream order
-        sources = stream.stream_order(scan.paths)
+        positions = stream.stream_order(inputs.paths)
     elif options.order == fmt.GROUPS_ORDER:  # parquet rows, a row group at a time
         numbers = {}
-        sources = fmt.grouped_write_order(
-            [numbers.setdefault(path.group(), len(numbers)) for path in scan.paths],
+        positions = fmt.grouped_write_order(
+            [numbers.setdefault(path.group(), len(numbers)) for path in inputs.paths],
             options.order_seed)
     else:
-        sources = fmt.write_order(len(scan), options.order, options.order_seed)
+        positions = fmt.write_order(len(inputs), options.order, options.order_seed)
     if options.order == "source":
-        return scan, sources
-    paths = [scan.paths[i] for i in sources.tolist()]
-    return dataclasses.replace(scan, paths=paths, labels=scan.labels[sources]), sources
+        return inputs, positions
+    paths = [inputs.paths[i] for i in positions.tolist()]
+    return dataclasses.replace(inputs, paths=paths, labels=inputs.labels[positions]), positions
 
 
-def writer_job(options, scan, partial, plan, sources=None):
-    """What the writer needs to make the database at `partial` from `scan` (in write order)."""
-    return Job(partial, plan, scan.labels, scan.classes, options.on_error, options.batch_bytes,
-               options.map_size, options.overwrite, sources, _names(scan))
+def writer_job(options, inputs, partial, plan, positions=None):
+    """What the writer needs to make the database at `partial` from `inputs` (in write order)."""
+    return Job(partial, plan, inputs.labels, inputs.classes, options.on_error, options.batch_bytes,
+               options.map_size, options.overwrite, positions, _names(inputs))
 
 
-def _names(scan):
-    """The scan's files relative to its folder (an archive's: the members' names), as
+def _names(inputs):
+    """The inputs's files relative to its folder (an archive's: the members' names), as
     fmt.join_paths joins them."""
-    prefix = os.path.join(scan.root, "")
+    prefix = os.path.join(inputs.root, "")
     return fmt.join_paths(str(path) if isinstance(path, Ref)
                           else path[len(prefix):] if path.startswith(prefix)
-                          else os.path.relpath(path, scan.root) for path in scan.paths)
+                          else os.path.relpath(path, inputs.root) for path in inputs.paths)
 
 
 class _Pipeline:
-    def __init__(self, options, scan, partial, plan, settings, on_progress, sources):
-        self.options, self.scan, self.on_progress = options, scan, on_progress
+    def __init__(self, options, inputs, partial, plan, settings, on_progress, positions):
+        self.options, self.inputs, self.on_progress = options, inputs, on_progress
         self.partial, self.plan = partial, plan
         self.window = 2 * options.procs + 2  # tasks handed out ahead of the writer
-        self.bounds = task_bounds(scan.paths)
+        self.bounds = task_bounds(inputs.paths)
         ctx = multiprocessing.get_context("spawn")
         self.status = ctx.Queue()
         # Two pipes per producer, tasks in and chunks out, nothing shared between producers:
@@ -105,20 +105,21 @@ class _Pipeline:
         # Per producer: the chunk it is working on and the file it is preparing (-1: none),
         # so that a death can be pinned on a file and its chunk given to another producer.
         self.slots = ctx.RawArray("q", [-1] * (2 * options.procs))
-        job = writer_job(options, scan, partial, plan, sources)
+        job = writer_job(options, inputs, partial, plan, positions)
         self.writer = ctx.Process(
             target=writer_main, name="fastlmdb-writer",
             args=(job, [receive for receive, _ in self.pipes], self.status, os.getpid()))
         self.producers = [
             ctx.Process(target=producer_main, name=f"fastlmdb-producer-{i}",
-                        args=(tasks, send, settings, os.getpid(), self.slots, i, scan.setup))
+                        args=(tasks, send, settings, os.getpid(), self.slots, i, inputs.setup))
             for i, ((_, send), (tasks, _)) in enumerate(zip(self.pipes, self.task_pipes))]
         self.live = list(self.producers)
         self.assigned = {producer: [] for producer in self.producers}  # (start, end) of tasks
         self.done = self.resumed_at = 0
         # A compressed tar is read here, in order; a chunk's bytes go with its task and are
         # kept until the writer has the chunk (a dead producer's chunk is sent again).
-        self.stream = stream.InOrderShards() if archive.in_order_only(scan.paths) else None
+        self.archive_reader = (stream.InOrderShards() if archive.in_order_only(inputs.paths)
+                               else None)
         self.chunk_bytes = {}
 
     def run(self):
@@ -143,7 +144,7 @@ class _Pipeline:
             log.info("resuming %s: %d files done, %d records stored",
                      self.plan["source"], self.resumed_at, stored)
         self.done = dispatched = self.resumed_at
-        total = len(self.scan)
+        total = len(self.inputs)
         while True:
             while dispatched < total and self._ahead() < self.window:
                 dispatched = self._dispatch(dispatched)
@@ -190,11 +191,11 @@ class _Pipeline:
     def _dispatch(self, start, poison=None):
         """Give the task at `start` to the live producer with the fewest tasks not yet taken
         by the writer; returns where the task ends."""
-        end = task_end(self.bounds, start, len(self.scan))
+        end = task_end(self.bounds, start, len(self.inputs))
         self._ahead()
         producer = min(self.live, key=lambda p: len(self.assigned[p]))
         self.assigned[producer].append((start, end))
-        task = (start, self.scan.paths[start:end], poison or {}, self._chunk_bytes(start, end))
+        task = (start, self.inputs.paths[start:end], poison or {}, self._chunk_bytes(start, end))
         try:
             self.task_pipes[self.producers.index(producer)][1].send(task)
         except OSError:  # it died since the last look: its chunks, this one too, move on
@@ -204,12 +205,12 @@ class _Pipeline:
 
     def _chunk_bytes(self, start, end):
         """The bytes of the task [start, end) of a compressed tar (None: producers read it)."""
-        if self.stream is None:
+        if self.archive_reader is None:
             return None
         for taken in [s for s in self.chunk_bytes if s + CHUNK <= self.done]:
             del self.chunk_bytes[taken]
         if start not in self.chunk_bytes:
-            self.chunk_bytes[start] = self.stream.read(self.scan.paths[start:end])
+            self.chunk_bytes[start] = self.archive_reader.read(self.inputs.paths[start:end])
         return self.chunk_bytes[start]
 
     def _replace(self, producer):
@@ -222,7 +223,7 @@ class _Pipeline:
         if not self.live:
             raise ConversionError(
                 f"every producer process died (the last: {reason}"
-                + (f", while preparing {self.scan.paths[current]}" if current >= 0 else "")
+                + (f", while preparing {self.inputs.paths[current]}" if current >= 0 else "")
                 + f"). Committed work is kept in {self.partial}: run the same command again "
                 "to resume")
         log.warning("%s died (%s); its work goes to the others", producer.name, reason)
@@ -233,11 +234,11 @@ class _Pipeline:
                 self._dispatch(start, poison if start == chunk else None)
 
     def _fail(self, kind, args):
-        raise failure(kind, args, self.plan, self.partial, self.scan.paths)
+        raise failure(kind, args, self.plan, self.partial, self.inputs.paths)
 
     def _stop(self):
-        if self.stream is not None:
-            self.stream.close()
+        if self.archive_reader is not None:
+            self.archive_reader.close()
         for producer in self.live:
             try:
                 self.task_pipes[self.producers.index(producer)][1].send(None)

@@ -35,20 +35,20 @@ class ShardJob:
     """Everything a worker needs to make one shard, picklable."""
     options: object  # convert.Options
     settings: prepare.Settings
-    scan: object  # folder.Listing of the shard's files
+    inputs: object  # listing.Listing of the shard's files
     plan: dict
     partial: str
     final: str
-    sources: object = None  # the shard's files' positions in the split's scan (numpy)
+    positions: object = None  # the shard's files' positions in the split's listing (numpy)
 
 
-def convert_shards(options, scan, sources, partial, plan, settings, on_progress=None):
-    """Make every shard missing from the folder `partial`, then its index. `scan` is in write
-    order, `sources` the files' positions in the split's scan.
+def convert_shards(options, inputs, positions, partial, plan, settings, on_progress=None):
+    """Make every shard missing from the folder `partial`, then its index. `inputs` is in write
+    order, `positions` the files' positions in the split's listing.
     Returns [(info, files done before this run)], one per shard in order."""
     _check_plan(partial, plan, options.overwrite)
-    jobs = [_job(options, scan, settings, partial, k, sources) for k in range(options.shards)]
-    progress = _Progress(on_progress, len(scan))
+    jobs = [_job(options, inputs, settings, partial, k, positions) for k in range(options.shards)]
+    progress = _Progress(on_progress, len(inputs))
     if options.backend == "local":
         results = [_make_here(job, progress) for job in jobs]
     else:
@@ -81,16 +81,17 @@ def _check_plan(partial, plan, overwrite):
     files.write_json_atomically(path, plan)
 
 
-def _job(options, scan, settings, partial, k, sources=None):
-    start, stop = fmt.shard_bounds(len(scan), options.shards, k)
-    part = dataclasses.replace(scan, paths=scan.paths[start:stop], labels=scan.labels[start:stop])
+def _job(options, inputs, settings, partial, k, positions=None):
+    start, stop = fmt.shard_bounds(len(inputs), options.shards, k)
+    part = dataclasses.replace(inputs, paths=inputs.paths[start:stop],
+                               labels=inputs.labels[start:stop])
     # first_source: the shard's first position in write order (in the source order: its
     # first source position, as before the order existed).
     shard = {"index": k, "count": options.shards, "first_source": start, "files": stop - start}
     name = fmt.shard_file(options.split, k, options.shards)
     return ShardJob(options, settings, part, {**pipeline.plan_of(options, part), "shard": shard},
                     os.path.join(partial, fmt.partial_path(name)), os.path.join(partial, name),
-                    None if sources is None else sources[start:stop])
+                    None if positions is None else positions[start:stop])
 
 
 def _finished(job):
@@ -98,7 +99,7 @@ def _finished(job):
     if store.read_meta(job.final, fmt.PLAN_KEY) != job.plan:
         raise ConversionError(f"{job.final} was made with other arguments than this run's; "
                               "pass --overwrite to start again")
-    return store.read_file_catalog(job.final)[0], len(job.scan)
+    return store.read_file_catalog(job.final)[0], len(job.inputs)
 
 
 def _make_here(job, progress):
@@ -106,9 +107,9 @@ def _make_here(job, progress):
     if os.path.exists(job.final):
         return progress.finished(*_finished(job))
     with files.exclusive(job.partial):
-        info, resumed_at = pipeline.run(job.options, job.scan, job.partial, job.plan,
-                                        job.settings, progress.of_shard(len(job.scan)),
-                                        job.sources)
+        info, resumed_at = pipeline.run(job.options, job.inputs, job.partial, job.plan,
+                                        job.settings, progress.of_shard(len(job.inputs)),
+                                        job.positions)
         os.replace(job.partial, job.final)
     return progress.finished(info, resumed_at)
 
@@ -116,7 +117,7 @@ def _make_here(job, progress):
 def make_shard(job):
     """A task, in whatever process runs it: prepare and write one shard in this process.
     Returns (shard path, (info, files done before this run))."""
-    local = [] if "://" in job.scan.root else [job.scan.root]  # not a Python dataset's
+    local = [] if "://" in job.inputs.root else [job.inputs.root]  # not a Python dataset's
     for needed in (*local, os.path.dirname(job.partial)):
         if not os.path.exists(needed):  # a cluster worker without the shared filesystem
             raise ConversionError(f"{socket.gethostname()} cannot see {needed}: every worker "
@@ -124,16 +125,16 @@ def make_shard(job):
                                   "shared filesystem)")
     if os.path.exists(job.final):
         return job.final, _finished(job)
-    if job.scan.setup is not None:
-        job.scan.setup()
+    if job.inputs.setup is not None:
+        job.inputs.setup()
     with files.exclusive(job.partial):
         resumed_at, (kind, *args) = writer.write_inline(
-            pipeline.writer_job(job.options, job.scan, job.partial, job.plan, job.sources),
-            job.scan.paths,
+            pipeline.writer_job(job.options, job.inputs, job.partial, job.plan, job.positions),
+            job.inputs.paths,
             lambda paths: [pipeline.entry(path, job.settings) for path in paths],
             pipeline.CHUNK)
         if kind != "done":
-            raise pipeline.failure(kind, args, job.plan, job.partial, job.scan.paths)
+            raise pipeline.failure(kind, args, job.plan, job.partial, job.inputs.paths)
         os.replace(job.partial, job.final)
     return job.final, (args[0], resumed_at)
 

@@ -35,9 +35,9 @@ class Job:
     batch_bytes: int
     map_size: int
     overwrite: bool = False  # a partial database made with other arguments is started again
-    # Position in the whole split's scan of each file, in write order (None: first_source +
+    # Position in the whole split's listing of each file, in write order (None: first_source +
     # position, the source order); the files (`labels`) come in write order.
-    sources: np.ndarray = None
+    positions: np.ndarray = None
     names: bytes = b""  # fmt.join_paths of the files relative to the split folder, write order
 
 
@@ -106,9 +106,9 @@ class _Writer:
         self.payloads, self.pending_rows, self.batch_bytes = [], [], 0
         self.first = self.progress["stored"]
         self.committed_source = self.progress["next_source"]  # source files safely written
-        # A shard's records keep their positions in the whole split's scan.
+        # A shard's records keep their positions in the whole split's listing.
         first_source = job.plan.get("shard", {}).get("first_source", 0)
-        self.sources = (job.sources if job.sources is not None
+        self.positions = (job.positions if job.positions is not None
                         else np.arange(first_source, first_source + len(job.labels)))
 
     def _resume_progress(self):
@@ -171,7 +171,7 @@ class _Writer:
                     self.bad = (entry["path"], entry["error"])
                     return False
                 p["skipped"].append([entry["path"], entry["error"]])
-                p.setdefault("skipped_at", []).append(int(self.sources[source]))
+                p.setdefault("skipped_at", []).append(int(self.positions[source]))
             else:
                 self._add(source, entry)
             p["next_source"] = source + 1
@@ -187,7 +187,7 @@ class _Writer:
         self.payloads.append(payload)
         label = entry.get("label", self.job.labels[source])  # a Python dataset's: its item's
         self.pending_rows.append((label, entry["height"], entry["width"],
-                                  len(payload), entry["crc32"], self.sources[source],
+                                  len(payload), entry["crc32"], self.positions[source],
                                   _changed(entry)))
         p["stored"] += 1
         p["bytes_in"] += entry["source_bytes"]
@@ -241,19 +241,19 @@ class _Writer:
     def _logical_names(self, table):
         """The stored files' names in logical order."""
         names = self.job.names.split(b"\0")
-        by_source = np.argsort(self.sources)
-        written = by_source[np.searchsorted(self.sources, table["source"], sorter=by_source)]
+        by_source = np.argsort(self.positions)
+        written = by_source[np.searchsorted(self.positions, table["source"], sorter=by_source)]
         return b"\0".join(names[k] for k in written.tolist())
 
     def close(self):
         self.db.close()
 
 
-def _in_source_order(skipped, sources):
-    """Skipped files listed in source order (`sources`: theirs, as far as recorded)."""
-    if len(sources) != len(skipped):  # a partial database begun before they were recorded
+def _in_source_order(skipped, positions):
+    """Skipped files listed in source order (`positions`: theirs, as far as recorded)."""
+    if len(positions) != len(skipped):  # a partial database begun before they were recorded
         return skipped
-    return [entry for _, entry in sorted(zip(sources, skipped), key=lambda pair: pair[0])]
+    return [entry for _, entry in sorted(zip(positions, skipped), key=lambda pair: pair[0])]
 
 
 def logical_table(rows):
@@ -318,7 +318,7 @@ def _size_or_zero(path):
         return path.size()
     try:
         return os.stat(path).st_size
-    except OSError:  # gone since the scan: it will be reported when its turn comes
+    except OSError:  # gone since it was listed: it will be reported when its turn comes
         return 0
 
 

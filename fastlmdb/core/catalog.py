@@ -12,25 +12,28 @@ built from the shards' tables, or mapped from ``table.npy`` and ``logical.npy`` 
 the same split.
 """
 
+from __future__ import annotations
+
 import bisect
 import logging
 import os
+from typing import Any, Callable, Sequence, Union, cast
 
 import numpy as np
 
 from fastlmdb.core import store
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import DatabaseError, IncompleteDatabaseError
+from fastlmdb.core.format import Json, Rows, StrPath
 
 log = logging.getLogger(__name__)
 
 
-
-def is_sharded(path):
+def is_sharded(path: StrPath) -> bool:
     return os.path.isdir(path)
 
 
-def read_index(path):
+def read_index(path: StrPath) -> Json:
     """The checked index of the sharded database `path`."""
     index_path = os.path.join(path, fmt.SHARD_INDEX)
     try:
@@ -43,11 +46,11 @@ def read_index(path):
     return fmt.check_shard_index(index, index_path)
 
 
-def shard_paths(path):
+def shard_paths(path: StrPath) -> list[str]:
     return [os.path.join(path, entry["file"]) for entry in read_index(path)["shards"]]
 
 
-def read_catalog(path):
+def read_catalog(path: StrPath) -> tuple[Json, Rows]:
     """(info, rows) of a finished database, one file or sharded."""
     path = os.fspath(path)
     if not is_sharded(path):
@@ -57,7 +60,7 @@ def read_catalog(path):
     return _merged(path, catalogs, fmt.logical_of_keys(rows)), rows
 
 
-def _shard_catalogs(path):
+def _shard_catalogs(path: str) -> list[tuple[Json, Rows]]:
     """(info, rows) of every shard of `path`, checked against its index."""
     index = read_index(path)
     catalogs = [store.read_file_catalog(p) for p in shard_paths(path)]
@@ -69,14 +72,16 @@ def _shard_catalogs(path):
     return catalogs
 
 
-def _merged(path, catalogs, logical):
+def _merged(path: str, catalogs: Sequence[tuple[Json, Rows]], logical: Rows) -> Json:
     offsets = np.cumsum([0] + [info["count"] for info, _ in catalogs]).tolist()
-    info = merged_info([info for info, _ in catalogs], path, lambda k, i: int(
-        logical[offsets[k] + int(catalogs[k][1]["key"][i])]))
+    def index_of(k: int, i: int) -> int:
+        return int(logical[offsets[k] + int(catalogs[k][1]["key"][i])])
+
+    info = merged_info([info for info, _ in catalogs], path, index_of)
     return {**info, "shards": len(catalogs)}
 
 
-def split_table(tables):
+def split_table(tables: Sequence[Rows]) -> Rows:
     """The record table of the whole split from its shards' (global keys, logical order)."""
     offset, parts = 0, []
     for table in tables:
@@ -91,7 +96,7 @@ def split_table(tables):
 TABLE_FILE, LOGICAL_FILE = "table.npy", "logical.npy"
 
 
-def read_tables(path):
+def read_tables(path: StrPath) -> tuple[Json, Rows, Rows | None]:
     """(info, rows, logical) as store.read_file_tables gives them, one file or sharded: the arrays
     mapped (shared by every process), not copied, where the database allows."""
     path = os.fspath(path)
@@ -110,7 +115,7 @@ def read_tables(path):
     return _merged(path, catalogs, logical), rows, logical
 
 
-def write_tables(path, shards):
+def write_tables(path: StrPath, shards: Sequence[StrPath]) -> None:
     """Write the mapped tables of the finished `shards` (paths, in order) in the folder `path`,
     before its index."""
     rows = split_table([store.read_file_catalog(p)[1] for p in shards])
@@ -120,7 +125,7 @@ def write_tables(path, shards):
         os.replace(partial + ".npy", os.path.join(path, name))
 
 
-def read_paths(path):
+def read_paths(path: StrPath) -> list[str] | None:
     """Source paths relative to the split folder in logical order, or None if not recorded."""
     path = os.fspath(path)
     if not is_sharded(path):
@@ -129,11 +134,12 @@ def read_paths(path):
     if any(names is None for names in shards):
         return None
     sources = np.concatenate([store.read_file_catalog(p)[1]["source"] for p in shard_paths(path)])
-    names = [name for names in shards for name in names]
+    names = [name for names in cast("list[list[str]]", shards) for name in names]
     return [names[k] for k in np.argsort(sources, kind="stable").tolist()]
 
 
-def merged_info(infos, path, index_of=None):
+def merged_info(infos: Sequence[Json], path: StrPath,
+                index_of: Callable[[int, int], int] | None = None) -> Json:
     """The info of the one database the shards make together (as a one-file conversion's).
     `index_of(shard, i)`: the split's index of record i of a shard (default: offset + i)."""
     first = infos[0]
@@ -144,7 +150,11 @@ def merged_info(infos, path, index_of=None):
                                     "by one conversion: convert the split again")
     merged = {name: value for name, value in first.items() if name != "shard"}
     offsets = np.cumsum([0] + [info["count"] for info in infos]).tolist()
-    index_of = index_of or (lambda k, i: offsets[k] + i)
+
+    def by_offset(k: int, i: int) -> int:
+        return cast(int, offsets[k] + i)
+
+    index_of = index_of or by_offset
     merged.update(
         count=offsets[-1],
         transcoded=sorted([index_of(k, i), p, why] for k, info in enumerate(infos)
@@ -159,7 +169,7 @@ def merged_info(infos, path, index_of=None):
     return merged
 
 
-def reader(path):
+def reader(path: StrPath) -> RecordReader:
     """A picklable reader of records by global index, for one file or a sharded folder."""
     path = os.fspath(path)
     return ShardedReader(path) if is_sharded(path) else store.Reader(path)
@@ -168,43 +178,46 @@ def reader(path):
 class ShardedReader:
     """store.Reader's interface over the shards of a folder."""
 
-    def __init__(self, path):
+    def __init__(self, path: str) -> None:
         self.path = path
         index = read_index(path)
         self._readers = [store.Reader(p) for p in shard_paths(path)]
         self._offsets = np.cumsum([0] + [entry["count"] for entry in index["shards"]])
         self._starts = self._offsets.tolist()  # for bisect: one sample, no numpy call
 
-    def get(self, index):
+    def get(self, index: int) -> memoryview:
         """One record (a map-style dataset's per-sample path): the shard found by bisection."""
         shard = bisect.bisect_right(self._starts, index) - 1
         if not 0 <= index < self._starts[-1]:
             return self.get_many([index])[0]  # raises the out-of-range error
         return self._readers[shard].get(index - self._starts[shard])
 
-    def get_many(self, indices):
-        indices = np.asarray(indices, dtype=np.int64)
-        values = [None] * len(indices)
-        shard_of = np.searchsorted(self._offsets, indices, side="right") - 1
+    def get_many(self, indices: Sequence[int]) -> list[memoryview]:
+        keys = np.asarray(indices, dtype=np.int64)
+        values: list[Any] = [None] * len(keys)
+        shard_of = np.searchsorted(self._offsets, keys, side="right") - 1
         for shard in np.unique(shard_of).tolist():
             where = np.flatnonzero(shard_of == shard)
             if not 0 <= shard < len(self._readers):
-                raise DatabaseError(f"{self.path}: record {int(indices[where[0]])} is out of "
+                raise DatabaseError(f"{self.path}: record {int(keys[where[0]])} is out of "
                                     f"range (0..{self._offsets[-1] - 1})")
-            local = (indices[where] - self._offsets[shard]).tolist()
+            local = (keys[where] - self._offsets[shard]).tolist()
             for k, value in zip(where.tolist(), self._readers[shard].get_many(local)):
                 values[k] = value
         return values
 
-    def read_range(self, start, stop):
+    def read_range(self, start: int, stop: int) -> list[memoryview]:
         """Records start..stop-1 in key order, one cursor per shard it spans."""
-        values = []
+        values: list[memoryview] = []
         for shard, reader in enumerate(self._readers):
             low, high = self._offsets[shard], self._offsets[shard + 1]
             if start < high and stop > low:
                 values += reader.read_range(int(max(start, low) - low), int(min(stop, high) - low))
         return values
 
-    def close(self):
+    def close(self) -> None:
         for reader in self._readers:
             reader.close()
+
+
+RecordReader = Union[store.Reader, ShardedReader]  # what `reader` returns: one interface

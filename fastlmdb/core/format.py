@@ -23,14 +23,24 @@ A conversion writes ``<split>.lmdb.partial`` and renames it when complete, so th
 only ever holds a finished database.
 """
 
+from __future__ import annotations
+
 import io
 import json
 import os
 import struct
+from typing import Any, Dict, Iterable, Mapping, Sequence, Tuple, Type, Union, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from fastlmdb.core.errors import DatabaseError
+
+StrPath = Union[str, "os.PathLike[str]"]
+Buffer = Union[bytes, bytearray, memoryview]  # an LMDB value, copied or mapped
+Json = Dict[str, Any]  # a JSON object
+Rows = np.ndarray[Any, np.dtype[Any]]  # a structured array of ROW or TABLE rows
+Kinds = Union[Type[Any], Tuple[Type[Any], ...]]  # what isinstance takes
 
 FORMAT_NAME = "fastlmdb"
 FORMAT_VERSION = 2  # 2: records in a write order of their own (the `key` column)
@@ -68,7 +78,7 @@ ROW = np.dtype(
 TABLE = np.dtype(ROW.descr + [("key", "<u4")])
 
 
-def write_order(files, order, seed):
+def write_order(files: int, order: str, seed: int) -> np.ndarray[Any, np.dtype[np.int64]]:
     """Source positions in the order they are written: a pure function of its arguments,
     fixed before any file is prepared, so a resumed or sharded conversion agrees on it."""
     if order == "source":
@@ -76,54 +86,55 @@ def write_order(files, order, seed):
     return np.random.default_rng([seed, files]).permutation(files)
 
 
-def grouped_write_order(groups, seed):
+def grouped_write_order(groups: Sequence[int], seed: int) -> np.ndarray[Any, Any]:
     """Source positions in write order for files in groups (`groups`: a group number per
     file, in source order, each group's files together): groups in a seeded random order,
     each group's files shuffled; a pure function of its arguments, like write_order."""
-    groups = np.asarray(groups, dtype=np.int64)
-    rng = np.random.default_rng([seed, len(groups), 1])
-    rank = np.empty(int(groups.max(initial=-1)) + 1, dtype=np.int64)
+    numbers = np.asarray(groups, dtype=np.int64)
+    rng = np.random.default_rng([seed, len(numbers), 1])
+    rank = np.empty(int(numbers.max(initial=-1)) + 1, dtype=np.int64)
     rank[rng.permutation(len(rank))] = np.arange(len(rank))
-    return np.lexsort((rng.random(len(groups)), rank[groups]))
+    return np.lexsort((rng.random(len(numbers)), rank[numbers]))
 
 
-def logical_of_keys(table):
+def logical_of_keys(table: Rows) -> np.ndarray[Any, np.dtype[np.uint32]]:
     """The logical index of each key: the inverse of the table's `key` column."""
     logical = np.empty(len(table), dtype="<u4")
     logical[table["key"]] = np.arange(len(table), dtype="<u4")
     return logical
 
 
-def join_paths(names):
+def join_paths(names: Iterable[StrPath]) -> bytes:
     return b"\0".join(os.fsencode(name) for name in names)
 
 
-def split_paths(raw, count):
+def split_paths(raw: Buffer, count: int) -> list[str]:
     names = [os.fsdecode(name) for name in bytes(raw).split(b"\0")] if count else []
     if len(names) != count:
         raise DatabaseError(f"{count} records but {len(names)} source paths recorded; "
                             "the database is damaged: convert it again")
     return names
 
-def db_path(to_dir, split):
+
+def db_path(to_dir: StrPath, split: str) -> str:
     """Where the finished database of `split` lives."""
     return os.path.join(os.fspath(to_dir), f"{split}.lmdb")
 
 
-def partial_path(final_path):
+def partial_path(final_path: StrPath) -> str:
     """Where a conversion writes before the database is complete."""
     return os.fspath(final_path) + ".partial"
 
 
-def key(index):
+def key(index: int) -> bytes:
     return struct.pack(">Q", index)
 
 
-def dump_json(obj):
+def dump_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
-def load_json(raw, what, path):
+def load_json(raw: Buffer, what: str, path: StrPath) -> Json:
     try:
         obj = json.loads(bytes(raw))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -135,26 +146,27 @@ def load_json(raw, what, path):
     return obj
 
 
-def dump_table(rows, dtype=TABLE):
+def dump_table(rows: Any, dtype: npt.DTypeLike = TABLE) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(rows, dtype=dtype), allow_pickle=False)
     return buf.getvalue()
 
 
-def load_table(raw, count, path):
+def load_table(raw: Buffer, count: int, path: StrPath) -> Rows:
     """The record table (TABLE dtype), checked against the expected dtype and length: a view
     of `raw` (no copy) when it is a current one; a version-1 table gets key = index."""
     rows = load_npy(raw, (TABLE, ROW), count, "record table", path)
     if rows.dtype == ROW:
         table = np.empty(count, dtype=TABLE)
-        for name in ROW.names:
+        for name in ROW.names or ():
             table[name] = rows[name]
         table["key"] = np.arange(count)
         return table
     return rows
 
 
-def load_npy(raw, dtypes, count, what, path):
+def load_npy(raw: Buffer, dtypes: Sequence[np.dtype[Any]], count: int, what: str,
+             path: StrPath) -> Rows:
     """An ``.npy`` of `count` items of one of `dtypes` as a view of the buffer `raw` (an LMDB
     value read with buffers=True stays mapped, not copied); never unpickles."""
     try:
@@ -177,7 +189,7 @@ def load_npy(raw, dtypes, count, what, path):
     return array
 
 
-def rows_from_bytes(raw):
+def rows_from_bytes(raw: Buffer) -> Rows:
     raw = bytes(raw)
     if len(raw) % ROW.itemsize:
         raise DatabaseError(f"a chunk of the record table has {len(raw)} bytes, not a multiple "
@@ -185,7 +197,7 @@ def rows_from_bytes(raw):
     return np.frombuffer(raw, dtype=ROW)
 
 
-def check_info(info, path):
+def check_info(info: Json, path: StrPath) -> Json:
     """Validate the final metadata record; returns it. Raises DatabaseError with advice."""
     if info.get("format") != FORMAT_NAME:
         raise DatabaseError(f"{path} is an LMDB file but not a fastlmdb database")
@@ -200,8 +212,10 @@ def check_info(info, path):
     return info
 
 
-def make_plan(source, files, files_sha256, *, split, save_as, max_pixels, max_size, quality,
-              check_decode=False, order="source", order_seed=0):
+def make_plan(source: str, files: int, files_sha256: str, *, split: str, save_as: str,
+              max_pixels: int | None, max_size: int | None, quality: int,
+              check_decode: bool = False, order: str = "source",
+              order_seed: int = 0) -> Json:
     """The `plan` record: what a resumed run must agree on (the converter's settings that
     change the stored records, the source folder or archive, its number of files and the
     digest of their names and labels)."""
@@ -219,18 +233,18 @@ def make_plan(source, files, files_sha256, *, split, save_as, max_pixels, max_si
 
 # The `progress` record, rewritten in every transaction: files done (in write order), records
 # stored, and what the final `info` lists.
-PROGRESS_FIELDS = {"next_source": int, "stored": int, "bytes_in": int, "skipped": list,
-                   "transcoded": list, "warnings": list, "resized": int,
-                   "started": (int, float)}
+PROGRESS_FIELDS: dict[str, Kinds] = {
+    "next_source": int, "stored": int, "bytes_in": int, "skipped": list, "transcoded": list,
+    "warnings": list, "resized": int, "started": (int, float)}
 
 
-def new_progress(started):
+def new_progress(started: float) -> Json:
     """The progress record of a conversion that has done nothing yet."""
     return {"next_source": 0, "stored": 0, "bytes_in": 0, "skipped": [], "transcoded": [],
             "warnings": [], "resized": 0, "started": started}
 
 
-def check_progress(progress, path):
+def check_progress(progress: Json | None, path: StrPath) -> Json:
     """A partial database's progress record, checked; returns it."""
     if progress is None:
         raise _field_error(path, "progress", "is missing")
@@ -239,10 +253,11 @@ def check_progress(progress, path):
     return progress
 
 
-def make_info(plan, classes, progress, logical, skipped, *, made_by, finished):
+def make_info(plan: Json, classes: Sequence[str], progress: Json, logical: Rows,
+              skipped: list[Any], *, made_by: str, finished: float) -> Json:
     """The final `info` record; `logical`: the logical index of each key (the record indices
     in progress are keys, the write order's)."""
-    def by_logical(entries):
+    def by_logical(entries: Iterable[Sequence[Any]]) -> list[list[Any]]:
         return sorted([int(logical[key]), path, why] for key, path, why in entries)
 
     info = {
@@ -263,15 +278,15 @@ def make_info(plan, classes, progress, logical, skipped, *, made_by, finished):
 
 
 # Every field of `info` that a reader uses, with its JSON type; `shard` only in a shard's.
-INFO_FIELDS = {
+INFO_FIELDS: dict[str, Kinds] = {
     "count": int, "classes": list, "class_to_idx": dict, "imgtype": str, "split": str,
     "source": str, "transcoded": list, "skipped": list, "resized": int, "max_size": int,
     "quality": int, "bytes_in": int, "made_by": str, "started": (int, float),
     "finished": (int, float)}
-SHARD_FIELDS = {"index": int, "count": int, "first_source": int, "files": int}
+SHARD_FIELDS: dict[str, Kinds] = {"index": int, "count": int, "first_source": int, "files": int}
 
 
-def _check_fields(info, path):
+def _check_fields(info: Json, path: StrPath) -> None:
     _check_types(info, INFO_FIELDS, path, "")
     if "shard" in info:
         _check_types(info["shard"] if isinstance(info["shard"], dict) else {}, SHARD_FIELDS,
@@ -292,18 +307,19 @@ def _check_fields(info, path):
             raise _field_error(path, name, "has an entry of the wrong type")
 
 
-def _check_types(record, fields, path, prefix):
+def _check_types(record: Mapping[str, Any], fields: Mapping[str, Kinds], path: StrPath,
+                 prefix: str) -> None:
     for name, kind in fields.items():
         if not isinstance(record.get(name), kind):
             raise _field_error(path, prefix + name, "is missing or of the wrong type")
 
 
-def _shaped(entry, kinds):
+def _shaped(entry: Any, kinds: Sequence[Kinds]) -> bool:
     return (isinstance(entry, list) and len(entry) == len(kinds)
             and all(isinstance(value, kind) for value, kind in zip(entry, kinds)))
 
 
-def _field_error(path, name, what):
+def _field_error(path: StrPath, name: str, what: str) -> DatabaseError:
     return DatabaseError(f"{path}: metadata field {name!r} {what}; the database is damaged: "
                          "convert it again")
 
@@ -316,7 +332,7 @@ SHARDS_FORMAT = "fastlmdb-shards"
 SHARDS_VERSION = 1
 
 
-def make_shard_index(plan, names, infos):
+def make_shard_index(plan: Json, names: Sequence[str], infos: Sequence[Json]) -> Json:
     """The `index.json` of a folder whose shards are all finished (written last)."""
     entries = [{"file": name, "count": info["count"],
                 "first_source": info["shard"]["first_source"]}
@@ -325,7 +341,7 @@ def make_shard_index(plan, names, infos):
             "count": sum(entry["count"] for entry in entries), "shards": entries}
 
 
-def check_shard_index(index, index_path):
+def check_shard_index(index: Json, index_path: StrPath) -> Json:
     """A shard index, checked: format, version, and a consistent list of plain file names."""
     if index.get("format") != SHARDS_FORMAT:
         raise DatabaseError(f"{index_path} is not a fastlmdb shard index")
@@ -337,17 +353,17 @@ def check_shard_index(index, index_path):
         isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("count"), int)
         and os.path.basename(e["file"]) == e["file"] and e["file"] not in ("", ".", "..")
         and e["count"] >= 0 for e in entries)
-    if not ok or index.get("count") != sum(e["count"] for e in entries):
+    if not ok or index.get("count") != sum(e["count"] for e in cast("list[Json]", entries)):
         raise DatabaseError(f"{index_path}: the shard list is missing or inconsistent; "
                             "the database is damaged: convert it again")
     return index
 
 
-def shard_file(split, index, count):
+def shard_file(split: str, index: int, count: int) -> str:
     return f"{split}-{index:05d}-of-{count:05d}.lmdb"
 
 
-def shard_bounds(files, count, index):
+def shard_bounds(files: int, count: int, index: int) -> tuple[int, int]:
     """Positions [start, stop) in the write order of shard `index` of `count`: equal ranges
     of files."""
     return files * index // count, files * (index + 1) // count

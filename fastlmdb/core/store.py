@@ -9,17 +9,21 @@ which kills the process with SIGBUS instead of raising.
 The converter's writer process alone writes, with batched transactions and append-only keys.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import logging
 import os
 import struct
 import sys
+from typing import Any, Mapping, Sequence, cast
 
 import lmdb
 import numpy as np
 
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import DatabaseError, IncompleteDatabaseError
+from fastlmdb.core.format import Buffer, Json, Rows, StrPath
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +37,7 @@ _RECOPY = ("it was not copied or downloaded completely: copy it again (`fastlmdb
            "copies a database and checks the copy), or make it again with `fastlmdb convert`")
 
 
-def _open(path, **flags):
+def _open(path: StrPath, **flags: Any) -> lmdb.Environment:
     path = os.fspath(path)
     env = lmdb.open(path, subdir=False, max_dbs=MAX_DBS, **flags)
     try:
@@ -44,7 +48,7 @@ def _open(path, **flags):
     return env
 
 
-def _check_complete(env, path):
+def _check_complete(env: lmdb.Environment, path: str) -> None:
     """Raise unless the file holds every page its header says is in use.
 
     The header (the two meta pages, read with pread when the file is opened) records the
@@ -60,7 +64,7 @@ def _check_complete(env, path):
             f"{pages * page_size:,} ({pages:,} pages of {page_size:,} bytes); {_RECOPY}")
 
 
-def _unopenable(path, exc):
+def _unopenable(path: str, exc: Exception) -> DatabaseError:
     """The DatabaseError for a file lmdb.open refused: too short to hold the header of the
     LMDB file it starts as, or not LMDB at all."""
     with open(path, "rb") as file:
@@ -71,7 +75,7 @@ def _unopenable(path, exc):
     return DatabaseError(f"{path} is not an LMDB database ({exc})")
 
 
-def _open_readonly(path):
+def _open_readonly(path: StrPath) -> lmdb.Environment:
     path = os.fspath(path)
     if os.path.isdir(path):
         raise DatabaseError(f"{path} is a directory; a fastlmdb database is one file, "
@@ -94,7 +98,7 @@ def _open_readonly(path):
         raise _unopenable(path, exc) from None
 
 
-def _open_db(env, name, path):
+def _open_db(env: lmdb.Environment, name: bytes, path: StrPath) -> Any:
     try:
         return env.open_db(name, create=False)
     except lmdb.Error:  # NotFoundError, or a main database that is not ours
@@ -105,17 +109,17 @@ def _open_db(env, name, path):
 # The environments this process opened, one per database file: py-lmdb refuses to open a file
 # twice in one process. A forked child inherits them (and py-lmdb's record of them) but must not
 # use them: _drop_inherited closes them in the child, so that it opens its own.
-_ENVS = {}  # (st_dev, st_ino) -> _Opened
+_ENVS: dict[tuple[int, int], _Opened] = {}  # (st_dev, st_ino) -> _Opened
 
 
 @dataclasses.dataclass
 class _Opened:
     env: lmdb.Environment
     pid: int  # the process that opened it
-    tables: object = None  # the long read transaction whose buffers the mapped tables are
+    tables: Any = None  # the long read transaction whose buffers the mapped tables are
 
 
-def _drop_inherited():
+def _drop_inherited() -> None:
     """In a forked child: close the parent's environments (their transactions with them)."""
     for opened in _ENVS.values():
         try:
@@ -128,7 +132,7 @@ def _drop_inherited():
 os.register_at_fork(after_in_child=_drop_inherited)
 
 
-def opened_by(path):
+def opened_by(path: StrPath) -> int | None:
     """The pid of the process that opened this process's environment of `path`, or None:
     after a fork, always the child itself (what the tests check)."""
     stat = os.stat(path)
@@ -136,11 +140,11 @@ def opened_by(path):
     return None if opened is None else opened.pid
 
 
-def _shared_env(path):
+def _shared_env(path: StrPath) -> lmdb.Environment:
     return _opened(path).env
 
 
-def _opened(path):
+def _opened(path: StrPath) -> _Opened:
     """This process's _Opened record of the database file `path`, opened if need be."""
     try:
         # By file identity, as py-lmdb counts it: a database renamed since it was opened (a
@@ -156,7 +160,7 @@ def _opened(path):
     return opened
 
 
-def read_file_catalog(path):
+def read_file_catalog(path: StrPath) -> tuple[Json, Rows]:
     """(info, rows) of a finished database; rows in logical order (fmt.TABLE)."""
     env = _shared_env(path)
     meta = _open_db(env, fmt.META_DB, path)
@@ -167,12 +171,13 @@ def read_file_catalog(path):
     return info, rows
 
 
-def _catalog_of(raw_info, raw_table, path):
+def _catalog_of(raw_info: Buffer | None, raw_table: Buffer | None,
+                path: StrPath) -> tuple[Json, Rows]:
     info = _final_info(raw_info, raw_table, path)
-    return info, fmt.load_table(raw_table, info["count"], path)
+    return info, fmt.load_table(cast(Buffer, raw_table), info["count"], path)
 
 
-def _final_info(raw_info, raw_table, path):
+def _final_info(raw_info: Buffer | None, raw_table: Buffer | None, path: StrPath) -> Json:
     if raw_info is None or raw_table is None:
         raise IncompleteDatabaseError(
             f"{path} has no final metadata: its conversion did not finish; run the same "
@@ -180,7 +185,7 @@ def _final_info(raw_info, raw_table, path):
     return fmt.check_info(fmt.load_json(raw_info, "info", path), path)
 
 
-def read_file_tables(path):
+def read_file_tables(path: StrPath) -> tuple[Json, Rows, Rows | None]:
     """(info, rows, logical) of a finished database, the arrays read-only views of the map
     (no copy: every process reading the file shares these pages). `logical`: the logical
     index of each key, or None where keys are the indices (version 1, whose rows are
@@ -203,7 +208,7 @@ def read_file_tables(path):
     return info, rows, logical
 
 
-def read_file_paths(path):
+def read_file_paths(path: StrPath) -> list[str] | None:
     """The source paths of a database's records (relative to its split folder), in logical
     order; None if it was made before they were recorded."""
     env = _shared_env(path)
@@ -211,10 +216,10 @@ def read_file_paths(path):
         raw, raw_info = txn.get(fmt.PATHS_KEY), txn.get(fmt.INFO_KEY)
     if raw is None:
         return None
-    return fmt.split_paths(raw, fmt.load_json(raw_info, "info", path)["count"])
+    return fmt.split_paths(raw, _final_info(raw_info, raw, path)["count"])  # written together
 
 
-def read_meta(path, name):
+def read_meta(path: StrPath, name: bytes) -> Json | None:
     """The JSON metadata entry `name` (fmt.PLAN_KEY, ...) of a database, or None."""
     env = _shared_env(path)
     with env.begin(db=_open_db(env, fmt.META_DB, path)) as txn:
@@ -228,14 +233,15 @@ class Reader:
     Picklable: transactions are dropped on pickling and begun anew in each process.
     """
 
-    def __init__(self, path):
+    def __init__(self, path: StrPath) -> None:
         self.path = os.fspath(path)
-        self._pid = self._txn = None
+        self._pid: int | None = None
+        self._txn: Any = None  # an lmdb.Transaction of self._pid
 
-    def __getstate__(self):
+    def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_pid": None, "_txn": None}
 
-    def _ensure_open(self):
+    def _ensure_open(self) -> Any:
         if self._pid != os.getpid():
             # After a fork the parent's transaction must not be used, nor ended, here (the
             # child closed the environment it belonged to, see _drop_inherited).
@@ -246,11 +252,11 @@ class Reader:
             self._pid = os.getpid()
         return self._txn
 
-    def get(self, index):
+    def get(self, index: int) -> memoryview:
         """The stored value of record `index`, as a zero-copy buffer."""
         return self.get_many([index])[0]
 
-    def get_many(self, indices):
+    def get_many(self, indices: Sequence[int]) -> list[memoryview]:
         """Zero-copy buffers of several records, in the order asked."""
         txn = self._ensure_open()
         values = [txn.get(fmt.key(index)) for index in indices]
@@ -260,7 +266,7 @@ class Reader:
                                     "the database is damaged: run `fastlmdb verify`")
         return values
 
-    def read_range(self, start, stop):
+    def read_range(self, start: int, stop: int) -> list[memoryview]:
         """Zero-copy buffers of records start..stop-1, read with one cursor in key order."""
         cursor = self._ensure_open().cursor()
         values = []
@@ -274,7 +280,7 @@ class Reader:
                                 "the database is damaged: run `fastlmdb verify`")
         return values
 
-    def close(self):
+    def close(self) -> None:
         if self._txn is not None and self._pid == os.getpid():
             self._txn.abort()
         self._pid = self._txn = None
@@ -283,7 +289,7 @@ class Reader:
 WINDOWS_FIRST_MAP = 64 << 20
 
 
-def _first_map_size(path, map_size):
+def _first_map_size(path: str, map_size: int) -> int:
     """`map_size`, a virtual reservation; but on Windows LMDB makes the file as large as its
     map, so there the map starts at the file's size (64 MiB at least) and grows when full."""
     if sys.platform != "win32":
@@ -295,37 +301,37 @@ def _first_map_size(path, map_size):
 class Writer:
     """The writer process's handle: append-only batched commits, map growth, metadata last."""
 
-    def __init__(self, path, *, map_size):
+    def __init__(self, path: StrPath, *, map_size: int) -> None:
         self.path = os.fspath(path)
         # lock=False: the converter holds its own exclusive lock on the file (see convert).
-        self.env = _open(self.path, map_size=_first_map_size(self.path, map_size), lock=False,
-                         meminit=False,
-                         readahead=False)
+        self.env: Any = _open(self.path, map_size=_first_map_size(self.path, map_size),
+                              lock=False, meminit=False, readahead=False)  # None once closed
         self.images = self.env.open_db(fmt.IMAGES_DB)
         self.rows = self.env.open_db(fmt.ROWS_DB)
         self.meta = self.env.open_db(fmt.META_DB)
 
     @property
-    def page_size(self):
-        return self.env.stat()["psize"]
+    def page_size(self) -> int:
+        return int(self.env.stat()["psize"])
 
     @property
-    def committed_bytes(self):
+    def committed_bytes(self) -> int:
         """Bytes of the file that committed transactions use (a failed one may have written
         pages past them, which the next commit reuses)."""
-        return (self.env.info()["last_pgno"] + 1) * self.page_size
+        return int(self.env.info()["last_pgno"] + 1) * self.page_size
 
-    def read_meta(self, name):
+    def read_meta(self, name: bytes) -> Json | None:
         with self.env.begin(db=self.meta) as txn:
             raw = txn.get(name)
         return None if raw is None else fmt.load_json(raw, name.decode(), self.path)
 
-    def all_rows(self):
+    def all_rows(self) -> Rows:
         with self.env.begin(db=self.rows) as txn:
             chunks = [fmt.rows_from_bytes(value) for _, value in txn.cursor()]
         return np.concatenate(chunks) if chunks else np.empty(0, dtype=fmt.ROW)
 
-    def commit(self, first, payloads, rows, meta):
+    def commit(self, first: int, payloads: Sequence[Buffer], rows: Rows,
+               meta: Mapping[bytes, Any]) -> None:
         """Write records first.., their rows and the `meta` JSON entries in one transaction."""
         while True:
             try:
@@ -335,7 +341,8 @@ class Writer:
             except lmdb.MapFullError:
                 self._grow()
 
-    def _put(self, txn, first, payloads, rows, meta):
+    def _put(self, txn: Any, first: int, payloads: Sequence[Buffer], rows: Rows,
+             meta: Mapping[bytes, Any]) -> None:
         items = [(fmt.key(first + k), p) for k, p in enumerate(payloads)]
         if items:
             txn.cursor(db=self.images).putmulti(items, append=True)
@@ -344,18 +351,18 @@ class Writer:
             raw = value if isinstance(value, bytes) else fmt.dump_json(value)
             txn.put(name, raw, db=self.meta)
 
-    def clear(self):
+    def clear(self) -> None:
         """Empty every table: a partial database is being started again."""
         with self.env.begin(write=True) as txn:
             for db in (self.images, self.rows, self.meta):
                 txn.drop(db, delete=False)
 
-    def _grow(self):
+    def _grow(self) -> None:
         size = self.env.info()["map_size"] * 2
         log.info("growing the map of %s to %.1f GB", self.path, size / 1e9)
         self.env.set_mapsize(size)
 
-    def close(self):
+    def close(self) -> None:
         if self.env is not None:
             self.env.sync(True)
             self.env.close()

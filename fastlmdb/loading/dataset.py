@@ -8,8 +8,8 @@ With crops.py, the only modules that import torch.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
-import sys
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, Tuple, Union, cast
 
@@ -64,6 +64,10 @@ class _Records:
         self._tables, self._tables_pid = (rows, logical), os.getpid()
         self._samples: list[tuple[str, int]] | None = None
         self._reader = catalog.reader(self.path)
+        # The in-place batches' dtype, and the recipe tail's 3 x 256 table (fastlmdb.loading.
+        # tail) that makes it from the uint8 pixels; None: uint8 batches.
+        self._tail_table: torch.Tensor | None = None
+        self._tail_dtype = torch.uint8
         self.errors = 0  # records skipped in this process because they failed to decode
 
     def __getstate__(self) -> dict[str, Any]:
@@ -143,8 +147,10 @@ class _Records:
     def _pixels(self, index: int, value: bytes | memoryview,
                 out: torch.Tensor | None = None) -> Any:
         """HWC uint8 pixels of a record: whole, or the crop box of a decode-aware head
-        (resized into `out`, a 3xHxW uint8 tensor, when given)."""
+        (resized into `out`, a 3xHxW slot of the in-place batch, through the tail's table where
+        there is one, when given)."""
         row = self._rows[index]
+        table = None if out is None else self._tail_table
         height, width = int(row["height"]), int(row["width"])
         crop = self._crop
         try:
@@ -153,13 +159,13 @@ class _Records:
                 if crop is None:
                     return pixels.copy()  # detach from the map, writable
                 top, left, h, w = crop.box(height, width)
-                return crops.resize(pixels[top:top + h, left:left + w], crop.size, out)
+                return crops.resize(pixels[top:top + h, left:left + w], crop.size, out, table)
             if crop is None:
                 return self._decode(value, min_height=self.min_size[0],
                                     min_width=self.min_size[1])
             box = crop.box(height, width)
             pixels = crops.decode_box(value, box, crop.size, height, width, self._decode)
-            return crops.resize(pixels, crop.size, out)
+            return crops.resize(pixels, crop.size, out, table)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is this record's
             raise self._error(index, str(exc)) from None
 
@@ -173,7 +179,7 @@ class _Records:
         return self.imgtype == "jpeg" and batch.native_built()
 
     def _record_into(self, index: int, value: bytes | memoryview, image: torch.Tensor) -> int:
-        """_record, the image written into `image`, a 3xHxW uint8 tensor; returns the label."""
+        """_record, the image written into `image`, a 3xHxW slot; returns the label."""
         self._pixels(index, value, out=image)
         if self._rest is not None:
             flipped = self._rest(image)  # the same transform objects and random draws
@@ -307,11 +313,12 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
         """The samples of one batch, decoded into one images tensor (batch.Sample views):
         natively where it can be (batch.fill), else slot by slot."""
         crop = cast(crops.DecodeCrop, self._crop)
-        images, labels = batch.empty(len(positions), crop.size)
+        images, labels = batch.empty(len(positions), crop.size, self._tail_dtype)
         label_list, _ = batch.fill(
             images, values, self._rows[indices], crop, self._rest, self.threads,
             self._natively(),
-            lambda n, slot: self._slot(positions[n], indices[n], values[n], slot))
+            lambda n, slot: self._slot(positions[n], indices[n], values[n], slot),
+            self._tail_table)
         labels.numpy()[:] = label_list
         return batch.samples(images, labels, label_list)
 
@@ -321,6 +328,8 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
             return self._record_into(index, value, image)
         except DecodeError:
             substitute, label = self[i]  # raises, or substitutes and counts, as for one sample
+            if substitute.dtype != image.dtype and self._tail_table is not None:
+                substitute = batch.apply_table(substitute, self._tail_table)
             image.copy_(substitute)
             return int(label)
 
@@ -350,14 +359,15 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
     so loops that never call ``set_epoch`` (Lightning) get a new order every epoch; calling
     it before each epoch (it reaches persistent workers too) pins the epoch explicitly.
 
-    Workers take turns by whole batches when the batch size is known: given here as
-    `batch_size`, or read from the DataLoader when it asks for the dataset's length (what
-    ``len(loader)`` does, as Lightning and progress bars do). ``len(loader)`` is then the number
-    of batches the workers yield: without it, each worker would end on a partial batch, and a
-    loop that stops after ``len(loader)`` batches would drop one.
+    Give it the DataLoader's batch size: as `batch_size`, by ``set_batch_size(n)``, or by
+    making the loader with ``fastlmdb.loader(dataset, batch_size=n, ...)``, which sets it.
+    Workers then take turns by whole batches, so ``len(loader)`` is the number of batches they
+    yield (Lightning and progress bars ask it): without it, each of several workers ends the
+    epoch on a partial batch, a loop that stops after ``len(loader)`` batches drops one, and
+    worker 0 warns once, saying what to pass.
 
-    Mid-epoch resume: give the DataLoader's `batch_size` here too; workers then take turns by
-    batch, so each rank sees its share of the epoch in order, and
+    Mid-epoch resume needs the batch size too: each rank then sees its share of the epoch in
+    order, and
     ``state_dict(samples_seen=n)`` / ``load_state_dict(state)`` continue after the n samples
     this rank has consumed, with any number of workers: none twice, none missing.
     With the batch size known and a decode-aware crop head (then at most flips), each batch is
@@ -379,7 +389,7 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
                          decode_aware=decode_aware)
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.threads = threads
-        self._rank, self._world_size, self.batch_size = rank, world_size, batch_size
+        self._rank, self._world_size = rank, world_size
         if shuffle and self.physical_order in _UNMIXED:
             where, again = _UNMIXED[self.physical_order]
             warnings.warn(
@@ -388,11 +398,11 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
                 f"a batch holds only a few classes. Convert it again {again} (the default "
                 "shuffles the write order), or use LMDBDataset with EpochSampler",
                 UserWarning, stacklevel=2)
-        if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive int (the DataLoader's), "
-                             f"got {batch_size!r}")
-        # Epoch, resume point, iterations begun: shared, so they reach persistent workers.
+        # Epoch, resume point, iterations begun, batch size: shared, so they reach persistent
+        # workers.
         self._progress = progress.Progress()
+        if batch_size is not None:
+            self.set_batch_size(batch_size)
         # This process's own: samples its iteration handed out, and a worker's resume point.
         self._yielded = self._skip = 0
 
@@ -405,9 +415,23 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
         """The epoch this process iterates (or its workers did last); before any, the next."""
         return self._progress.now()[0]
 
+    @property
+    def batch_size(self) -> int | None:
+        """The DataLoader's batch size, which workers take turns by; None until given."""
+        return self._progress.batch_size
+
+    def set_batch_size(self, batch_size: int) -> None:
+        """The DataLoader's batch size is `batch_size` (what fastlmdb.loader calls, as do
+        loaders that tell the dataset their batch size, LitData's for one); it reaches workers
+        already started (persistent ones) at their next iteration."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) \
+                or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int (the DataLoader's), "
+                             f"got {batch_size!r}")
+        self._progress.batch_size = int(batch_size)
+
     def _batch_size(self) -> int | None:
-        """The batch size workers take turns by: given, or learned from the DataLoader."""
-        return self.batch_size or self._progress.batch_size
+        return self._progress.batch_size
 
     def state_dict(self, samples_seen: int | None = None) -> dict[str, Any]:
         """Where this rank stands after consuming `samples_seen` more samples of the epoch.
@@ -447,23 +471,7 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
         return state
 
     def __len__(self) -> int:
-        self._learn_batch_size(sys._getframe(1))
         return cast(int, order.per_rank(self._count, self._ranks()[1], self.drop_last))
-
-    def _learn_batch_size(self, frame: Any) -> None:
-        """Takes the batch size of the DataLoader whose ``__len__`` is asking (`frame`): the
-        workers then take turns by batch and yield as many batches as it reports."""
-        loader = frame.f_locals.get("self") if frame.f_code.co_name == "__len__" else None
-        if not isinstance(loader, torch.utils.data.DataLoader) or loader.dataset is not self:
-            return
-        size = loader.batch_size
-        if size is None:
-            return
-        if self.batch_size is not None and self.batch_size != size:
-            raise ValueError(f"batch_size={self.batch_size} was given to LMDBIterDataset, but its "
-                             f"DataLoader has batch_size={size}: give both the same")
-        if self._progress.batch_size != size:
-            self._progress.batch_size = size
 
     @property
     def targets(self) -> list[int]:
@@ -492,6 +500,13 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
         size = self._batch_size()
         if size:
             return order.batch_share(share, worker.id, worker.num_workers, size)
+        if worker.num_workers > 1 and worker.id == 0 and self._progress.first_to_tell():
+            warnings.warn(f"{self.path}: LMDBIterDataset does not know the DataLoader's batch "
+                          f"size, so each of its {worker.num_workers} workers ends the epoch on "
+                          "a partial batch and len(loader) counts fewer batches than they "
+                          "yield; pass batch_size=<the DataLoader's> to LMDBIterDataset, call "
+                          "dataset.set_batch_size(n), or make the loader with "
+                          "fastlmdb.loader(dataset, batch_size=n, ...)", UserWarning)
         return order.worker_share(share, worker.id, worker.num_workers)
 
     def __iter__(self) -> Iterator[Any]:
@@ -512,7 +527,8 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
         """The samples of `indices`, each `batch_size` of them decoded into one images tensor
         (batch.Sample views, as LMDBDataset's batches); a skipped record shortens its batch."""
         for piece in order.windows(indices, self._batch_size()):
-            images, labels = batch.empty(len(piece), cast(crops.DecodeCrop, self._crop).size)
+            images, labels = batch.empty(len(piece), cast(crops.DecodeCrop, self._crop).size,
+                                         self._tail_dtype)
             kept, consumed = self._fill(images, piece.tolist(), self._read(piece))
             images, labels = images[:len(kept)], labels[:len(kept)]
             labels.numpy()[:] = kept
@@ -535,7 +551,7 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
 
         return batch.fill(images, values, self._rows[indices],
                           cast(crops.DecodeCrop, self._crop), self._rest, self.threads,
-                          self._natively(), one)
+                          self._natively(), one, self._tail_table)
 
     def _read(self, piece: Ints) -> list[Any]:
         """Buffers of `piece`'s records, read in key order (sequential I/O), in piece order."""

@@ -22,8 +22,9 @@ class Progress:
     """Epoch, resume point and the DataLoader's batch size, shared across processes."""
 
     def __init__(self) -> None:
-        # [epoch, samples of it already consumed, batch size learned from the DataLoader]
-        self.shared = torch.zeros(3, dtype=torch.int64).share_memory_()
+        # [epoch, samples of it already consumed, the DataLoader's batch size (0: not given),
+        #  whether a worker has warned that the batch size is missing]
+        self.shared = torch.zeros(4, dtype=torch.int64).share_memory_()
         # Iterations begun since set(): slot 0 for a process iterating itself, 1 + id a worker's.
         self.passes = torch.zeros(1 + MAX_WORKERS, dtype=torch.int64).share_memory_()
         self.current: tuple[int, int] | None = None  # (epoch, offset) this process iterates
@@ -66,12 +67,18 @@ class Progress:
 
     @property
     def batch_size(self) -> int | None:
-        """The batch size of the DataLoader that asked for the dataset's length, if one did."""
+        """The DataLoader's batch size, once the dataset was given it."""
         return int(self.shared[2]) or None
 
     @batch_size.setter
     def batch_size(self, size: int) -> None:
         self.shared[2] = int(size)
+
+    def first_to_tell(self) -> bool:
+        """True the first time it is asked, in whichever process: a warning said once."""
+        told = int(self.shared[3])
+        self.shared[3] = 1
+        return not told
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "current": None}

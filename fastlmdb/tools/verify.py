@@ -89,24 +89,24 @@ def _check_catalog(info: dict[str, Any], rows: np.ndarray[Any, Any]) -> list[str
 def _source_paths(source: StrPath, labels: StrPath | None, info: dict[str, Any],
                   rows: np.ndarray[Any, Any], problems: list[str]) -> list[str] | None:
     """Source file of every record (None where it cannot be compared)."""
-    scan = _scan(source, labels, info)
-    if scan.classes != info["classes"]:
-        problems.append(f"classes differ from {source}: {len(scan.classes)} there, "
+    inputs = _list_source(source, labels, info)
+    if inputs.classes != info["classes"]:
+        problems.append(f"classes differ from {source}: {len(inputs.classes)} there, "
                         f"{len(info['classes'])} in the database")
         return None
     # A shard on its own holds a range of the split's files.
-    files = info["shard"]["files"] if "shard" in info else len(scan)
+    files = info["shard"]["files"] if "shard" in info else len(inputs)
     if len(rows) + len(info["skipped"]) != files:
         problems.append(f"{source} has {files} images for this database, which holds "
                         f"{len(rows)} (+{len(info['skipped'])} skipped)")
         return None
-    labels_match = scan.labels[rows["source"]] == rows["label"]
-    problems += [f"record {i}: label differs from {scan.paths[rows['source'][i]]}"
+    labels_match = inputs.labels[rows["source"]] == rows["label"]
+    problems += [f"record {i}: label differs from {inputs.paths[rows['source'][i]]}"
                  for i in np.flatnonzero(~labels_match)[:20]]
-    return [scan.paths[s] for s in rows["source"].tolist()]
+    return [inputs.paths[s] for s in rows["source"].tolist()]
 
 
-def _scan(source: StrPath, labels: StrPath | None, info: dict[str, Any]) -> Any:
+def _list_source(source: StrPath, labels: StrPath | None, info: dict[str, Any]) -> Any:
     """The source's Listing; an archive's or a flat folder's with the database's classes."""
     labels = label_files.read(labels) if labels else None
     if not _shards(source):

@@ -1,4 +1,5 @@
-"""Load every record of a database, for test_hostile_files.py: python load_probe.py ROOT SPLIT.
+"""Load every record of a database, for test_hostile_files.py:
+python -m probes.load_probe ROOT SPLIT.
 
 Runs in a process of its own, so that a decoder crashing on a hostile record fails the test
 with its exit status instead of killing pytest. Prints JSON: for each way of loading (every

@@ -1,5 +1,5 @@
-"""Run as `python portability_probe.py SRC DST LOCAL`: convert SRC's train split to DST, read it
-with both datasets in DataLoader workers (batches decoded in place, so handed over through
+"""Run as `python -m probes.portability_probe SRC DST LOCAL`: convert SRC's train split to DST,
+read it with both datasets in DataLoader workers (batches decoded in place, so handed over through
 handover.py), stage it to LOCAL; print JSON of what it saw. tests/test_portability.py runs it
 with and without a sitecustomize that removes the Linux-only calls, and compares."""
 

@@ -1,8 +1,8 @@
 """Distributed ranks for test_ranks.py, started the two ways training jobs start them:
 
-    python dist_probe.py spawn ROOT OUT PORT SECONDS   # 2 ranks by torch.multiprocessing.spawn
-    python dist_probe.py env ROOT OUT SECONDS          # one rank, as torchrun starts it: from
-                                                       # RANK, WORLD_SIZE, MASTER_ADDR/PORT
+    python -m probes.dist_probe spawn ROOT OUT PORT SECONDS  # 2 ranks by mp.spawn
+    python -m probes.dist_probe env ROOT OUT SECONDS         # one rank, as torchrun starts it:
+                                                             # RANK, WORLD_SIZE, MASTER_ADDR/PORT
 
 Each rank joins a gloo group, reads ROOT/train.lmdb through a DataLoader of 2 workers in each
 configuration of CONFIGS (PROGRAM_CONFIGS for separate programs), for EPOCHS epochs (set_epoch before each), and writes
@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from fastlmdb import EpochSampler, LMDBDataset, LMDBIterDataset
-from lmdb_probes import checksum
+from probes.lmdb_probes import checksum
 
 EPOCHS = 2
 SEED = 3
@@ -41,7 +41,7 @@ def _loader(root, kind, context, persistent):
                   persistent_workers=persistent)
     if kind == "iter":
         dataset = LMDBIterDataset(root, "train", checksum, output="numpy", shuffle=True,
-                                  seed=SEED)
+                                  seed=SEED, batch_size=common["batch_size"])
         return dataset.set_epoch, DataLoader(dataset, **common)
     dataset = LMDBDataset(root, "train", checksum, output="numpy")
     sampler = (EpochSampler(dataset, seed=SEED) if kind == "EpochSampler"

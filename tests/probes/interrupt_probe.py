@@ -1,6 +1,6 @@
 """Run as a script by test_interrupt.py: convert, and stop this run in a chosen way at a point.
 
-    python interrupt_probe.py SRC DST HOW AT [SHARDS]
+    python -m probes.interrupt_probe SRC DST HOW AT [SHARDS]
 
 HOW is main-SIGKILL, main-SIGTERM, main-SIGINT (signals to this coordinator process) or
 writer-SIGKILL (to a child); AT is how many source files must be done first.

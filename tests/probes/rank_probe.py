@@ -1,4 +1,4 @@
-"""One distributed rank for test_load.py: python rank_probe.py ROOT RANK WORLD PORT EPOCHS.
+"""One distributed rank for test_load.py: python -m probes.rank_probe ROOT RANK WORLD PORT EPOCHS.
 
 Joins a gloo process group on loopback, reads ROOT/train.lmdb with LMDBIterDataset through a
 DataLoader with two persistent workers, and prints JSON: the sample checksums of each epoch and
@@ -14,13 +14,14 @@ import torch
 import torch.distributed as dist
 
 from fastlmdb import LMDBIterDataset
-from lmdb_probes import checksum
+from probes.lmdb_probes import checksum
 
 
 def main(root, rank, world, port, epochs):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    dataset = LMDBIterDataset(root, "train", checksum, output="numpy", shuffle=True, seed=7)
+    dataset = LMDBIterDataset(root, "train", checksum, output="numpy", shuffle=True, seed=7,
+                              batch_size=8)
     loader = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=2,
                                          persistent_workers=True)
     seen, pss = [], []

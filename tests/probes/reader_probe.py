@@ -1,7 +1,7 @@
 """Every reader of a database, run one after another in this process, for test_truncated.py:
 
-    python reader_probe.py readers DB WORK         # LMDBDataset, LMDBIterDataset, the CLI
-    python reader_probe.py workers DB GOOD CONTEXT  # DataLoader workers, see _workers
+    python -m probes.reader_probe readers DB WORK         # LMDBDataset, LMDBIterDataset, the CLI
+    python -m probes.reader_probe workers DB GOOD CONTEXT  # DataLoader workers, see _workers
 
 DB is a database path (a file or a folder of shards, DST/<split>.lmdb), WORK a scratch folder.
 Prints one JSON line per reader as it finishes: {"reader", "error"} where error is the message
@@ -75,7 +75,7 @@ def _workers(db, good, context):
     import torch.utils.data
 
     from fastlmdb.loading import dataset
-    from lmdb_probes import checksum
+    from probes.lmdb_probes import checksum
 
     damaged = db + ".damaged"
     (shutil.copytree if os.path.isdir(db) else shutil.copyfile)(db, damaged)

@@ -1,5 +1,5 @@
 """A tiny LightningModule that records which samples it trains on, and DataModules over both
-datasets, for test_clients.py and the DDP probe (python client_probes.py ROOT KIND OUT)."""
+datasets, for test_clients.py and the DDP probe (python -m probes.client_probes ROOT KIND OUT)."""
 
 import json
 import os
@@ -10,8 +10,9 @@ import torch
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from fastlmdb import EpochSampler, LMDBDataset, LMDBIterDataset
-from lmdb_probes import pooled_and_checksum
+import fastlmdb
+from fastlmdb import EpochSampler, LMDBDataset
+from probes.lmdb_probes import pooled_and_checksum
 
 BATCH = 8
 CLASSES = 3
@@ -51,10 +52,10 @@ class Data(pl.LightningDataModule):
             self.dataset = LMDBDataset(self.root, "train", pooled_and_checksum, output="numpy")
             self.sampler = EpochSampler(self.dataset, seed=3)  # after DDP joined: its ranks
             return loader(self.dataset, batch_size=BATCH, sampler=self.sampler, **self.options)
-        self.dataset = LMDBIterDataset(self.root, "train", pooled_and_checksum, output="numpy",
-                                       shuffle=True, seed=3,
-                                       batch_size=BATCH if loader is StatefulDataLoader else None)
-        return loader(self.dataset, batch_size=BATCH, **self.options)
+        self.dataset = fastlmdb.LMDBIterDataset(self.root, "train", pooled_and_checksum,
+                                                output="numpy", shuffle=True, seed=3)
+        return fastlmdb.loader(self.dataset, batch_size=BATCH, loader_class=loader,
+                               **self.options)
 
 
 def trainer(**options):
@@ -74,7 +75,8 @@ def main(root, kind, out, use_distributed_sampler):
                   use_distributed_sampler=use_distributed_sampler == "1")
     job.fit(model, data)
     with open(os.path.join(out, f"rank{job.global_rank}.json"), "w") as f:
-        json.dump({"seen": model.seen, "batches": job.num_training_batches}, f)
+        json.dump({"seen": model.seen, "batches": job.num_training_batches,
+                   "sampler": type(job.train_dataloader.sampler).__name__}, f)
 
 
 if __name__ == "__main__":
