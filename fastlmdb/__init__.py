@@ -21,7 +21,7 @@ from fastlmdb.core.errors import (  # noqa: E402
 )
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers
-    from fastlmdb.converter.conversion import Options, Stats, convert
+    from fastlmdb.converter.conversion import Options, Stats, convert, convert_dataset
     from fastlmdb.loading.batch import collate
     from fastlmdb.loading.crops import RandomResizedCrop, ResizeCenterCrop
     from fastlmdb.loading.dataset import LMDBDataset, LMDBIterDataset
@@ -49,6 +49,7 @@ __all__ = [
     "__version__",
     "collate",
     "convert",
+    "convert_dataset",
     "loader",
     "merge",
     "stage",
@@ -59,6 +60,7 @@ __all__ = [
 # torch-free (only the loading names import torch).
 _LAZY = {
     "convert": "fastlmdb.converter.conversion",
+    "convert_dataset": "fastlmdb.converter.conversion",
     "Options": "fastlmdb.converter.conversion",
     "Stats": "fastlmdb.converter.conversion",
     "verify": "fastlmdb.tools.verify",

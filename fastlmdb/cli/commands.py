@@ -82,18 +82,32 @@ def _add_convert(commands):
     source.add_argument("--from_dir", "--from-dir", metavar="SRC",
                         help="folder holding <split>/<class>/<image> (or a flat <split>/ "
                              "with --labels)")
-    source.add_argument("--from-archive", "--from_archive", metavar="FILE",
+    source.add_argument("--from-archive", "--from_archive", metavar="FILE_OR_PATTERN",
                         help="a tar or zip holding one split as downloaded: a tar of "
                              "per-class tars (ILSVRC2012_img_train.tar), a tree "
                              "[prefix/][<split>/]<class>/<image> (Kaggle's zip), or flat "
                              "files with --labels; nothing is extracted. A .tar.gz/.bz2/.xz "
-                             "is read twice in order (list, convert), records in its order")
+                             "is read twice in order (list, convert), records in its order. "
+                             "Or shards as the Hugging Face hub ships them: parquet files or "
+                             "WebDataset tars, named by a file, a folder, or a quoted glob or "
+                             "brace pattern ('data/train-*.parquet', "
+                             "'imagenet1k-train-{0000..1023}.tar')")
     p.add_argument("--labels", metavar="FILE",
                    help="classes of a flat split's files: LOC_val_solution.csv, a text file "
                         "of FILENAME CLASS lines, or ILSVRC2012_devkit_t12.tar.gz")
     p.add_argument("--classes-from", "--classes_from", metavar="DB_OR_DIR",
                    help="take the class list from this database or tree (e.g. train's), so "
-                        "class indices match it even where this split lacks a class")
+                        "class indices match it even where this split lacks a class, or "
+                        "from a .txt file of one name per line (shards without class names)")
+    p.add_argument("--image-column", "--image_column", metavar="NAME",
+                   help="parquet: the image column (default: the struct<bytes, path> or "
+                        "binary column)")
+    p.add_argument("--label-column", "--label_column", metavar="NAME",
+                   help="parquet: the integer label column (default: 'label', else the only "
+                        "integer column)")
+    p.add_argument("--unlabeled", action="store_true",
+                   help="parquet: store rows whose label is -1 (the hub's test split) with "
+                        "label -1 instead of refusing them")
     p.add_argument("--to_dir", "--to-dir", required=True, metavar="DST",
                    help="where <split>.lmdb is written")
     p.add_argument("--split", required=True, nargs="+", help="split folder name(s): train val")
@@ -148,8 +162,9 @@ def _add_verify(commands):
                                         "--source, compare with the source tree.")
     p.add_argument("db", help="a DST/<split>.lmdb file")
     p.add_argument("--source", metavar="SRC/SPLIT",
-                   help="the split folder or archive it was made from, e.g. "
-                        "/data/imagenet/train or ILSVRC2012_img_train.tar")
+                   help="the split folder, archive or shards it was made from, e.g. "
+                        "/data/imagenet/train, ILSVRC2012_img_train.tar or "
+                        "'data/validation-*.parquet'")
     p.add_argument("--labels", metavar="FILE",
                    help="with a flat --source: the label file it was converted with")
     p.add_argument("--procs", type=_positive, default=converter.default_procs(),
@@ -209,6 +224,8 @@ def _convert(args):
         options = converter.Options(
             from_dir=args.from_dir, from_archive=args.from_archive, labels=args.labels,
             classes_from=args.classes_from, to_dir=args.to_dir, split=split,
+            image_column=args.image_column, label_column=args.label_column,
+            unlabeled=args.unlabeled,
             save_as=args.save_as,
             procs=args.procs, on_error=args.on_error, overwrite=args.overwrite,
             max_pixels=args.max_pixels, max_size=args.max_size, quality=args.quality,
@@ -274,7 +291,7 @@ def _info(args):
     print(f"  split {info['split']} from {info['source']}")
     order = info.get("order", "source")
     print(f"  stored in {order} order"
-          + (f" (seed {info['order_seed']})" if order == "shuffled" else ""))
+          + (f" (seed {info['order_seed']})" if order in ("shuffled", "row-groups") else ""))
     print(f"  {info['count']} {info['imgtype']} images in {len(info['classes'])} classes, "
           f"{files.size(args.db) / 1e6:.1f} MB"
           + (f" in {info['shards']} shards" if "shards" in info else ""))

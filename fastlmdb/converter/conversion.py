@@ -17,7 +17,8 @@ from typing import Any, Callable, Sequence
 from fastlmdb.converter import pipeline, prepare, shards
 from fastlmdb.core import catalog, files
 from fastlmdb.sources import archive
-from fastlmdb.sources import listing
+from fastlmdb.sources import dataset as dataset_source
+from fastlmdb.sources import listing, patterns
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import ON_ERROR, ConversionError
 
@@ -33,7 +34,7 @@ def default_procs() -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    from_dir: str
+    from_dir: str | None  # None: from_archive (or convert_dataset's dataset)
     to_dir: str
     split: str
     save_as: str = "jpeg"
@@ -54,9 +55,14 @@ class Options:
     shard_size: int = 0  # if set, as many shards as make about this many files each
     backend: str = "local"  # how shards are run: see shards.BACKENDS
     scheduler: str | None = None  # the dask scheduler's address (backend "dask"); None: local
-    from_archive: str | None = None  # instead of from_dir: a tar or zip holding the split
+    # instead of from_dir: a tar or zip holding the split, or parquet or WebDataset shards
+    # (a file, a folder, a glob or brace pattern)
+    from_archive: str | None = None
     labels: str | None = None  # the classes of a flat split's files (see sources/labels.py)
-    classes_from: str | None = None  # a database or tree whose class list this split uses
+    classes_from: str | None = None  # a database, tree or .txt whose class list this split uses
+    image_column: str | None = None  # parquet: the image column (None: found by its type)
+    label_column: str | None = None  # parquet: the integer label column (None: found)
+    unlabeled: bool = False  # parquet: keep rows with label -1 (no label) as they are
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,14 +83,48 @@ class Stats:
 def convert(options: Options,
             on_progress: Callable[[int, int, int], object] | None = None) -> Stats:
     """Convert one split; returns Stats. `on_progress(done, total, bytes_in)` is optional."""
+    _validate_source(options)
     _validate(options)
     inputs = listing.list_split(options.split, from_dir=options.from_dir,
-                              from_archive=options.from_archive, labels=options.labels,
-                              classes_from=options.classes_from, on_error=options.on_error)
+                                from_archive=options.from_archive, labels=options.labels,
+                                classes_from=options.classes_from, on_error=options.on_error,
+                                columns=(options.image_column, options.label_column),
+                                unlabeled=options.unlabeled)
+    return convert_listing(options, inputs, on_progress)
+
+
+def convert_dataset(dataset: Any, to_dir: str, split: str, *, classes: Sequence[str] | None = None,
+                    unlabeled: bool = False,
+                    on_progress: Callable[[int, int, int], object] | None = None,
+                    **options: Any) -> Stats:
+    """Convert a map-style Python dataset whose items are (image, label) into
+    `to_dir`/<split>.lmdb (sources/dataset.py says which images and items); `classes`: the
+    class names (default: the dataset's `classes`); `unlabeled`: keep label -1; `options`:
+    Options' fields (procs, save_as, on_error, max_size, order, shards, overwrite, ...)."""
+    for name in ("from_dir", "from_archive", "labels", "classes_from", "image_column",
+                 "label_column", "unlabeled"):
+        if name in options:
+            raise ValueError(f"{name} is for convert()'s files, not for convert_dataset")
+    settings = Options(None, os.fspath(to_dir), split, **options)
+    _validate(settings)
+    inputs = dataset_source.list_dataset(dataset, classes=classes, unlabeled=unlabeled)
+    log.info("converting a Python dataset (%s, %d items) read by %d producer processes",
+             type(dataset).__name__, len(inputs), settings.procs)
+    return convert_listing(settings, inputs, on_progress)
+
+
+def convert_listing(options: Options, inputs: Any,
+                    on_progress: Callable[[int, int, int], object] | None = None) -> Stats:
+    """Convert the Listing `inputs` (sources/) with `options` (its source fields unused)."""
     if options.shard_size:
         options = dataclasses.replace(options, shards=max(1, -(-len(inputs) // options.shard_size)))
     if archive.in_order_only(inputs.paths):
         options = _in_archive_order(options)
+    elif pipeline.task_bounds(inputs.paths[:1]) is not None and options.order == "shuffled":
+        log.info("the source is read a row group at a time: records are written row group by "
+                 "row group, row groups in a seeded shuffled order, rows shuffled within each "
+                 "(--order %s)", fmt.GROUPS_ORDER)
+        options = dataclasses.replace(options, order=fmt.GROUPS_ORDER)
     final = fmt.db_path(options.to_dir, options.split)
     if os.path.exists(final) and not options.overwrite:
         raise ConversionError(f"{final} already exists; pass --overwrite to replace it "
@@ -148,17 +188,18 @@ def _stats(final: str, results: Sequence[Any], seconds: float) -> Stats:
                  info["warnings"])
 
 
-def _validate(o: Options) -> None:
+def _validate_source(o: Options) -> None:
     if (o.from_dir is None) == (o.from_archive is None):
         raise ValueError("give --from_dir SRC or --from-archive FILE (one of them), got "
                          f"{'both' if o.from_dir else 'neither'}")
     for flag, path in (("--from-archive", o.from_archive), ("--labels", o.labels),
                        ("--classes-from", o.classes_from)):
-        if path is not None and not os.path.exists(path):
+        if path is not None and not os.path.exists(path) and not (
+                flag == "--from-archive" and patterns.is_pattern(path)):
             raise ValueError(f"{flag} {path} does not exist")
-    if o.from_archive is not None and not os.path.isfile(o.from_archive):
-        raise ValueError(f"--from-archive must be a tar or zip file, got the folder "
-                         f"{o.from_archive}: pass a folder with --from_dir")
+
+
+def _validate(o: Options) -> None:
     if o.save_as not in fmt.IMGTYPES:
         raise ValueError(f"--save-as must be one of {', '.join(fmt.IMGTYPES)}, got {o.save_as!r}")
     if not isinstance(o.procs, int) or o.procs < 1:

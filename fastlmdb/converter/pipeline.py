@@ -22,7 +22,8 @@ import numpy as np
 
 from fastlmdb.converter import children, prepare
 from fastlmdb.converter.writer import Job, storage_message, writer_main
-from fastlmdb.sources import archive, stream
+from fastlmdb.sources import archive, refs, stream
+from fastlmdb.sources.refs import Ref
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import ConversionError, ImageError
 
@@ -43,13 +44,14 @@ def plan_of(options, inputs):
     """What a resumed run must agree on: everything that changes the stored records."""
     digest = hashlib.sha256()
     for path, label in zip(inputs.paths, inputs.labels.tolist()):
-        if isinstance(path, archive.Member):  # its name and place in the archive
+        if isinstance(path, Ref):  # its name and place in its container
             digest.update(path.identity())
         else:
             digest.update(os.path.relpath(path, inputs.root).encode("utf-8", "surrogateescape"))
         digest.update(b"\0%d\0" % label)
     o = options
-    return fmt.make_plan(os.path.abspath(inputs.root), len(inputs), digest.hexdigest(),
+    source = inputs.root if "://" in inputs.root else os.path.abspath(inputs.root)
+    return fmt.make_plan(source, len(inputs), digest.hexdigest(),
                          split=o.split, save_as=o.save_as, max_pixels=o.max_pixels,
                          max_size=o.max_size, quality=o.quality, check_decode=o.check_decode,
                          order=o.order, order_seed=o.order_seed)
@@ -58,7 +60,12 @@ def plan_of(options, inputs):
 def in_write_order(inputs, options):
     """(the input files in the order they are written, their positions in `inputs`)."""
     if options.order == fmt.ARCHIVE_ORDER:  # a compressed tar's members, in stream order
-        positions = np.argsort([path.where[1] for path in inputs.paths], kind="stable")
+        positions = stream.stream_order(inputs.paths)
+    elif options.order == fmt.GROUPS_ORDER:  # parquet rows, a row group at a time
+        numbers = {}
+        positions = fmt.grouped_write_order(
+            [numbers.setdefault(path.group(), len(numbers)) for path in inputs.paths],
+            options.order_seed)
     else:
         positions = fmt.write_order(len(inputs), options.order, options.order_seed)
     if options.order == "source":
@@ -77,7 +84,7 @@ def _names(inputs):
     """The inputs's files relative to its folder (an archive's: the members' names), as
     fmt.join_paths joins them."""
     prefix = os.path.join(inputs.root, "")
-    return fmt.join_paths(str(path) if isinstance(path, archive.Member)
+    return fmt.join_paths(str(path) if isinstance(path, Ref)
                           else path[len(prefix):] if path.startswith(prefix)
                           else os.path.relpath(path, inputs.root) for path in inputs.paths)
 
@@ -86,7 +93,8 @@ class _Pipeline:
     def __init__(self, options, inputs, partial, plan, settings, on_progress, positions):
         self.options, self.inputs, self.on_progress = options, inputs, on_progress
         self.partial, self.plan = partial, plan
-        self.window = (2 * options.procs + 2) * CHUNK
+        self.window = 2 * options.procs + 2  # tasks handed out ahead of the writer
+        self.bounds = task_bounds(inputs.paths)
         ctx = multiprocessing.get_context("spawn")
         self.status = ctx.Queue()
         # Two pipes per producer, tasks in and chunks out, nothing shared between producers:
@@ -103,15 +111,15 @@ class _Pipeline:
             args=(job, [receive for receive, _ in self.pipes], self.status, os.getpid()))
         self.producers = [
             ctx.Process(target=producer_main, name=f"fastlmdb-producer-{i}",
-                        args=(tasks, send, settings, os.getpid(), self.slots, i))
+                        args=(tasks, send, settings, os.getpid(), self.slots, i, inputs.setup))
             for i, ((_, send), (tasks, _)) in enumerate(zip(self.pipes, self.task_pipes))]
         self.live = list(self.producers)
-        self.assigned = {producer: [] for producer in self.producers}  # chunk starts
+        self.assigned = {producer: [] for producer in self.producers}  # (start, end) of tasks
         self.done = self.resumed_at = 0
         # A compressed tar is read here, in order; a chunk's bytes go with its task and are
         # kept until the writer has the chunk (a dead producer's chunk is sent again).
-        self.archive_reader = (stream.InOrderReader(inputs.root, archive.compression(inputs.root))
-                       if archive.in_order_only(inputs.paths) else None)
+        self.archive_reader = (stream.InOrderShards() if archive.in_order_only(inputs.paths)
+                               else None)
         self.chunk_bytes = {}
 
     def run(self):
@@ -138,9 +146,8 @@ class _Pipeline:
         self.done = dispatched = self.resumed_at
         total = len(self.inputs)
         while True:
-            while dispatched < total and dispatched - self.done < self.window:
-                self._dispatch(dispatched)
-                dispatched += CHUNK
+            while dispatched < total and self._ahead() < self.window:
+                dispatched = self._dispatch(dispatched)
             kind, *args = self._next_message()
             if kind == "advance" and self.on_progress:
                 self.on_progress(args[0] - self.resumed_at, total - self.resumed_at, args[2])
@@ -175,29 +182,35 @@ class _Pipeline:
                     f"Committed work is kept in {self.partial}: run the same "
                     "command again to resume")
 
+    def _ahead(self):
+        """Tasks handed out that the writer has not taken whole yet."""
+        for tasks in self.assigned.values():
+            tasks[:] = [(s, e) for s, e in tasks if e > self.done]
+        return sum(len(tasks) for tasks in self.assigned.values())
+
     def _dispatch(self, start, poison=None):
-        """Give a chunk to the live producer with the fewest chunks not yet taken by the writer."""
-        for starts in self.assigned.values():
-            starts[:] = [s for s in starts if s + CHUNK > self.done]
+        """Give the task at `start` to the live producer with the fewest tasks not yet taken
+        by the writer; returns where the task ends."""
+        end = task_end(self.bounds, start, len(self.inputs))
+        self._ahead()
         producer = min(self.live, key=lambda p: len(self.assigned[p]))
-        self.assigned[producer].append(start)
-        task = (start, self.inputs.paths[start:start + CHUNK], poison or {},
-                self._chunk_bytes(start))
+        self.assigned[producer].append((start, end))
+        task = (start, self.inputs.paths[start:end], poison or {}, self._chunk_bytes(start, end))
         try:
             self.task_pipes[self.producers.index(producer)][1].send(task)
         except OSError:  # it died since the last look: its chunks, this one too, move on
             producer.join(timeout=POLL_SECONDS)
             self._replace(producer)
+        return end
 
-    def _chunk_bytes(self, start):
-        """The bytes of the chunk at `start` of a compressed tar (None: producers read it)."""
+    def _chunk_bytes(self, start, end):
+        """The bytes of the task [start, end) of a compressed tar (None: producers read it)."""
         if self.archive_reader is None:
             return None
         for taken in [s for s in self.chunk_bytes if s + CHUNK <= self.done]:
             del self.chunk_bytes[taken]
         if start not in self.chunk_bytes:
-            paths = self.inputs.paths[start:start + CHUNK]
-            self.chunk_bytes[start] = self.archive_reader.read(paths)
+            self.chunk_bytes[start] = self.archive_reader.read(self.inputs.paths[start:end])
         return self.chunk_bytes[start]
 
     def _replace(self, producer):
@@ -216,8 +229,8 @@ class _Pipeline:
         log.warning("%s died (%s); its work goes to the others", producer.name, reason)
         poison = {current: f"the converter's producer process died ({reason}) while preparing "
                            "this file"} if current >= 0 else {}
-        for start in self.assigned.pop(producer):  # a duplicate of a delivered one is ignored
-            if start + CHUNK > self.done:
+        for start, end in self.assigned.pop(producer):  # a duplicate delivery is ignored
+            if end > self.done:
                 self._dispatch(start, poison if start == chunk else None)
 
     def _fail(self, kind, args):
@@ -238,26 +251,52 @@ class _Pipeline:
                 process.join()
 
 
-def producer_main(tasks, results, settings, coordinator, slots, i):
-    """Process entry point: prepare chunks of files until the None sentinel."""
+def task_bounds(paths):
+    """Where tasks start and end for refs read a group at a time (a parquet row group): at
+    each change of group, so that one producer reads each group once; None: every CHUNK."""
+    if not paths or not isinstance(paths[0], Ref) or paths[0].group() is None:
+        return None
+    groups = [path.group() for path in paths]
+    changes = [k for k in range(1, len(groups)) if groups[k] != groups[k - 1]]
+    return np.asarray([0, *changes, len(groups)], dtype=np.int64)
+
+
+def task_end(bounds, start, total):
+    """The end of the task starting at `start` (a resumed run may start inside a group)."""
+    if bounds is None:
+        return min(start + CHUNK, total)
+    return int(bounds[np.searchsorted(bounds, start, side="right")])
+
+
+def producer_main(tasks, results, settings, coordinator, slots, i, setup=None):
+    """Process entry point: prepare tasks of files until the None sentinel, sent to the writer
+    in chunks of at most CHUNK (a row group's task may be long). `setup`: what the listing
+    needs run in each reading process first (a Python dataset to install), or None."""
     children.detach(coordinator)
+    if setup is not None:
+        setup()
     while (task := tasks.recv()) is not None:
         start, paths, poison, data = task
         slots[2 * i] = start
-        entries = []
-        for k, path in enumerate(paths):
-            slots[2 * i + 1] = start + k
-            entries.append({"path": path, "error": poison[start + k]} if start + k in poison
-                           else entry(path, settings, None if data is None else data[k]))
+        for first in range(0, len(paths), CHUNK):
+            entries = []
+            for k in range(first, min(first + CHUNK, len(paths))):
+                slots[2 * i + 1] = start + k
+                entries.append({"path": paths[k], "error": poison[start + k]}
+                               if start + k in poison
+                               else entry(paths[k], settings, None if data is None else data[k]))
+            results.send(("chunk", start + first, entries))
         slots[2 * i + 1] = -1
-        results.send(("chunk", start, entries))
         slots[2 * i] = -1
 
 
 def entry(path, settings, data=None):
     """What a producer sends the writer about one file (whose bytes are `data`, when the
     coordinator read them): the record, or why there is none."""
+    label = None
     try:
+        if data is None and isinstance(path, Ref):
+            data, label = path.read_labelled()
         record = prepare.prepare(path, settings, data)
     except ImageError as exc:  # this file is bad: reported as data, skipped or fatal
         return {"path": path, "error": str(exc)}
@@ -267,11 +306,12 @@ def entry(path, settings, data=None):
     # (measured 3x cheaper than pickling 110 KB through a pipe) and checks the checksum; not
     # where reading again means inflating again (a deflated zip member).
     unchanged = settings.imgtype == "jpeg" and not (record.transcoded or record.resized)
-    member = isinstance(path, archive.Member)
-    reread = unchanged and (not member or archive.rereadable(path))
+    ref = isinstance(path, Ref)
+    reread = unchanged and (not ref or path.rereadable())
     # A zip member's CRC-32 was checked on reading: it is the checksum of unchanged bytes.
-    crc = archive.known_crc(path) if unchanged and member else None
-    return {"path": path, "payload": None if reread else record.payload,
+    crc = path.known_crc() if unchanged and ref else None
+    found = {} if label is None else {"label": label}  # else the listing's
+    return {**found, "path": path, "payload": None if reread else record.payload,
             "height": record.height, "width": record.width,
             "crc32": zlib.crc32(record.payload) if crc is None else crc,
             "source_bytes": record.source_bytes, "transcoded": record.transcoded,
@@ -291,8 +331,7 @@ def failure(kind, args, plan, partial, paths):
     `paths` are the database's source files."""
     if kind == "bad":
         path, reason = args
-        if isinstance(path, archive.Member):
-            path = f"{path} in {path.archive}"
+        path = refs.describe(path)
         return ConversionError(f"{path}: {reason}. Pass --on-error skip to leave such files "
                                "out; run the same command again to resume")
     if kind == "mismatch":

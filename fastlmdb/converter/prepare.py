@@ -20,7 +20,7 @@ import typing
 import numpy as np
 
 from fastlmdb.core import jpeg
-from fastlmdb.sources import archive
+from fastlmdb.sources.refs import Pixels, Ref
 from fastlmdb.core.errors import ImageError
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -83,6 +83,8 @@ def prepare(path, settings=Settings(), data=None):
     """The Record to store for the file at `path` (its bytes `data`, if read already);
     ImageError names what is wrong."""
     data = read(path) if data is None else data
+    if isinstance(data, Pixels):
+        return _from_pixels(data, settings)
     if not data:
         raise ImageError("zero-byte file")
     if settings.imgtype == "jpeg":
@@ -102,6 +104,21 @@ def prepare(path, settings=Settings(), data=None):
                   warning=NUMPY_LENIENT_WHY.format(problem) if problem else "")
 
 
+def _from_pixels(pixels, settings):
+    """The Record of an image its source holds only as pixels: encoded once (quality 95,
+    4:4:4, listed as changed), or stored as they are in numpy mode."""
+    array, why = pixels
+    _check_pixels(*array.shape[:2], settings.max_pixels)
+    resized = _too_large(*array.shape[:2], settings.max_size)
+    if resized:
+        array = _shrink(array, settings.max_size)
+    if settings.imgtype == "numpy":
+        return Record(array.tobytes(), *array.shape[:2], array.nbytes, resized=resized)
+    quality, sampling = (settings.quality, "420") if resized else (TRANSCODE_QUALITY, "444")
+    return Record(_encode(array, quality, sampling), *array.shape[:2], array.nbytes, why,
+                  resized=resized)
+
+
 def _too_large(height, width, max_size):
     return bool(max_size) and max(height, width) > max_size
 
@@ -117,9 +134,9 @@ def _shrink(pixels, max_size):
 
 
 def read(path, check_crc=True):
-    """The bytes of a file or archive member (`check_crc`: see archive.read)."""
-    if isinstance(path, archive.Member):  # a file inside a tar or zip, read in place
-        return archive.read(path, check_crc)
+    """The bytes of a file or a Ref (`check_crc`: see archive.read)."""
+    if isinstance(path, Ref):  # inside a tar, zip, parquet file, dataset: it knows how
+        return path.read(check_crc)
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block open() forever
             raise ImageError("not a regular file")

@@ -117,13 +117,16 @@ def _make_here(job, progress):
 def make_shard(job):
     """A task, in whatever process runs it: prepare and write one shard in this process.
     Returns (shard path, (info, files done before this run))."""
-    for needed in (job.inputs.root, os.path.dirname(job.partial)):
+    local = [] if "://" in job.inputs.root else [job.inputs.root]  # not a Python dataset's
+    for needed in (*local, os.path.dirname(job.partial)):
         if not os.path.exists(needed):  # a cluster worker without the shared filesystem
             raise ConversionError(f"{socket.gethostname()} cannot see {needed}: every worker "
                                   "must see --from_dir and --to_dir at the same paths (a "
                                   "shared filesystem)")
     if os.path.exists(job.final):
         return job.final, _finished(job)
+    if job.inputs.setup is not None:
+        job.inputs.setup()
     with files.exclusive(job.partial):
         resumed_at, (kind, *args) = writer.write_inline(
             pipeline.writer_job(job.options, job.inputs, job.partial, job.plan, job.positions),

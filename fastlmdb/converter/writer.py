@@ -20,7 +20,7 @@ import numpy as np
 from fastlmdb.version import __version__
 from fastlmdb.converter import children, prepare
 from fastlmdb.core import store
-from fastlmdb.sources import archive
+from fastlmdb.sources.refs import Ref
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import DatabaseError, ImageError
 
@@ -185,7 +185,8 @@ class _Writer:
         if entry.get("warning"):
             p["warnings"].append([p["stored"], entry["path"], entry["warning"]])
         self.payloads.append(payload)
-        self.pending_rows.append((self.job.labels[source], entry["height"], entry["width"],
+        label = entry.get("label", self.job.labels[source])  # a Python dataset's: its item's
+        self.pending_rows.append((label, entry["height"], entry["width"],
                                   len(payload), entry["crc32"], self.positions[source],
                                   _changed(entry)))
         p["stored"] += 1
@@ -313,8 +314,8 @@ def _file_bytes(nbytes, page_size):
 
 
 def _size_or_zero(path):
-    if isinstance(path, archive.Member):
-        return path.where[2]
+    if isinstance(path, Ref):
+        return path.size()
     try:
         return os.stat(path).st_size
     except OSError:  # gone since it was listed: it will be reported when its turn comes

@@ -48,6 +48,9 @@ IMGTYPES = ("jpeg", "numpy")
 ORDERS = ("shuffled", "source")  # the write order: seeded random (default), or ImageFolder's
 # The write order of a compressed tar's members, read in one pass: the stream's.
 ARCHIVE_ORDER = "archive"
+# The write order of sources read a row group at a time (parquet): row groups in a seeded
+# shuffled order, the rows of each shuffled (fmt.grouped_write_order).
+GROUPS_ORDER = "row-groups"
 
 IMAGES_DB = b"images"
 ROWS_DB = b"rows"
@@ -81,6 +84,17 @@ def write_order(files: int, order: str, seed: int) -> np.ndarray[Any, np.dtype[n
     if order == "source":
         return np.arange(files, dtype=np.int64)
     return np.random.default_rng([seed, files]).permutation(files)
+
+
+def grouped_write_order(groups: Sequence[int], seed: int) -> np.ndarray[Any, Any]:
+    """Source positions in write order for files in groups (`groups`: a group number per
+    file, in source order, each group's files together): groups in a seeded random order,
+    each group's files shuffled; a pure function of its arguments, like write_order."""
+    numbers = np.asarray(groups, dtype=np.int64)
+    rng = np.random.default_rng([seed, len(numbers), 1])
+    rank = np.empty(int(numbers.max(initial=-1)) + 1, dtype=np.int64)
+    rank[rng.permutation(len(rank))] = np.arange(len(rank))
+    return np.lexsort((rng.random(len(numbers)), rank[numbers]))
 
 
 def logical_of_keys(table: Rows) -> np.ndarray[Any, np.dtype[np.uint32]]:

@@ -16,6 +16,7 @@ import zipfile
 import zlib
 
 from fastlmdb.sources import tarheaders
+from fastlmdb.sources.refs import Ref
 from fastlmdb.core.errors import ConversionError, ImageError
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ DECOMPRESS = {"gzip": "gunzip -k", "bzip2": "bunzip2 -k", "xz": "unxz -k", "zstd
 _NAME_LENGTH, _EXTRA_LENGTH = 10, 11
 
 
-class Member(str):
+class Member(Ref):
     """A file inside an archive: the str is its name there (an inner tar's member is
     ``outer.tar/inner``); where its bytes are travels with it (and pickles with it)."""
 
@@ -41,9 +42,23 @@ class Member(str):
     def archive(self):
         return self.where[0]
 
+    container = archive
+
     def identity(self):
         """Bytes that tell this member from any other (name, place, size)."""
         return b"%s\0%d\0%d\0" % (self.encode("utf-8", "surrogateescape"), *self.where[1:3])
+
+    def read(self, check_crc=True):
+        return read(self, check_crc)
+
+    def rereadable(self):
+        return rereadable(self)
+
+    def known_crc(self):
+        return known_crc(self)
+
+    def size(self):
+        return self.where[2]
 
     def __reduce__(self):
         return Member, (str(self), *self.where)

@@ -6,6 +6,7 @@ so the converter stays torch-free and sample i of a database is sample i of Imag
 
 import dataclasses
 import os
+import typing
 
 import numpy as np
 
@@ -21,6 +22,9 @@ class Listing:
     class_to_idx: dict
     paths: list
     labels: np.ndarray
+    # What each process that reads these paths runs first (sources/dataset.py installs the
+    # Python dataset its Items index), or None; picklable.
+    setup: typing.Any = None
 
     def __len__(self):
         return len(self.paths)

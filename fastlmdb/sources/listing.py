@@ -1,6 +1,7 @@
 """Where a split's files come from, as the Listing the converter consumes: an ImageFolder tree, a
 flat folder with a label file, or an archive (tar or zip) holding either, or a tar of per-class
-tars (``ILSVRC2012_img_train.tar``), compressed or not.
+tars (``ILSVRC2012_img_train.tar``), compressed or not; parquet shards (parquet.py) or
+WebDataset tar shards (webdataset.py), named by a file, folder, glob or brace pattern.
 
 Whatever the source, the Listing is the one of the tree it would extract to (for a flat split with
 labels: ``<split>/<class>/<file>``): classes sorted, files in ImageFolder's order, the same
@@ -10,12 +11,13 @@ extension filter. Archive members stay in place (sources/archive.py reads them b
 import collections
 import logging
 import os
+import zipfile
 
 import numpy as np
 
 from fastlmdb.sources import labels as label_files
 from fastlmdb.core import catalog
-from fastlmdb.sources import archive, folder, stream
+from fastlmdb.sources import archive, folder, parquet, patterns, stream, webdataset
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import ConversionError
 
@@ -23,15 +25,18 @@ log = logging.getLogger(__name__)
 
 
 def list_split(split, *, from_dir=None, from_archive=None, labels=None, classes_from=None,
-               on_error="raise"):
-    """The Listing of `split` from an ImageFolder tree (`from_dir`/<split>) or an archive
-    (`from_archive`); `labels`: a label file for a flat split; `classes_from`: a database or
-    tree whose class list to use; `on_error`: "raise" or "skip" (files that are no images)."""
+               on_error="raise", columns=(None, None), unlabeled=False):
+    """The Listing of `split` from an ImageFolder tree (`from_dir`/<split>) or `from_archive`
+    (an archive, or parquet or WebDataset shards: a file, folder or pattern); `labels`: a
+    label file for a flat split; `classes_from`: a database, tree or text file whose class
+    list to use; `on_error`: "raise" or "skip" (files that are no images); `columns`:
+    parquet's (image, label) column names, None to find them; `unlabeled`: keep parquet rows
+    without a label (-1)."""
     classes = classes_of(classes_from) if classes_from else None
     labels = label_files.read(labels) if labels else None
     if from_archive:
-        return list_archive(from_archive, split, labels=labels, classes=classes,
-                            on_error=on_error)
+        return list_shards(from_archive, split, labels=labels, classes=classes,
+                           on_error=on_error, columns=columns, unlabeled=unlabeled)
     directory = os.path.join(from_dir, split)
     if labels is not None:
         return list_flat_folder(directory, labels, classes, on_error)
@@ -39,11 +44,46 @@ def list_split(split, *, from_dir=None, from_archive=None, labels=None, classes_
     return found if classes is None else _with_classes(found, classes, directory)
 
 
-def list_archive(path, split, *, labels=None, classes=None, on_error="raise"):
-    """The Listing of one split packed in the archive at `path` (see the module's doc)."""
+def list_shards(pattern, split, *, labels=None, classes=None, on_error="raise",
+                columns=(None, None), unlabeled=False):
+    """The Listing of what `pattern` names: parquet files, WebDataset shards, or one archive
+    holding the split (see list_split)."""
+    files = patterns.expand(pattern)
+    if parquet.is_parquet(files[0]):
+        log.info("%s: %d parquet file(s), read a row group at a time", pattern, len(files))
+        _all_alike(files, parquet.is_parquet, "parquet")
+        return parquet.list_files(files, classes=classes, image_column=columns[0],
+                                  label_column=columns[1], unlabeled=unlabeled)
+    if unlabeled or any(columns):
+        raise ValueError(f"--image-column, --label-column and --unlabeled are for parquet "
+                         f"files; {files[0]} is not one")
+    if len(files) > 1:
+        log.info("%s: %d tar shards, read as WebDataset shards", pattern, len(files))
+        _all_alike(files, lambda f: not parquet.is_parquet(f), "tar")
+        return webdataset.list_shards(files, classes=classes, on_error=on_error)
+    found = (webdataset.members_of(files[0]) if not zipfile.is_zipfile(files[0])
+             else archive.members(files[0]))
+    if webdataset.looks_like(found):
+        log.info("%s holds KEY.cls members: read as a WebDataset shard", files[0])
+        return webdataset.list_shards(files, classes=classes, on_error=on_error, found=found)
+    return list_archive(files[0], split, labels=labels, classes=classes, on_error=on_error,
+                        found=found)
+
+
+def _all_alike(files, alike, kind):
+    odd = [path for path in files if not alike(path)]
+    if odd:
+        raise ConversionError(f"{odd[0]} is not a {kind} file like {files[0]}: name one kind "
+                              "of shard in --from-archive")
+
+
+def list_archive(path, split, *, labels=None, classes=None, on_error="raise", found=None):
+    """The Listing of one split packed in the archive at `path` (see the module's doc);
+    `found`: its members, if listed already."""
     path = os.path.abspath(path)
-    kind = archive.compression(path)
-    found = stream.members(path, kind) if kind else archive.members(path)
+    if found is None:
+        kind = archive.compression(path)
+        found = stream.members(path, kind) if kind else archive.members(path)
     prefix = _split_prefix(found, split, path)
     selected = [(member[len(prefix):], member) for member in found if member.startswith(prefix)]
     if not selected:
@@ -71,7 +111,14 @@ def list_archive(path, split, *, labels=None, classes=None, on_error="raise"):
 
 
 def classes_of(path):
-    """The sorted class list of a database (file or shard folder) or of an ImageFolder tree."""
+    """The class list of a database (file or shard folder), an ImageFolder tree (sorted) or a
+    text file of one name per line (.txt)."""
+    if os.path.isfile(path) and path.lower().endswith(".txt"):
+        with open(path, encoding="utf-8") as file:
+            names = [line.strip() for line in file if line.strip()]
+        if not names:
+            raise ConversionError(f"--classes-from {path} names no classes (one per line)")
+        return names
     if os.path.isfile(path) or os.path.exists(os.path.join(path, fmt.SHARD_INDEX)):
         return catalog.read_catalog(path)[0]["classes"]
     return folder.find_classes(path)[0]

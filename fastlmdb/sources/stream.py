@@ -13,13 +13,16 @@ inflating, per JPEG), or by tarfile where that leaves something to it.
 import bz2
 import functools
 import io
+import itertools
 import logging
 import lzma
 import os
 import tarfile
 import zlib
 
-from fastlmdb.sources import tarheaders
+import numpy as np
+
+from fastlmdb.sources import archive, tarheaders
 from fastlmdb.sources.archive import DECOMPRESS, STREAM, Member, clean_name, regular_files
 from fastlmdb.core.errors import ConversionError
 
@@ -78,9 +81,10 @@ def _gunzip(raw):
 OPENERS = {"gzip": _gunzip, "bzip2": bz2.open, "xz": lzma.open}
 
 
-def members(path, kind):
+def members(path, kind, keep=None):
     """The Members of the `kind`-compressed tar at `path`, in stream order; those that are
-    tars themselves carry their own Members as `inner` (None where it is not a tar)."""
+    tars themselves carry their own Members as `inner` (None where it is not a tar). Those
+    whose name `keep(name)` is true carry their bytes as `content` (WebDataset's labels)."""
     if kind not in OPENERS:
         raise ConversionError(f"{path} is a {kind}-compressed tar, which this Python cannot "
                               f"read: decompress it first ({DECOMPRESS[kind]} {path}) and pass "
@@ -88,19 +92,21 @@ def members(path, kind):
     log.info("%s is %s-compressed: listing its members (a first pass over the stream; a "
              "second one reads them)", path, kind)
     try:
-        return _listing(path, kind, by_tarfile=False)
+        return _listing(path, kind, False, keep)
     except tarheaders.Unusual as exc:
         log.info("%s: %s; listing it again with tarfile", path, exc)
-        found = _listing(path, kind, by_tarfile=True)
+        found = _listing(path, kind, True, keep)
         for member in found:
             member.by_tarfile = True  # the Reader must walk it as the listing did
         return found
 
 
-def _listing(path, kind, by_tarfile):
+def _listing(path, kind, by_tarfile, keep):
     found, inner_of = [], None
-    for ordinal, name, size, _, parent in _units(path, kind, by_tarfile):
+    for ordinal, name, size, data, parent in _units(path, kind, by_tarfile):
         member = Member(name, path, ordinal, size, STREAM)
+        if keep is not None and keep(name):
+            member.content = data()
         if parent is None:
             found.append(member)
             member.inner = inner_of = None
@@ -131,7 +137,7 @@ class InOrderReader:
         try:
             for ordinal, name, size, data, _ in self._units:
                 if ordinal == member.where[1]:
-                    if name != member or size != member.where[2]:
+                    if name != getattr(member, "inside", member) or size != member.where[2]:
                         break
                     return data()
                 if ordinal > member.where[1]:
@@ -145,6 +151,35 @@ class InOrderReader:
     def close(self):
         if self._units is not None:
             self._units.close()
+
+
+class InOrderShards:
+    """InOrderReaders of one or more compressed tars (WebDataset shards), one open at a time:
+    members are asked for by shard, then in stream order."""
+
+    def __init__(self):
+        self.reader = None
+
+    def read(self, wanted):
+        data = []
+        for path, members in itertools.groupby(wanted, key=lambda member: member.archive):
+            if self.reader is None or self.reader.path != path:
+                self.close()
+                self.reader = InOrderReader(path, archive.compression(path))
+            data += self.reader.read(list(members))
+        return data
+
+    def close(self):
+        if self.reader is not None:
+            self.reader.close()
+
+
+def stream_order(paths):
+    """Positions of compressed tar members `paths` in the order they are read: by archive
+    (in order of first appearance), then stream position."""
+    ranks = {}
+    keys = [(ranks.setdefault(path.archive, len(ranks)), path.where[1]) for path in paths]
+    return np.asarray(sorted(range(len(paths)), key=keys.__getitem__), dtype=np.int64)
 
 
 def _units(path, kind, by_tarfile):

@@ -20,7 +20,8 @@ import numpy as np
 from fastlmdb.sources import labels as label_files
 from fastlmdb.sources import listing
 from fastlmdb.core import catalog, jpeg
-from fastlmdb.sources import archive, folder
+from fastlmdb.sources import archive, folder, parquet, patterns, refs
+from fastlmdb.sources.refs import Ref
 from fastlmdb.core.errors import ConversionError, FastLMDBError
 
 CHUNK = 512
@@ -79,7 +80,8 @@ def _check_catalog(info: dict[str, Any], rows: np.ndarray[Any, Any]) -> list[str
     classes = info["classes"]
     if info["class_to_idx"] != {name: i for i, name in enumerate(classes)}:
         problems.append("class_to_idx does not match the sorted class list")
-    bad = np.flatnonzero((rows["label"] < 0) | (rows["label"] >= len(classes)))
+    # -1: no label, kept only from an unlabeled source (parquet rows with --unlabeled)
+    bad = np.flatnonzero((rows["label"] < -1) | (rows["label"] >= len(classes)))
     problems += [f"record {i}: label {rows['label'][i]} is not a class index" for i in bad[:20]]
     return problems
 
@@ -107,16 +109,35 @@ def _source_paths(source: StrPath, labels: StrPath | None, info: dict[str, Any],
 def _list_source(source: StrPath, labels: StrPath | None, info: dict[str, Any]) -> Any:
     """The source's Listing; an archive's or a flat folder's with the database's classes."""
     labels = label_files.read(labels) if labels else None
-    if archive.is_archive(source) and archive.compression(source):
-        raise ConversionError(f"--source {source} is a compressed tar, which can only be read "
-                              "in order: decompress it (gunzip -k, bunzip2 -k or unxz -k) and "
-                              "pass the .tar, or pass the folder it extracts to")
-    if archive.is_archive(source):
-        return listing.list_archive(source, info["split"], labels=labels,
-                                    classes=info["classes"], on_error="skip")
-    if labels is not None:  # files left out by the conversion are not in the database
-        return listing.list_flat_folder(source, labels, info["classes"], on_error="skip")
-    return folder.list_tree(source)
+    if not _shards(source):
+        if labels is not None:  # files left out by the conversion are not in the database
+            return listing.list_flat_folder(source, labels, info["classes"], on_error="skip")
+        return folder.list_tree(source)
+    compressed = [f for f in patterns.expand(source)
+                  if not parquet.is_parquet(f) and archive.compression(f)]
+    if compressed:
+        raise ConversionError(f"--source {compressed[0]} is a compressed tar, which can only "
+                              "be read in order: decompress it (gunzip -k, bunzip2 -k or "
+                              "unxz -k) and pass the .tar, or pass the folder it extracts to")
+    # unlabeled: rows without a label are compared too (the database has them only if the
+    # conversion kept them)
+    return listing.list_shards(source, info["split"], labels=labels, classes=info["classes"],
+                               on_error="skip", unlabeled=_parquet(source))
+
+
+def _shards(source: StrPath) -> bool:
+    """Whether `source` names archives or shards (a file, a pattern, a folder of shards), not
+    a tree or flat folder of images."""
+    source = os.fspath(source)
+    if os.path.isfile(source) or (patterns.is_pattern(source) and not os.path.isdir(source)):
+        return True
+    return os.path.isdir(source) and any(
+        entry.is_file() and entry.name.lower().endswith(patterns.SHARD_SUFFIXES)
+        for entry in os.scandir(source))
+
+
+def _parquet(source: StrPath) -> bool:
+    return bool(parquet.is_parquet(patterns.expand(source)[0]))
 
 
 def _check_records(reader: Any, imgtype: str, decode: bool, rows: np.ndarray[Any, Any],
@@ -175,12 +196,12 @@ def _decode_jpeg(value: bytes | memoryview) -> tuple[tuple[int, ...], str | None
 def _compare_source(imgtype: str, value: bytes | memoryview, source_path: str) -> str | None:
     if imgtype != "jpeg":
         return None  # pixels were checked against their shape and checksum
-    if isinstance(source_path, archive.Member):
+    if isinstance(source_path, Ref):
+        where = refs.describe(source_path)
         try:
-            return None if archive.read(source_path) == bytes(value) else \
-                f"bytes differ from {source_path} in {source_path.archive}"
+            return None if source_path.read() == bytes(value) else f"bytes differ from {where}"
         except FastLMDBError as exc:
-            return f"cannot read {source_path} in {source_path.archive} ({exc})"
+            return f"cannot read {where} ({exc})"
     try:
         with open(source_path, "rb") as file:
             same = file.read() == bytes(value)
