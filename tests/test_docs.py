@@ -20,6 +20,10 @@ BLOCK = re.compile(r"(<!-- docs-test: skip \((?P<why>[^)]*)\) -->\n)?```python\n
                    re.S)
 # Pages whose examples start client libraries' workers (Lightning, timm) or convert 4 shards.
 SLOW = {"clients.md", "api.md"}
+# Pages whose examples need a setting of their own (an S3 store, parquet shards, a database of
+# real photos): the test file that runs them, with that setting.
+OWN_RUNNER = {"streaming.md": "test_streaming.py", "speed-tail.md": "test_fused_tail.py",
+              "convert-sources.md": "test_docs_sources.py", "recipes.md": "test_recipes.py"}
 
 
 def blocks(path):
@@ -60,6 +64,11 @@ def _run(path, places):
                  marks=[pytest.mark.slow] if os.path.basename(p) in SLOW else [])
     for p in PAGES])
 def test_the_examples_run(path, places):
+    name = os.path.basename(path)
+    if name in OWN_RUNNER:  # that test file runs them: check that it does
+        runner = open(os.path.join(ROOT, "tests", OWN_RUNNER[name]), encoding="utf-8").read()
+        assert f'"{name}"' in runner and blocks(path), f"{OWN_RUNNER[name]} does not run {name}"
+        return
     skipped = _run(path, places)
     assert not skipped, f"skipped blocks (marked in the page): {skipped}"
 
