@@ -339,3 +339,22 @@ def test_float_batches_in_workers(db, context):
         assert sum(len(labels) for _, labels in got) == 8
         assert all(images.dtype == torch.float32 and images.shape[1:] == (3, SIZE, SIZE)
                    and images.is_contiguous() for images, _ in got)
+
+
+# --------------------------------------------------------------------------- the docs
+
+
+@pytest.mark.timeout(240)
+def test_the_docs_examples_run(tmp_path):
+    pytest.importorskip("timm")
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    sample_tree.make_tree(src, classes=2, per_class={"train": 2, "val": 1}, seed=6)
+    for split in ("train", "val"):
+        converter.convert(converter.Options(str(src), str(dst), split, procs=1))
+    page = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "recipes.md")
+    with open(page) as file:
+        blocks = file.read().split("```python\n")[1:]
+    namespace = {"root": str(dst)}
+    for block in blocks:
+        exec(block.split("```")[0], namespace)  # noqa: S102 - our own documentation
+    assert namespace["exact"].pipeline().endswith("(exact=True)")
