@@ -42,3 +42,16 @@ def uneven_db(tmp_path_factory):
     helpers.make_tree(base / "src", {"train": {"a": 19, "b": 18}})
     helpers.run_convert(base / "src", base / "dst")
     return base / "dst"
+
+
+@pytest.fixture
+def as_worker(monkeypatch):
+    """This process acting as a DataLoader worker: batches go in reused segments."""
+    import torch.utils.data  # here: the tests without torch import this file too
+
+    from fastlmdb.loading import handover
+
+    if not hasattr(os, "memfd_create"):
+        pytest.skip("no memfd_create: batches go in torch's shared memory")
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
+    monkeypatch.setattr(handover, "_SEGMENTS", {"pid": None, "list": []})

@@ -157,15 +157,6 @@ def test_skipped_record_as_on_the_per_sample_path(dbs, tmp_path):
 # --------------------------------------------------------------------------- handover
 
 
-@pytest.fixture
-def as_worker(monkeypatch):
-    """This process acting as a DataLoader worker: batches go in reused segments."""
-    if not hasattr(os, "memfd_create"):
-        pytest.skip("no memfd_create: batches go in torch's shared memory")
-    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
-    monkeypatch.setattr(handover, "_SEGMENTS", {"pid": None, "list": []})
-
-
 def _send(built):
     """What the main process receives of a collated batch from a worker."""
     from multiprocessing.reduction import ForkingPickler

@@ -194,9 +194,9 @@ def test_the_table_is_bitwise_what_the_tail_gives(name):
 
 
 def crops_table(chw, table):
-    from fastlmdb.loading import dataset
+    from fastlmdb.loading import batch
 
-    return dataset._apply_table(chw, table)
+    return batch.apply_table(chw, table)
 
 
 # --------------------------------------------------------------------------- against torchvision

@@ -14,15 +14,20 @@
  * corrupt data (extraneous bytes, bad Huffman codes) are ignored, and only running out of data
  * (a truncated file, which PIL refuses too) is an error. strict=True makes every warning one.
  *
- * decode_batch(values, boxes, flips, out, height, width, threads=1) -> [None or str, ...]
+ * decode_batch(values, boxes, flips, out, height, width, threads=1, table=None)
+ *     -> [None or str, ...]
  *
  * A whole batch without the GIL: for record k, the box boxes[k] (int64 top, left, h, w) at
  * the coarsest scale covering height x width, resized (antialiased bilinear, _resize.c) into
- * slot k of `out` (uint8 [B, 3, height, width], C order), mirrored as flips[k] says (bit 0
+ * slot k of `out` ([B, 3, height, width], C order), mirrored as flips[k] says (bit 0
  * horizontal, bit 1 vertical), by `threads` threads. Lenient as decode_region. Entry k of
  * the result is None, or why record k failed (its slot is then left as it was).
+ * Without a table `out` holds uint8; with one (3 x 256 items of out's item size: 1, 2 or 4
+ * bytes), value v of channel c is stored as item c * 256 + v, bytes copied: a float recipe's
+ * tail (to float, normalise) in the store that writes the slot.
  *
- * resize_chw(pixels, out): that resize for one image, H x W x 3 in, 3 x h x w out.
+ * resize_chw(pixels, out, table=None): that resize for one image, H x W x 3 in, 3 x h x w
+ * out.
  * _use_simd(enabled) -> bool: switches the resize's AVX2 kernels (same bytes), for tests.
  * Optional: fastlmdb falls back to full decoding when this module was not built.
  */
@@ -150,7 +155,8 @@ struct batch {
     const int64_t *boxes;
     const uint8_t *flips;
     uint8_t *out;
-    int height, width;
+    int height, width, itemsize;
+    const union resize_table *table; /* NULL: uint8 out */
     char (*errors)[MESSAGE_LENGTH]; /* "" where that slot decoded */
 };
 
@@ -233,10 +239,10 @@ static void batch_slot(struct batch *b, Py_ssize_t k, struct scratch *s) {
     JDIMENSION rows, cols, wide, offset;
     int denom = denom_for(box[2], box[3], b->height, b->width);
     if (decode_box(&b->values[k], box, denom, s, &rows, &cols, &wide, &offset, message)) return;
-    uint8_t *slot = b->out + (size_t)k * 3 * b->height * b->width;
+    uint8_t *slot = b->out + (size_t)k * 3 * b->height * b->width * b->itemsize;
     if (resize_rgb_to_chw(s->region + (size_t)offset * 3, (int)rows, (int)cols,
-                          (size_t)wide * 3, slot, b->height, b->width, b->flips[k],
-                          &s->resize))
+                          (size_t)wide * 3, slot, b->height, b->width, b->flips[k], b->table,
+                          b->itemsize, &s->resize))
         snprintf(message, MESSAGE_LENGTH, "out of memory resizing a %ux%u region", cols, rows);
 }
 
@@ -270,6 +276,50 @@ static int check_buffer(Py_buffer *view, Py_ssize_t need, const char *name) {
     return -1;
 }
 
+/* PyObject_GetBuffer, the error (of the same type) naming the argument. */
+static int get_buffer(PyObject *object, Py_buffer *view, int flags, const char *name) {
+    if (PyObject_GetBuffer(object, view, flags) == 0) return 0;
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    PyErr_Format(type, "%s must be a C-contiguous%s buffer: %S", name,
+                 flags & PyBUF_WRITABLE ? " writable" : "", value);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+    return -1;
+}
+
+/* `out`'s item size, checked against `table` (None or 3 x 256 items of that size), which is
+ * copied into `into`; -1 with an exception set. */
+static int out_items(Py_buffer *out, PyObject *table, union resize_table *into) {
+    Py_ssize_t itemsize = out->itemsize;
+    if (table == NULL || table == Py_None) {
+        if (itemsize == 1) return 1;
+        PyErr_Format(PyExc_TypeError, "out has %zd-byte items: uint8 out, or pass a table of "
+                     "its dtype (table=)", itemsize);
+        return -1;
+    }
+    if (itemsize != 1 && itemsize != 2 && itemsize != 4) {
+        PyErr_Format(PyExc_TypeError, "out has %zd-byte items: 1 (uint8), 2 (float16, "
+                     "bfloat16) or 4 (float32) expected", itemsize);
+        return -1;
+    }
+    Py_buffer view;
+    if (get_buffer(table, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT, "table")) return -1;
+    int ok = view.itemsize == itemsize && view.len == 3 * 256 * itemsize;
+    if (view.itemsize != itemsize)
+        PyErr_Format(PyExc_TypeError, "table has %zd-byte items, out %zd: give the table "
+                     "out's dtype", view.itemsize, itemsize);
+    else if (!ok)
+        PyErr_Format(PyExc_ValueError, "table has %zd items, 768 (3 x 256) expected",
+                     view.len / itemsize);
+    else
+        memcpy(into, view.buf, (size_t)view.len);
+    PyBuffer_Release(&view);
+    return ok ? (int)itemsize : -1;
+}
+
 static PyObject *batch_results(struct batch *b) {
     PyObject *results = PyList_New(b->count);
     for (Py_ssize_t k = 0; results && k < b->count; k++) {
@@ -284,17 +334,29 @@ static PyObject *batch_results(struct batch *b) {
 
 static PyObject *decode_batch(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *keywords[] = {"values", "boxes", "flips", "out", "height", "width", "threads",
-                               NULL};
-    PyObject *values;
+                               "table", NULL};
+    PyObject *values, *target, *table = NULL;
     Py_buffer boxes, flips, out;
     int height, width, threads = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Oy*y*w*ii|i", keywords, &values, &boxes,
-                                     &flips, &out, &height, &width, &threads))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Oy*y*Oii|iO", keywords, &values, &boxes,
+                                     &flips, &target, &height, &width, &threads, &table))
         return NULL;
+    if (get_buffer(target, &out, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT, "out")) {
+        PyBuffer_Release(&boxes);
+        PyBuffer_Release(&flips);
+        return NULL;
+    }
     PyObject *result = NULL, *seq = PySequence_Fast(values, "values must be a sequence");
     struct batch b = {0};
+    union resize_table *lookup = PyMem_Malloc(sizeof(union resize_table));
     Py_ssize_t got = 0; /* values whose buffers are held */
     if (seq == NULL) goto done;
+    if (lookup == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if ((b.itemsize = out_items(&out, table, lookup)) < 0) goto done;
+    b.table = table == NULL || table == Py_None ? NULL : lookup;
     b.count = PySequence_Fast_GET_SIZE(seq);
     if (height <= 0 || width <= 0 || threads < 1 || threads > MAX_THREADS) {
         PyErr_Format(PyExc_ValueError, "height and width must be >= 1 and threads 1 to %d, "
@@ -303,8 +365,14 @@ static PyObject *decode_batch(PyObject *self, PyObject *args, PyObject *kwargs) 
     }
     if (check_buffer(&boxes, b.count * 4 * (Py_ssize_t)sizeof(int64_t), "boxes") ||
         check_buffer(&flips, b.count, "flips") ||
-        check_buffer(&out, b.count * 3 * (Py_ssize_t)height * width, "out"))
+        check_buffer(&out, b.count * 3 * (Py_ssize_t)height * width * b.itemsize, "out"))
         goto done;
+    if (out.ndim > 1 && (out.ndim != 4 || out.shape[0] != b.count || out.shape[1] != 3 ||
+                         out.shape[2] != height || out.shape[3] != width)) {
+        PyErr_Format(PyExc_ValueError, "out must be [%zd, 3, %d, %d] (C order), got %d "
+                     "dimensions of another shape", b.count, height, width, out.ndim);
+        goto done;
+    }
     b.values = PyMem_Calloc(b.count ? b.count : 1, sizeof(Py_buffer));
     b.errors = PyMem_Calloc(b.count ? b.count : 1, MESSAGE_LENGTH);
     if (b.values == NULL || b.errors == NULL) {
@@ -325,6 +393,7 @@ done:
     for (Py_ssize_t k = 0; k < got; k++) PyBuffer_Release(&b.values[k]);
     PyMem_Free(b.values);
     PyMem_Free(b.errors);
+    PyMem_Free(lookup);
     Py_XDECREF(seq);
     PyBuffer_Release(&boxes);
     PyBuffer_Release(&flips);
@@ -332,37 +401,50 @@ done:
     return result;
 }
 
-/* resize_chw(pixels, out): pixels a uint8 H x W x 3 buffer whose pixels are 3 bytes apart (rows
- * any distance: a column slice of a region), out a writable C-contiguous 3 x h x w buffer. */
-static PyObject *resize_chw(PyObject *self, PyObject *args) {
-    PyObject *source, *target;
-    if (!PyArg_ParseTuple(args, "OO", &source, &target)) return NULL;
+/* resize_chw(pixels, out, table=None): pixels a uint8 H x W x 3 buffer whose pixels are 3
+ * bytes apart (rows any distance: a column slice of a region), out a writable C-contiguous
+ * 3 x h x w buffer: uint8, or items of the table's size through it (as decode_batch). */
+static PyObject *resize_chw(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"", "", "table", NULL};
+    PyObject *source, *target, *table = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|O", keywords, &source, &target, &table))
+        return NULL;
     Py_buffer in, out;
     if (PyObject_GetBuffer(source, &in, PyBUF_STRIDES | PyBUF_FORMAT)) return NULL;
-    if (PyObject_GetBuffer(target, &out, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT)) {
+    if (get_buffer(target, &out, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT, "out")) {
         PyBuffer_Release(&in);
         return NULL;
     }
     PyObject *result = NULL;
+    union resize_table *lookup = PyMem_Malloc(sizeof(union resize_table));
+    int itemsize;
+    if (lookup == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if ((itemsize = out_items(&out, table, lookup)) < 0) goto done;
     int bytes = (!in.format || !strcmp(in.format, "B")) &&
-                (!out.format || !strcmp(out.format, "B"));
+                (itemsize != 1 || !out.format || !strcmp(out.format, "B") || table);
     if (!bytes || in.ndim != 3 || in.shape[2] != 3 || in.strides[2] != 1 || in.strides[1] != 3 ||
         in.strides[0] < 3 * in.shape[1] || !in.shape[0] || !in.shape[1] || out.ndim != 3 ||
         out.shape[0] != 3 || !out.shape[1] || !out.shape[2]) {
         PyErr_SetString(PyExc_ValueError, "resize_chw needs uint8 H x W x 3 pixels (3 bytes "
-                        "apart) and a C-contiguous uint8 3 x h x w out");
+                        "apart) and a C-contiguous 3 x h x w out (uint8, or the table's dtype)");
         goto done;
     }
+    const union resize_table *used = table == NULL || table == Py_None ? NULL : lookup;
     struct resize_scratch scratch = {0};
     int failed;
     Py_BEGIN_ALLOW_THREADS
     failed = resize_rgb_to_chw(in.buf, (int)in.shape[0], (int)in.shape[1], (size_t)in.strides[0],
-                               out.buf, (int)out.shape[1], (int)out.shape[2], 0, &scratch);
+                               out.buf, (int)out.shape[1], (int)out.shape[2], 0, used, itemsize,
+                               &scratch);
     resize_scratch_free(&scratch);
     Py_END_ALLOW_THREADS
     if (failed) PyErr_NoMemory();
     else result = (Py_INCREF(Py_None), Py_None);
 done:
+    PyMem_Free(lookup);
     PyBuffer_Release(&in);
     PyBuffer_Release(&out);
     return result;
@@ -379,10 +461,11 @@ static PyMethodDef methods[] = {
      "decode_region(data, top, left, height, width, denom, strict=False)\n"
      "    -> (rgb, rows, cols, col_offset)"},
     {"decode_batch", (PyCFunction)(void (*)(void))decode_batch, METH_VARARGS | METH_KEYWORDS,
-     "decode_batch(values, boxes, flips, out, height, width, threads=1) -> [None or str]"},
-    {"resize_chw", resize_chw, METH_VARARGS,
-     "resize_chw(pixels, out): antialiased bilinear resize of H x W x 3 uint8 pixels into out, "
-     "3 x h x w"},
+     "decode_batch(values, boxes, flips, out, height, width, threads=1, table=None)\n"
+     "    -> [None or str]"},
+    {"resize_chw", (PyCFunction)(void (*)(void))resize_chw, METH_VARARGS | METH_KEYWORDS,
+     "resize_chw(pixels, out, /, table=None): antialiased bilinear resize of H x W x 3 uint8 "
+     "pixels into out, 3 x h x w (uint8, or through the table)"},
     {"_use_simd", use_simd, METH_O,
      "_use_simd(enabled) -> bool: whether the resize's x86 kernels ran before; False forces "
      "the portable ones (for tests: the bytes are the same)"},

@@ -303,14 +303,36 @@ int resize_use_simd(int enabled) {
 #endif
 }
 
-int resize_rgb_to_chw(const uint8_t *in, int in_h, int in_w, size_t stride, uint8_t *out,
-                      int out_h, int out_w, int flips, struct resize_scratch *s) {
+/* The planar uint8 row of each channel (`width` values, planes `width` apart) through the
+ * table into row `out` of each output plane (planes `plane` items apart): the slot's only
+ * store. memcpy: `out` need not be aligned for its items. */
+CLONES static void lookup(const uint8_t *row, int width, const union resize_table *table,
+                          int itemsize, uint8_t *out, size_t plane) {
+    for (int c = 0; c < 3; c++, row += width) {
+        uint8_t *dst = out + c * plane * itemsize;
+        if (itemsize == 4) {
+            const uint32_t *t = table->u32 + 256 * c;
+            for (int x = 0; x < width; x++) memcpy(dst + 4 * x, t + row[x], 4);
+        } else if (itemsize == 2) {
+            const uint16_t *t = table->u16 + 256 * c;
+            for (int x = 0; x < width; x++) memcpy(dst + 2 * x, t + row[x], 2);
+        } else {
+            const uint8_t *t = table->u8 + 256 * c;
+            for (int x = 0; x < width; x++) dst[x] = t[row[x]];
+        }
+    }
+}
+
+int resize_rgb_to_chw(const uint8_t *in, int in_h, int in_w, size_t stride, void *out,
+                      int out_h, int out_w, int flips, const union resize_table *table,
+                      int itemsize, struct resize_scratch *s) {
     int th = taps_for(in_w, out_w), tv = taps_for(in_h, out_h);
     size_t width = (size_t)in_w * 3, plane = (size_t)out_h * out_w;
-    size_t table = (size_t)out_w * (th + 1) + (size_t)out_h * (tv + 1);
+    size_t taps = (size_t)out_w * (th + 1) + (size_t)out_h * (tv + 1);
     if (grow((void **)&s->acc, &s->acc_size, width * sizeof(int32_t)) ||
         grow((void **)&s->rows, &s->rows_size, width + 16) || /* + PIXEL's padding */
-        grow((void **)&s->taps, &s->taps_size, table * sizeof(int32_t)))
+        grow((void **)&s->taps, &s->taps_size, taps * sizeof(int32_t)) ||
+        (table && grow((void **)&s->planar, &s->planar_size, (size_t)out_w * 3 + 16)))
         return -1;
     int32_t *htaps = s->taps, *vtaps = s->taps + (size_t)out_w * (th + 1);
     if (in_w != out_w) fill_taps(in_w, out_w, th, htaps);
@@ -327,6 +349,8 @@ int resize_rgb_to_chw(const uint8_t *in, int in_h, int in_w, size_t stride, uint
         packed = 1;
     }
 #endif
+    /* With a table, each output row goes planar into scratch (still in L1), then through it. */
+    size_t row_plane = table ? (size_t)out_w : plane;
     for (int y = 0; y < out_h; y++) {
         const uint8_t *row = in + (size_t)y * stride;
         const int32_t *vtap = vtaps + (size_t)y * (tv + 1);
@@ -341,15 +365,18 @@ int resize_rgb_to_chw(const uint8_t *in, int in_h, int in_w, size_t stride, uint
             memcpy(s->rows, row, width); /* padded */
             row = s->rows;
         }
-        uint8_t *dst = out + (size_t)(flips & FLIP_VERTICAL ? out_h - 1 - y : y) * out_w;
+        size_t oy = (size_t)(flips & FLIP_VERTICAL ? out_h - 1 - y : y) * out_w;
+        uint8_t *dst = table ? s->planar : (uint8_t *)out + oy;
         if (in_w == out_w)
-            deinterleave(row, out_w, dst, plane, flips & FLIP_HORIZONTAL);
+            deinterleave(row, out_w, dst, row_plane, flips & FLIP_HORIZONTAL);
 #ifdef SIMD_KERNELS
         else if (packed)
-            horizontal4_avx2(row, out_w, s->packed, th > 2, dst, plane);
+            horizontal4_avx2(row, out_w, s->packed, th > 2, dst, row_plane);
 #endif
         else
-            horizontal(row, out_w, htaps, th, dst, plane, mirror);
+            horizontal(row, out_w, htaps, th, dst, row_plane, mirror);
+        if (table) lookup(s->planar, out_w, table, itemsize, (uint8_t *)out + oy * itemsize,
+                          plane);
     }
     return 0;
 }
@@ -359,5 +386,6 @@ void resize_scratch_free(struct resize_scratch *s) {
     free(s->acc);
     free(s->taps);
     free(s->packed);
+    free(s->planar);
     memset(s, 0, sizeof(*s));
 }

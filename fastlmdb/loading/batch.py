@@ -1,4 +1,4 @@
-"""Whole batches decoded in place: one uint8 image tensor per batch, handed over once.
+"""Whole batches decoded in place: one image tensor per batch, handed over once.
 
 When a map-style dataset's pipeline ends in a fixed-size uint8 image (a decode-aware crop head,
 then at most flips), ``LMDBDataset.__getitems__`` decodes every sample of a batch straight into
@@ -20,6 +20,10 @@ drawn here first, from torch's generator in the per-sample order (box of sample 
 box of sample 1, ...), then every record is region-decoded, resized (antialiased bilinear, in
 C, within ~1 of torch's ``interpolate`` per value) and mirrored into its slot. A record the call
 cannot decode goes through the per-sample path, from the random state it would have had there.
+
+A batch may also hold what a recipe's per-pixel tail makes of the uint8 pixels (float32,
+float16, bfloat16: fastlmdb.loading.tail): each call then takes the 3 x 256 `table` of that
+tail, and the native decoder stores ``table[c, v]`` as it writes each slot, in the same pass.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from fastlmdb.loading import crops, handover
+from fastlmdb.loading import crops, handover, tail
+from fastlmdb.loading.tail import apply_table as apply_table  # for the per-sample paths
 
 MAX_THREADS = 256  # _jpegcrop.c's MAX_THREADS
 
@@ -99,16 +104,18 @@ def draw(crop: crops.DecodeCrop, plan: list[tuple[int, float]],
 
 
 def decode_native(images: torch.Tensor, values: Sequence[Any], shapes: np.ndarray,
-                  crop: crops.DecodeCrop, rest: Any, threads: int = 1) -> int:
-    """Fill the slots of `images` from JPEG `values` (as many) natively; returns the first
-    slot it could not fill (len(values) if none), torch's generator then where the per-sample
-    path would draw that slot's box. The slots before it are done."""
+                  crop: crops.DecodeCrop, rest: Any, threads: int = 1, table: Any = None) -> int:
+    """Fill the slots of `images` from JPEG `values` (as many) natively, through `table`
+    (3 x 256 of the images' dtype) where the images are not uint8; returns the first slot it
+    could not fill (len(values) if none), torch's generator then where the per-sample path
+    would draw that slot's box. The slots before it are done."""
     if not len(values):
         return 0
+    out, raw_table = _native_args(images, table)
     plan, state = flip_plan(rest), torch.get_rng_state()
     boxes, flips = draw(crop, plan, shapes)
-    errors = crops._jpegcrop.decode_batch(values, boxes, flips, images.numpy(), *crop.size,
-                                          threads=threads)
+    errors = crops._jpegcrop.decode_batch(values, boxes, flips, out, *crop.size,
+                                          threads=threads, table=raw_table)
     failed = next((k for k, error in enumerate(errors) if error is not None), None)
     if failed is None:
         return len(values)
@@ -117,11 +124,24 @@ def decode_native(images: torch.Tensor, values: Sequence[Any], shapes: np.ndarra
     return failed
 
 
+def _native_args(images: torch.Tensor, table: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """(out, table) for decode_batch: the images and the table as unsigned items of their
+    size (numpy has no bfloat16; the C code copies items as bytes)."""
+    if table is None:
+        if images.dtype != torch.uint8:
+            raise ValueError(f"images are {images.dtype}: pass the table of the recipe's "
+                             f"tail (table=), or uint8 images")
+        return images.numpy(), None
+    return tail.raw(images), tail.raw(tail.as_table(table, images.dtype))
+
+
 def fill(images: torch.Tensor, values: Sequence[Any], rows: np.ndarray, crop: crops.DecodeCrop,
          rest: Any, threads: int, native: bool,
-         one: Callable[[int, torch.Tensor], int | None]) -> tuple[list[int], list[int]]:
+         one: Callable[[int, torch.Tensor], int | None],
+         table: Any = None) -> tuple[list[int], list[int]]:
     """Decode records `values` (their table `rows`) into the first slots of `images`:
-    natively where `native` and the call can, else record n through one(n, slot), which
+    natively where `native` and the call can (through `table`, the tail's 3 x 256 of the
+    images' dtype, where they are not uint8), else record n through one(n, slot), which
     returns its label, or None where it was skipped (it then takes no slot). Returns (the
     labels kept, the records consumed up to each of them)."""
     shapes, labels = np.stack([rows["height"], rows["width"]], axis=1), rows["label"]
@@ -131,7 +151,7 @@ def fill(images: torch.Tensor, values: Sequence[Any], rows: np.ndarray, crop: cr
     while n < len(values):
         if native:
             slots = images[len(kept):len(kept) + len(values) - n]
-            done = decode_native(slots, values[n:], shapes[n:], crop, rest, threads)
+            done = decode_native(slots, values[n:], shapes[n:], crop, rest, threads, table)
             kept += labels[n:n + done].tolist()
             consumed += range(n + 1, n + done + 1)
             n += done
@@ -145,25 +165,28 @@ def fill(images: torch.Tensor, values: Sequence[Any], rows: np.ndarray, crop: cr
     return kept, consumed
 
 
-def empty(count: int, size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, labels): uninitialised [count, 3, h, w] uint8 and [count] int64 tensors; in a
-    DataLoader worker the images are in shared memory, reused where it can be (handover)."""
+def empty(count: int, size: Sequence[int],
+          dtype: torch.dtype = torch.uint8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels): uninitialised [count, 3, h, w] images of `dtype` and [count] int64
+    tensors; in a DataLoader worker the images are in shared memory, reused where it can be
+    (handover)."""
     shape = (count, 3, *size)
-    images = handover.images(shape)
+    images = handover.images(shape, dtype)
     if images is None:
-        images = _shared(shape) if torch.utils.data.get_worker_info() else torch.empty(
-            shape, dtype=torch.uint8)
+        images = _shared(shape, dtype) if torch.utils.data.get_worker_info() else torch.empty(
+            shape, dtype=dtype)
     return images, torch.empty(count, dtype=torch.int64)
 
 
-def _shared(shape: tuple[int, ...]) -> Any:  # a uint8 tensor (see set_ below)
+def _shared(shape: tuple[int, ...], dtype: torch.dtype) -> Any:  # a tensor (see set_ below)
     try:
         # What torch's collate does for the batches it stacks; share_memory_() on an ordinary
         # tensor would allocate it twice and copy.
-        storage = torch.UntypedStorage._new_shared(math.prod(shape))
+        storage = torch.UntypedStorage._new_shared(
+            math.prod(shape) * torch.empty(0, dtype=dtype).element_size())
     except AttributeError:  # not in this torch version
-        return torch.empty(shape, dtype=torch.uint8).share_memory_()
-    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)  # type: ignore[call-overload]
+        return torch.empty(shape, dtype=dtype).share_memory_()
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)  # type: ignore[call-overload]
 
 
 def samples(images: torch.Tensor, labels: torch.Tensor,

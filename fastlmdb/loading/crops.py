@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional
 
+from fastlmdb.loading import tail
+
 try:
     from fastlmdb.core import _jpegcrop as _jpegcrop  # batch.py uses it too
 except ImportError:  # no compiler or libjpeg headers at install time
@@ -254,24 +256,39 @@ def decode_box(data: Any, box: tuple[int, int, int, int], size: Sequence[int], h
     return pixels[y0:y0 + max(1, round(h * fy)), x0:x0 + max(1, round(w * fx))]
 
 
-def resize(pixels: Pixels, size: Sequence[int],
-           out: torch.Tensor | None = None) -> Pixels | None:
+def resize(pixels: Pixels, size: Sequence[int], out: torch.Tensor | None = None,
+           table: Any = None) -> Any:
     """Antialiased bilinear resize of HWC uint8 pixels to `size` (h, w); HWC uint8 out, or
-    written into `out`, a 3xHxW uint8 tensor (then returns None). The C kernel where built
-    (the native batches' own, so both paths give the same pixels), else torch's."""
-    if _jpegcrop is not None and hasattr(_jpegcrop, "resize_chw"):
-        target = np.empty((3, *size), np.uint8) if out is None else out.numpy()
-        _jpegcrop.resize_chw(pixels, target)
-        return target.transpose(1, 2, 0) if out is None else None
-    if pixels.shape[:2] == tuple(size):
+    written into `out`, a 3xHxW tensor (then returns None). With `table` (a recipe's tail,
+    fastlmdb.loading.tail) each value v of channel c is stored as table[c, v]: into `out` of
+    the table's dtype, or a new 3xHxW tensor returned. The C kernel where built (the native
+    batches' own, so both paths give the same pixels), else torch's."""
+    if table is not None:
+        table = tail.as_table(table, None if out is None else out.dtype)
         if out is None:
-            return pixels.copy()
-        np.copyto(out.numpy(), pixels.transpose(2, 0, 1))
+            out = torch.empty((3, *size), dtype=table.dtype)
+            resize(pixels, size, out, table)
+            return out
+    if _jpegcrop is not None and hasattr(_jpegcrop, "resize_chw"):
+        target = np.empty((3, *size), np.uint8) if out is None else tail.raw(out)
+        _jpegcrop.resize_chw(pixels, target, table=None if table is None else tail.raw(table))
+        return target.transpose(1, 2, 0) if out is None else None
+    if out is not None and table is not None:
+        out.copy_(tail.apply_table(torch.from_numpy(_resized_hwc(pixels, size)).permute(2, 0, 1),
+                                   table))
         return None
+    resized = _resized_hwc(pixels, size)
+    if out is None:
+        return resized
+    np.copyto(out.numpy(), resized.transpose(2, 0, 1))
+    return None
+
+
+def _resized_hwc(pixels: Pixels, size: Sequence[int]) -> Pixels:
+    """torch's antialiased bilinear resize of HWC uint8 pixels (a new HWC array)."""
+    if pixels.shape[:2] == tuple(size):
+        return pixels.copy()
     # A contiguous HWC array is a channels-last CHW tensor: the fast uint8 antialias path.
     chw = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).unsqueeze(0)
     resized = torch.nn.functional.interpolate(chw, size=size, mode="bilinear", antialias=True)
-    if out is None:
-        return resized[0].permute(1, 2, 0).numpy()
-    out.copy_(resized[0])
-    return None
+    return resized[0].permute(1, 2, 0).numpy()

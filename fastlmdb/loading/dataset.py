@@ -146,7 +146,7 @@ class _Records:
         """Which path the samples take, in one line: what runs native (decode-aware crop,
         flips, the per-pixel tail as a table, whole batches in place) and what per sample.
         Logged at INFO once per process when the first sample or batch is read."""
-        return self._recipe.describe(native=self._natively(), fused=False)
+        return self._recipe.describe(native=self._natively(), fused=batch.native_built())
 
     def _announce(self) -> None:
         """Log pipeline() once per process (DataLoader workers are processes of their own)."""
@@ -170,8 +170,10 @@ class _Records:
     def _pixels(self, index: int, value: bytes | memoryview,
                 out: torch.Tensor | None = None) -> Any:
         """HWC uint8 pixels of a record: whole, or the crop box of a decode-aware head
-        (resized into `out`, a 3xHxW uint8 tensor, when given)."""
+        (resized into `out`, a 3xHxW slot of the in-place batch, through the tail's table where
+        there is one, when given)."""
         row = self._rows[index]
+        table = None if out is None else self._recipe.table
         height, width = int(row["height"]), int(row["width"])
         crop = self._crop
         try:
@@ -189,7 +191,7 @@ class _Records:
                 pixels = crops.decode_box(value, box, crop.size, height, width, self._decode)
             if isinstance(crop, crops.CenterCrop) and crop.pads(height, width):
                 pixels = crops.center_crop_padded(pixels, crop.size)
-            return crops.resize(pixels, crop.size, out)
+            return crops.resize(pixels, crop.size, out, table)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is this record's
             raise self._error(index, str(exc)) from None
 
@@ -203,7 +205,7 @@ class _Records:
         if recipe.flips is not None:
             image = recipe.flips(image)  # the same flip objects, so the same draws
         if recipe.table is not None:
-            return _apply_table(image, recipe.table)
+            return batch.apply_table(image, recipe.table)
         if recipe.prefix == recipes.PIL:
             return self._to_output(np.ascontiguousarray(image.permute(1, 2, 0).numpy()))
         return image if self.output == "tensor" else image.contiguous()  # as PILToTensor's
@@ -223,7 +225,7 @@ class _Records:
         return self.imgtype == "jpeg" and batch.native_built()
 
     def _record_into(self, index: int, value: bytes | memoryview, image: torch.Tensor) -> int:
-        """_record, the image written into `image`, a 3xHxW uint8 tensor; returns the label."""
+        """_record, the image written into `image`, a 3xHxW slot; returns the label."""
         self._pixels(index, value, out=image)
         if self._recipe.flips is not None:
             flipped = self._recipe.flips(image)  # the same transform objects and random draws
@@ -362,13 +364,12 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
         """The samples of one batch, decoded into one images tensor (batch.Sample views):
         natively where it can be (batch.fill), else slot by slot."""
         crop, rows = cast(crops.DecodeCrop, self._crop), self._rows[indices]
-        images, labels = batch.empty(len(positions), crop.size)
+        images, labels = batch.empty(len(positions), crop.size, self._recipe.dtype)
         label_list, _ = batch.fill(
             images, values, rows, crop, self._recipe.flips, self.threads, self._natively(rows),
-            lambda n, slot: self._slot(positions[n], indices[n], values[n], slot))
+            lambda n, slot: self._slot(positions[n], indices[n], values[n], slot),
+            self._recipe.table)
         labels.numpy()[:] = label_list
-        if self._recipe.table is not None:
-            images = _apply_table(images, self._recipe.table)
         return batch.samples(images, labels, label_list)
 
     def _slot(self, i: int, index: int, value: Any, image: torch.Tensor) -> int:
@@ -377,6 +378,8 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
             return self._record_into(index, value, image)
         except DecodeError:
             substitute, label = self[i]  # raises, or substitutes and counts, as for one sample
+            if substitute.dtype != image.dtype and self._recipe.table is not None:
+                substitute = batch.apply_table(substitute, self._recipe.table)
             image.copy_(substitute)
             return int(label)
 
@@ -569,11 +572,10 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
         """The samples of `indices`, each `batch_size` of them decoded into one images tensor
         (batch.Sample views, as LMDBDataset's batches); a skipped record shortens its batch."""
         for piece in order.windows(indices, self._batch_size()):
-            images, labels = batch.empty(len(piece), cast(crops.DecodeCrop, self._crop).size)
+            images, labels = batch.empty(len(piece), cast(crops.DecodeCrop, self._crop).size,
+                                         self._recipe.dtype)
             kept, consumed = self._fill(images, piece.tolist(), self._read(piece))
             images, labels = images[:len(kept)], labels[:len(kept)]
-            if self._recipe.table is not None:
-                images = _apply_table(images, self._recipe.table)
             labels.numpy()[:] = kept
             start = self._yielded
             for sample, n in zip(batch.samples(images, labels, kept), consumed):
@@ -594,7 +596,8 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
 
         rows = self._rows[indices]
         return batch.fill(images, values, rows, cast(crops.DecodeCrop, self._crop),
-                          self._recipe.flips, self.threads, self._natively(rows), one)
+                          self._recipe.flips, self.threads, self._natively(rows), one,
+                          self._recipe.table)
 
     def _read(self, piece: Ints) -> list[Any]:
         """Buffers of `piece`'s records, read in key order (sequential I/O), in piece order."""
@@ -605,15 +608,6 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
         else:
             values = self._reader.get_many(keys.tolist())
         return [values[i] for i in np.searchsorted(keys, wanted).tolist()]
-
-
-def _apply_table(images: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Stand-in for batch.apply_table (fastc): table[c, v] of every uint8 value of
-    [..., 3, H, W] `images`, a new tensor of the table's dtype."""
-    out = torch.empty(images.shape, dtype=table.dtype)
-    for c in range(3):
-        out[..., c, :, :] = table[c][images[..., c, :, :].long()]
-    return out
 
 
 def _stored_pixels(value: bytes | memoryview, height: int, width: int) -> Pixels:
