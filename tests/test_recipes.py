@@ -326,7 +326,7 @@ def test_exact_and_decode_aware_together_are_refused(db):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("context", ["fork", "spawn", "forkserver"])
 def test_float_batches_in_workers(db, context):
     _, dst = db

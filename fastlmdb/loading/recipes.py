@@ -32,6 +32,7 @@ import torch
 from fastlmdb.loading import crops
 
 PIL, NUMPY, UINT8, FLOAT = "pil", "numpy", "uint8 tensor", "float tensor"
+KINDS = {"pil": PIL, "tensor": UINT8, "numpy": NUMPY}  # what each dataset output reaches it as
 SHOWN = {PIL: "PIL images", NUMPY: "numpy arrays", UINT8: "uint8 tensors", FLOAT: "float tensors"}
 FLIPS = ("RandomHorizontalFlip", "RandomVerticalFlip")
 TO_UINT8 = ("PILToTensor", "ToImage")  # may come before the crop: they keep uint8 values
@@ -89,49 +90,51 @@ class Recipe:
 def plan(transform: Transform | None, *, output: str, exact: bool = False) -> Recipe:
     """The Recipe of `transform` for a dataset whose records reach it as `output` ("pil",
     "tensor" or "numpy")."""
-    kind = {"pil": PIL, "tensor": UINT8, "numpy": NUMPY}[output]
-    if exact:
-        return _as_written(transform, kind, output, "exact=True")
-    if transform is None:
-        return _as_written(transform, kind, output, "no transform")
+    kind = KINDS[output]
+    if exact or transform is None:
+        return _as_written(transform, output, "exact=True" if exact else "no transform", exact)
     steps = _steps(transform) or [transform]  # a Compose's steps, or one step
+    lead, ramp = _leading(steps, kind)
+    kind = UINT8 if lead else kind
+    head, taken = _head(steps[lead:], kind)
+    if head is None:
+        return _as_written(transform, output, _why_not(steps[lead] if len(steps) > lead
+                                                       else transform))
+    i = lead + taken
+    flips = []
+    while kind != NUMPY and i < len(steps) and type(steps[i]) in crops.torchvision_types(*FLIPS):
+        flips.append(steps[i])
+        i += 1
+    tail, image = _tail(steps[i:], ramp) if kind != NUMPY else ([], ramp)
+    i += len(tail)
+    table, dtype, prefix = _table(image, kind)
+    rest = _compose(transform, steps[i:]) if i < len(steps) else None
+    return Recipe(head, _compose(transform, flips) if flips else None, tuple(tail), table,
+                  dtype, prefix, rest, "" if rest is None else _why_rest(steps[i], prefix))
+
+
+def _leading(steps: Sequence[Any], kind: str) -> tuple[int, Any]:
+    """(how many uint8 conversions, ToImage or PILToTensor, come before the crop; the ramp
+    image after them)."""
     ramp, lead = _ramp(kind), 0
     while lead < len(steps) and kind != NUMPY and _is(steps[lead], TO_UINT8, TIMM_TAIL[1:]):
         converted = _run(steps[lead], ramp)
         if not _is_uint8_ramp(converted):
             break
         ramp, lead = converted, lead + 1
-    kind = UINT8 if lead else kind
-    head, taken = _head(steps[lead:], kind)
-    if head is None:
-        return _as_written(transform, kind, output, _why_not(steps[lead] if len(steps) > lead
-                                                             else transform))
-    i = lead + taken
-    flips = []
-    while kind != NUMPY and i < len(steps) and type(steps[i]) in crops.torchvision_types(*FLIPS):
-        flips.append(steps[i])
-        i += 1
-    tail, image = _tail(steps[i:], ramp) if kind != NUMPY else ((), ramp)
-    i += len(tail)
-    table, dtype, prefix = _table(image, kind)
-    rest = _compose(transform, steps[i:]) if i < len(steps) else None
-    why = "" if rest is None else _why_rest(steps[i], prefix)
-    flip_steps = _compose(transform, flips) if flips else None
-    return Recipe(head, flip_steps, tuple(tail), table, dtype, prefix,
-                  rest, why)
+    return lead, ramp
 
 
-def _as_written(transform: Transform | None, kind: str, output: str, why: str) -> Recipe:
+def _as_written(transform: Transform | None, output: str, why: str,
+                exact: bool = False) -> Recipe:
     """Today's path: a fastlmdb crop at the head still runs on the bytes (it is fastlmdb's own
     op, asked for by name); with tensor output, then only flips, batches decode in place."""
     head, rest = crops.split_pipeline(transform, decode_aware=False)
-    kind = {"pil": PIL, "tensor": UINT8, "numpy": NUMPY}[output]
+    kind = KINDS[output]
     flips = None
     if head is not None and kind == UINT8 and rest is not None and _only_flips(rest):
         flips, rest = rest, None
-    return Recipe(head, flips, (), None, torch.uint8, kind, rest,
-                  why if head is None else "exact=True: only fastlmdb's own crop is native",
-                  exact=True)
+    return Recipe(head, flips, (), None, torch.uint8, kind, rest, why, exact=exact)
 
 
 def _steps(transform: Any) -> list[Any] | None:
