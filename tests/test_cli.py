@@ -146,7 +146,7 @@ def test_ctrl_c_says_how_to_resume(tree, dst, monkeypatch, capsys):
     assert "interrupted" in err and "run the same command again to resume" in err
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)  # 4 recipes x 2 loaders x 2 epochs
 def test_demo_runs_end_to_end(tmp_path, capsys):
     assert main(["demo", "--dir", os.fspath(tmp_path), "--classes", "2", "--per-class", "4",
                  "--workers", "0"]) == 0

@@ -302,8 +302,13 @@ def test_the_path_is_logged_once_per_process(db, caplog):
         for _ in DataLoader(dataset, batch_size=4):
             pass
         dataset[0]
+        first = dataset.pipeline()
+        dataset.transform = recipe("v2 uint8")  # planned again: said again, once
+        dataset[0]
+        dataset[1]
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
-    assert lines == [f"LMDBDataset train: {dataset.pipeline()}"]
+    assert lines == [f"LMDBDataset train: {first}", f"LMDBDataset train: {dataset.pipeline()}"]
+    assert first != dataset.pipeline()
 
 
 def test_a_missing_extension_is_warned_with_the_fix(db, caplog, monkeypatch):

@@ -57,7 +57,6 @@ class _Records:
             raise ValueError("exact=True runs torchvision's own crops on whole images, "
                              "decode_aware=True runs them on the stored bytes: pass one")
         self.decode_aware, self.exact, self.output = decode_aware, exact, output
-        self._told_pid: int | None = None  # the process that logged pipeline() last
         self.transform, self.target_transform = transform, target_transform
         info, rows, logical = catalog.read_tables(self.path)
         if imgtype is not None and imgtype != info["imgtype"]:
@@ -141,6 +140,7 @@ class _Records:
         self._transform = transform
         self._recipe = recipes.plan(transform, output=self.output, exact=self.exact)
         self._crop, self._rest = self._recipe.head, self._recipe.rest
+        self._told_pid: int | None = None  # the process that logged pipeline() (for this plan)
 
     def pipeline(self) -> str:
         """Which path the samples take, in one line: what runs native (decode-aware crop,
