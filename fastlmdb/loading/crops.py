@@ -85,13 +85,25 @@ class ResizeCenterCrop(DecodeCrop):
         self.resize, self.size = resize, _height_width(crop)
 
     def box(self, height: int, width: int) -> tuple[int, int, int, int]:
-        scale = self.resize / min(height, width)
-        h = min(height, round(self.size[0] / scale))
-        w = min(width, round(self.size[1] / scale))
-        return (height - h) // 2, (width - w) // 2, h, w
+        # torchvision's geometry: the shorter side to `resize`, the longer to
+        # int(resize * longer / shorter), the crop at round((side - crop) / 2) of that.
+        longer = int(self.resize * max(height, width) / min(height, width))
+        resized = (self.resize, longer) if height <= width else (longer, self.resize)
+        top, h = _source_span(height, resized[0], self.size[0])
+        left, w = _source_span(width, resized[1], self.size[1])
+        return top, left, h, w
 
     def __repr__(self) -> str:
         return f"fastlmdb.ResizeCenterCrop(resize={self.resize}, crop={self.size})"
+
+
+def _source_span(length: int, resized: int, crop: int) -> tuple[int, int]:
+    """(start, size) in whole source pixels, the nearest, of the central `crop` of a side of
+    `length` resized to `resized` (a crop wider than the side: the whole side)."""
+    scale = length / resized
+    first = int(round((resized - crop) / 2.0)) * scale
+    start, end = max(0, round(first)), min(length, round(first + crop * scale))
+    return start, end - start
 
 
 class CenterCrop(DecodeCrop):
@@ -205,7 +217,8 @@ def torchvision_head(steps: Sequence[Any],
         return RandomResizedCrop(tuple(first.size), first.scale, first.ratio), 1
     if (type(first) in torchvision_types("Resize") and len(steps) > 1
             and type(steps[1]) in torchvision_types("CenterCrop") and first.max_size is None
-            and _side(first.size) is not None):
+            and _side(first.size) is not None
+            and max(steps[1].size) <= cast(int, _side(first.size))):  # else it pads
         return ResizeCenterCrop(cast(int, _side(first.size)), tuple(steps[1].size)), 2
     return None, 0
 
