@@ -7,6 +7,9 @@ from DataLoader workers through reused memfd segments, never /dev/shm."""
 import dataclasses
 import os
 import pickle
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -95,6 +98,17 @@ def test_fused_resize_is_the_uint8_resize_through_the_table(kernels, shape, dtyp
     _jpegcrop.resize_chw(pixels, tail.raw(fused), table=tail.raw(table))
     assert torch.equal(fused, batch.apply_table(torch.from_numpy(plain), table))
     assert torch.equal(crops.resize(pixels, (out_h, out_w), table=table), fused)
+
+
+def test_resize_with_a_table_without_the_extension(monkeypatch):
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    monkeypatch.setattr(crops, "_jpegcrop", None)  # torch's interpolate, then the table
+    plain = torch.from_numpy(np.ascontiguousarray(crops.resize(pixels, (20, 30)))).permute(2, 0, 1)
+    table = _normalise_table(torch.float16)
+    out = torch.empty((3, 20, 30), dtype=torch.float16)
+    assert crops.resize(pixels, (20, 30), out, table) is None
+    assert torch.equal(out, batch.apply_table(plain.contiguous(), table))
 
 
 @needs_native
@@ -261,6 +275,14 @@ def test_float_batches_travel_in_reused_segments(db, as_worker):
     assert again[0].batch[0].data_ptr() == segment.address
 
 
+def test_float_batches_beyond_the_segments_go_in_torch_shared_memory(as_worker):
+    held = [batch.empty(2, (5, 7), torch.float32)[0] for _ in range(handover.MAX_SEGMENTS)]
+    assert all(_mapped_from(images).startswith("/memfd:") for images in held)
+    images, _ = batch.empty(2, (5, 7), torch.float32)
+    assert images.is_shared() and images.dtype == torch.float32 and images.shape == (2, 3, 5, 7)
+    assert len(handover._segments()) == handover.MAX_SEGMENTS
+
+
 def _mapped_from(tensor):
     """The path of the mapping that holds `tensor`'s memory (/proc/self/maps)."""
     address = tensor.data_ptr()
@@ -294,3 +316,48 @@ def test_workers_deliver_float_batches_through_memfd(db, context):
     if hasattr(os, "memfd_create"):  # from the workers' segments, not torch's /dev/shm
         assert all(not images.is_shared() for images, _ in floats[:4])
         assert _mapped_from(floats[0][0]).startswith("/memfd:fastlmdb-batch")
+
+
+def _under_small_shm(db, mode, context, batch_size=128):
+    """shm_probe.py run with a 64 MB /dev/shm of its own (a mount namespace: root only)."""
+    probe = os.path.join(os.path.dirname(__file__), "shm_probe.py")
+    command = (f"mount -t tmpfs -o size=64m tmpfs /dev/shm && exec {sys.executable} {probe} "
+               f"{db} {mode} {batch_size} 224 {context}")
+    return subprocess.run(["unshare", "-m", "sh", "-c", command], capture_output=True,
+                          text=True, timeout=360)
+
+
+def _can_shrink_dev_shm():
+    if shutil.which("unshare") is None or not hasattr(os, "memfd_create"):
+        return False
+    try:
+        return subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64m tmpfs "
+                               "/dev/shm"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("context", ["fork", "spawn", "forkserver"])
+def test_float_batches_run_under_a_64mb_dev_shm(db, context):
+    """Docker's default /dev/shm: a float32 batch of 128 at 224 (77 MB) from workers runs
+    through the fused tail; the same through torch's collate dies (the control, once)."""
+    if not _can_shrink_dev_shm():
+        pytest.skip("needs root and unshare(1) to give the probe a 64 MB /dev/shm")
+    fused = _under_small_shm(db, "fused", context)
+    assert fused.returncode == 0, fused.stderr[-2000:]
+    assert "batches 4 {(torch.float32, (128, 3, 224, 224))}" in fused.stdout
+    if context == "fork":
+        plain = _under_small_shm(db, "torch", context)
+        assert plain.returncode != 0 and "No space left on device" in plain.stderr
+
+
+def test_the_docs_examples_run():
+    """docs/speed-tail.md: its python blocks run as written."""
+    page = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "speed-tail.md")
+    with open(page, encoding="utf-8") as file:
+        blocks = file.read().split("```python\n")[1:]
+    assert blocks
+    for block in blocks:
+        exec(compile(block.split("```")[0], page, "exec"), {})

@@ -5,7 +5,8 @@
  * horizontal pass then filters out_h rows instead of in_h (within ~1 of theirs per value:
  * tests/test_native_batch.py pins the PSNR). An axis whose size stays is not filtered. Where
  * the CPU has AVX2 both passes run as intrinsics kernels that give the same bytes (2.3x faster
- * on the decode-aware crops of the sample photos: 410 -> 175 us per 224x224 slot). */
+ * on the decode-aware crops of the sample photos: 410 -> 175 us per 224x224 slot). With a
+ * table (a recipe's tail), each finished row goes through it as it is stored: lookup(). */
 #include "_resize.h"
 
 #include <math.h>
@@ -305,20 +306,37 @@ int resize_use_simd(int enabled) {
 
 /* The planar uint8 row of each channel (`width` values, planes `width` apart) through the
  * table into row `out` of each output plane (planes `plane` items apart): the slot's only
- * store. memcpy: `out` need not be aligned for its items. */
-CLONES static void lookup(const uint8_t *row, int width, const union resize_table *table,
-                          int itemsize, uint8_t *out, size_t plane) {
+ * store. Bound by the loads (a byte, then its item): on x86 4 or 8 items are gathered into
+ * one register and stored together (50 us per 224 x 224 float32 image here, against 70 item
+ * by item; AVX2's vpgatherdd took 80). memcpy: `out` need not be aligned for its items. */
+static void lookup(const uint8_t *row, int width, const union resize_table *table,
+                   int itemsize, uint8_t *out, size_t plane) {
     for (int c = 0; c < 3; c++, row += width) {
         uint8_t *dst = out + c * plane * itemsize;
+        int x = 0;
         if (itemsize == 4) {
             const uint32_t *t = table->u32 + 256 * c;
-            for (int x = 0; x < width; x++) memcpy(dst + 4 * x, t + row[x], 4);
+#if defined(__SSE2__)
+            for (; x + 4 <= width; x += 4)
+                _mm_storeu_si128((__m128i *)(dst + 4 * x),
+                                 _mm_setr_epi32((int)t[row[x]], (int)t[row[x + 1]],
+                                                (int)t[row[x + 2]], (int)t[row[x + 3]]));
+#endif
+            for (; x < width; x++) memcpy(dst + 4 * x, t + row[x], 4);
         } else if (itemsize == 2) {
             const uint16_t *t = table->u16 + 256 * c;
-            for (int x = 0; x < width; x++) memcpy(dst + 2 * x, t + row[x], 2);
+#if defined(__SSE2__)
+            for (; x + 8 <= width; x += 8)
+                _mm_storeu_si128((__m128i *)(dst + 2 * x),
+                                 _mm_setr_epi16((short)t[row[x]], (short)t[row[x + 1]],
+                                                (short)t[row[x + 2]], (short)t[row[x + 3]],
+                                                (short)t[row[x + 4]], (short)t[row[x + 5]],
+                                                (short)t[row[x + 6]], (short)t[row[x + 7]]));
+#endif
+            for (; x < width; x++) memcpy(dst + 2 * x, t + row[x], 2);
         } else {
             const uint8_t *t = table->u8 + 256 * c;
-            for (int x = 0; x < width; x++) dst[x] = t[row[x]];
+            for (; x < width; x++) dst[x] = t[row[x]];
         }
     }
 }
