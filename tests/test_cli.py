@@ -147,12 +147,14 @@ def test_ctrl_c_says_how_to_resume(tree, dst, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)  # 4 recipes x 2 loaders x 2 epochs
 def test_demo_runs_end_to_end(tmp_path, capsys):
     assert main(["demo", "--dir", os.fspath(tmp_path), "--classes", "2", "--per-class", "4",
                  "--workers", "0"]) == 0
     out = capsys.readouterr().out
-    for row in ("ImageFolder + PIL", "LMDBDataset (PIL output)",
-                "LMDBDataset (decode-aware crop, uint8)"):
-        assert re.search(re.escape(row) + r"\s+\d+\s+\d+\s+\d+\.\d\dx", out), out
+    for recipe in ("v1 train", "v2 train (float)", "v2 train (uint8)", "val"):
+        for loader in ("ImageFolder", "LMDBDataset"):  # the one-line swap, recipe unchanged
+            assert re.search(re.escape(f"{recipe:18} {loader}") + r"\s+\d+\s+\d+\s+\d+\.\d\dx",
+                             out), out
+    assert "path: native: decode-aware RandomResizedCrop(224) + flip + ToTensor + normalise" in out
     assert "train.lmdb: 8 images" in out

@@ -47,8 +47,9 @@ def test_random_boxes_are_torchvisions_for_the_same_seed(height, width):
 
 def test_center_box_is_the_resize_then_center_crop_region():
     top, left, h, w = fastlmdb.ResizeCenterCrop(256, 224).box(375, 500)
-    assert (h, w) == (328, 328)  # 224 / (256 / 375)
-    assert (top, left) == ((375 - 328) // 2, (500 - 328) // 2)
+    # torchvision: 375x500 -> 256x341, the crop at (16, 58) (round(58.5) = 58), which is
+    # rows 23.44 .. 351.56 and columns 85.04 .. 413.49 of the source: the nearest pixels.
+    assert (top, left, h, w) == (23, 85, 329, 328)
 
 
 def test_scale_is_the_coarsest_that_covers_the_output():

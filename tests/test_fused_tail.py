@@ -4,6 +4,7 @@ the slot is written. Bitwise the uint8 output through the table, with every kern
 bitwise torchvision's own ToTensor/ToDtype + Normalize on the same uint8 pixels; float batches
 from DataLoader workers through reused memfd segments, never /dev/shm."""
 
+import dataclasses
 import os
 import pickle
 import shutil
@@ -21,7 +22,7 @@ from torchvision.transforms import functional as TF
 
 import fastlmdb
 from fastlmdb import LMDBDataset, LMDBIterDataset, converter
-from fastlmdb.loading import batch, crops, handover, tail
+from fastlmdb.loading import batch, crops, handover, recipes, tail
 from fastlmdb.testing import sample_tree
 
 import probes
@@ -213,7 +214,8 @@ def _pipeline():
 
 def _fused(dataset, dtype=torch.float32):
     """`dataset` making in-place batches of `dtype` through the normalising table."""
-    dataset._tail_table, dataset._tail_dtype = _normalise_table(dtype), dtype
+    dataset._recipe = dataclasses.replace(dataset._recipe, table=_normalise_table(dtype),
+                                          dtype=dtype, prefix=recipes.FLOAT)
     return dataset
 
 
@@ -233,7 +235,7 @@ def test_dataset_float_batches_are_the_uint8_batches_through_the_table(db, monke
     fused = _fused(LMDBDataset(db, "train", _pipeline(), output="tensor"), dtype)
     floats, same_labels = _batch(fused, positions)
     assert floats.dtype == dtype and floats.shape == (6, 3, SIZE, SIZE)
-    assert torch.equal(floats, batch.apply_table(images, fused._tail_table))
+    assert torch.equal(floats, batch.apply_table(images, fused._recipe.table))
     assert torch.equal(labels, same_labels)
 
 

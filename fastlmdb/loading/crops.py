@@ -85,13 +85,81 @@ class ResizeCenterCrop(DecodeCrop):
         self.resize, self.size = resize, _height_width(crop)
 
     def box(self, height: int, width: int) -> tuple[int, int, int, int]:
-        scale = self.resize / min(height, width)
-        h = min(height, round(self.size[0] / scale))
-        w = min(width, round(self.size[1] / scale))
-        return (height - h) // 2, (width - w) // 2, h, w
+        # torchvision's geometry: the shorter side to `resize`, the longer to
+        # int(resize * longer / shorter), the crop at round((side - crop) / 2) of that.
+        longer = int(self.resize * max(height, width) / min(height, width))
+        resized = (self.resize, longer) if height <= width else (longer, self.resize)
+        top, h = _source_span(height, resized[0], self.size[0])
+        left, w = _source_span(width, resized[1], self.size[1])
+        return top, left, h, w
 
     def __repr__(self) -> str:
         return f"fastlmdb.ResizeCenterCrop(resize={self.resize}, crop={self.size})"
+
+
+def _source_span(length: int, resized: int, crop: int) -> tuple[int, int]:
+    """(start, size) in whole source pixels, the nearest, of the central `crop` of a side of
+    `length` resized to `resized` (a crop wider than the side: the whole side)."""
+    scale = length / resized
+    first = int(round((resized - crop) / 2.0)) * scale
+    start, end = max(0, round(first)), min(length, round(first + crop * scale))
+    return start, end - start
+
+
+class CenterCrop(DecodeCrop):
+    """torchvision's CenterCrop(size) alone: the central `size` box, no resize. An image
+    smaller than the box is padded with zeros first, as torchvision does (`pads`)."""
+
+    def __init__(self, size: int | Sequence[int]) -> None:
+        self.size = _height_width(size)
+
+    def pads(self, height: int, width: int) -> bool:
+        return height < self.size[0] or width < self.size[1]
+
+    def box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        h, w = self.size
+        (top, _), (left, _) = _centred(height, h), _centred(width, w)
+        return top, left, min(h, height), min(w, width)
+
+    def __repr__(self) -> str:
+        return f"fastlmdb.CenterCrop(size={self.size})"
+
+
+def _centred(length: int, crop: int) -> tuple[int, int]:
+    """(first source index, first output index) of torchvision's center crop along one axis:
+    zeros padded around a shorter image ((crop - length) // 2 before), then the crop starts at
+    round((padded - crop) / 2), Python's round as torchvision's."""
+    before = (crop - length) // 2 if crop > length else 0
+    start = int(round((max(length, crop) - crop) / 2.0)) - before
+    return max(start, 0), max(-start, 0)
+
+
+def center_crop_padded(pixels: Pixels, size: Sequence[int]) -> Pixels:
+    """torchvision's CenterCrop(size) of HWC pixels smaller than it: zeros around."""
+    out = np.zeros((*size, 3), np.uint8)
+    (top, y), (left, x) = _centred(pixels.shape[0], size[0]), _centred(pixels.shape[1], size[1])
+    h, w = min(pixels.shape[0] - top, size[0] - y), min(pixels.shape[1] - left, size[1] - x)
+    out[y:y + h, x:x + w] = pixels[top:top + h, left:left + w]
+    return out
+
+
+class DrawnBy(DecodeCrop):
+    """A random crop whose boxes a third party's public static ``get_params(img, scale, ratio)``
+    draws (timm's RandomResizedCropAndInterpolation: Python's `random`); `img` is a tensor of
+    the image's shape that holds no memory, which is all such a get_params reads."""
+
+    def __init__(self, get_params: Callable[..., Any], size: Sequence[int],
+                 scale: Sequence[float], ratio: Sequence[float]) -> None:
+        self.get_params, self.size = get_params, _height_width(tuple(size))
+        self.scale, self.ratio = scale, ratio
+
+    def box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        shape_only = torch.empty(()).expand(3, height, width)
+        top, left, h, w = self.get_params(shape_only, self.scale, self.ratio)
+        return int(top), int(left), int(h), int(w)
+
+    def __repr__(self) -> str:
+        return f"fastlmdb.DrawnBy({self.get_params.__qualname__}, size={self.size})"
 
 
 def _central_box(height: int, width: int,
@@ -118,6 +186,7 @@ def split_pipeline(transform: Transform | None,
     if isinstance(transform, DecodeCrop):
         return transform, None
     steps: Any = getattr(transform, "transforms", None)
+    steps = steps if isinstance(steps, (list, tuple)) else None  # a preset's is a Compose
     if steps and isinstance(steps[0], DecodeCrop):
         return steps[0], _rest(transform, steps, 1)
     if not decode_aware or transform is None:
@@ -134,19 +203,22 @@ def _rest(transform: Any, steps: Sequence[Any], taken: int) -> Any:
     return type(transform)(list(steps[taken:])) if len(steps) > taken else None
 
 
-def torchvision_head(steps: Sequence[Any]) -> tuple[DecodeCrop | None, int]:
+def torchvision_head(steps: Sequence[Any],
+                     pil_input: bool = False) -> tuple[DecodeCrop | None, int]:
     """(the decode-aware op, steps it replaces) for torchvision's RandomResizedCrop, or Resize(s)
-    then CenterCrop, at the head of `steps` (v1 or v2, bilinear, antialiased); else (None, 0).
+    then CenterCrop, at the head of `steps` (v1 or v2, bilinear, antialiased: on a PIL image,
+    `pil_input`, always); else (None, 0).
     The same random draws; pixels from a crop-then-resize at a reduced decode scale, within a
     few dB of torchvision's (tests/test_crops.py pins the PSNR)."""
     first = steps[0]
-    if not _bilinear_antialiased(first):
+    if not _bilinear_antialiased(first, pil_input):
         return None, 0
     if type(first) in torchvision_types("RandomResizedCrop"):
         return RandomResizedCrop(tuple(first.size), first.scale, first.ratio), 1
     if (type(first) in torchvision_types("Resize") and len(steps) > 1
             and type(steps[1]) in torchvision_types("CenterCrop") and first.max_size is None
-            and _side(first.size) is not None):
+            and _side(first.size) is not None
+            and max(steps[1].size) <= cast(int, _side(first.size))):  # else it pads
         return ResizeCenterCrop(cast(int, _side(first.size)), tuple(steps[1].size)), 2
     return None, 0
 
@@ -156,13 +228,14 @@ def torchvision_types(*names: str) -> tuple[type[Any], ...]:
     transform of theirs exists only once they are). Exact types: a subclass may do anything."""
     modules = [sys.modules.get(name) for name in ("torchvision.transforms",
                                                   "torchvision.transforms.v2")]
-    return tuple(getattr(m, name) for m in modules if m is not None for name in names)
+    return tuple(getattr(m, name) for m in modules if m is not None for name in names
+                 if hasattr(m, name))  # v1 has no ToImage, v2 no ToTensor in later versions
 
 
-def _bilinear_antialiased(step: Any) -> bool:
-    mode = getattr(step, "interpolation", None)
+def _bilinear_antialiased(step: Any, pil_input: bool = False) -> bool:
+    mode = getattr(step, "interpolation", None)  # PIL's resize always antialiases
     return (getattr(mode, "value", mode) == "bilinear"
-            and getattr(step, "antialias", True) in (True, None))
+            and (pil_input or getattr(step, "antialias", True) in (True, None)))
 
 
 def _side(size: Any) -> int | None:

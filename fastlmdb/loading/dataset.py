@@ -18,11 +18,18 @@ import torch
 import torch.utils.data
 
 from fastlmdb.core import catalog, jpeg, remote
-from fastlmdb.loading import batch, crops, order, progress, sampler, streaming
+from fastlmdb.loading import batch, crops, order, progress, recipes, sampler, streaming
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import ON_ERROR, DatabaseError, DecodeError
 
 log = logging.getLogger(__name__)
+
+NO_EXTENSION = (
+    "fastlmdb's C extension (fastlmdb.core._jpegcrop) is not built: no region decode and no "
+    "native batches, so crops decode the whole image (at a reduced scale) and resize with "
+    "torch, several times slower. To fix it, install a C compiler and the libjpeg-turbo "
+    "headers (Debian/Ubuntu: apt-get install libjpeg62-turbo-dev; Fedora: libjpeg-turbo-devel)"
+    ", then reinstall fastlmdb: pip install --force-reinstall --no-cache-dir fastlmdb")
 
 OUTPUTS = ("pil", "tensor", "numpy")
 
@@ -41,10 +48,16 @@ class _Records:
     def __init__(self, root: StrPath, split: str, transform: Transform | None,
                  target_transform: Transform | None, imgtype: str | None, *, output: str,
                  decoder: str, min_size: Size | None, on_error: str,
-                 decode_aware: bool = False, stream: Any = None) -> None:
+                 decode_aware: bool = False, exact: bool = False,
+                 stream: Any = None) -> None:
         self.root, self.split = os.fspath(root), split
         self.path = fmt.db_path(self.root, split)
-        self.decode_aware = decode_aware
+        _check_choice("output", output, OUTPUTS)
+        _check_choice("on_error", on_error, ON_ERROR)
+        if exact and decode_aware:
+            raise ValueError("exact=True runs torchvision's own crops on whole images, "
+                             "decode_aware=True runs them on the stored bytes: pass one")
+        self.decode_aware, self.exact, self.output = decode_aware, exact, output
         self.transform, self.target_transform = transform, target_transform
         # A database at a URL (LMDBIterDataset only): a streaming.StreamedSplit.
         self._stream = stream
@@ -52,9 +65,7 @@ class _Records:
         if imgtype is not None and imgtype != info["imgtype"]:
             raise ValueError(f"imgtype={imgtype!r}, but {self.path} holds {info['imgtype']} "
                              f"records: pass imgtype={info['imgtype']!r} or leave it out")
-        _check_choice("output", output, OUTPUTS)
-        _check_choice("on_error", on_error, ON_ERROR)
-        self.imgtype, self.output, self.on_error = info["imgtype"], output, on_error
+        self.imgtype, self.on_error = info["imgtype"], on_error
         self.classes, self.class_to_idx = info["classes"], info["class_to_idx"]
         self._decode: Any = jpeg.decoder(decoder) if self.imgtype == "jpeg" else None
         self.decoder, self.min_size = decoder, _min_height_width(min_size)
@@ -66,10 +77,6 @@ class _Records:
         self._tables, self._tables_pid = (rows, logical), os.getpid()
         self._samples: list[tuple[str, int]] | None = None
         self._reader: Any = None if stream else catalog.reader(self.path)
-        # The in-place batches' dtype, and the recipe tail's 3 x 256 table (fastlmdb.loading.
-        # tail) that makes it from the uint8 pixels; None: uint8 batches.
-        self._tail_table: torch.Tensor | None = None
-        self._tail_dtype = torch.uint8
         self.errors = 0  # records skipped in this process because they failed to decode
 
     def __getstate__(self) -> dict[str, Any]:
@@ -136,14 +143,31 @@ class _Records:
 
     @transform.setter
     def transform(self, transform: Transform | None) -> None:
-        # Code written for ImageFolder reassigns `dataset.transform`: split it again.
+        # Code written for ImageFolder reassigns `dataset.transform`: plan it again.
         self._transform = transform
-        self._crop, self._rest = crops.split_pipeline(transform, self.decode_aware)
+        self._recipe = recipes.plan(transform, output=self.output, exact=self.exact)
+        self._crop, self._rest = self._recipe.head, self._recipe.rest
+        self._told_pid: int | None = None  # the process that logged pipeline() (for this plan)
+
+    def pipeline(self) -> str:
+        """Which path the samples take, in one line: what runs native (decode-aware crop,
+        flips, the per-pixel tail as a table, whole batches in place) and what per sample.
+        Logged at INFO once per process when the first sample or batch is read."""
+        return self._recipe.describe(native=self._natively(), fused=batch.native_built())
+
+    def _announce(self) -> None:
+        """Log pipeline() once per process (DataLoader workers are processes of their own)."""
+        if self._told_pid == os.getpid():
+            return
+        self._told_pid = os.getpid()
+        log.info("%s %s: %s", type(self).__name__, self.split, self.pipeline())
+        if crops._jpegcrop is None and self.imgtype == "jpeg":
+            log.warning(NO_EXTENSION)
 
     def _record(self, index: int, value: bytes | memoryview) -> tuple[Any, Any]:
         """(image, target) of record `index` from its stored value."""
         label = int(self._labels[index])
-        image = self._to_output(self._pixels(index, value))
+        image = self._prefix(self._pixels(index, value))
         if self._rest is not None:
             image = self._rest(image)
         if self.target_transform is not None:
@@ -156,7 +180,7 @@ class _Records:
         (resized into `out`, a 3xHxW slot of the in-place batch, through the tail's table where
         there is one, when given)."""
         row = self._rows[index]
-        table = None if out is None else self._tail_table
+        table = None if out is None else self._recipe.table
         height, width = int(row["height"]), int(row["width"])
         crop = self._crop
         try:
@@ -164,31 +188,54 @@ class _Records:
                 pixels = _stored_pixels(value, height, width)
                 if crop is None:
                     return pixels.copy()  # detach from the map, writable
-                top, left, h, w = crop.box(height, width)
-                return crops.resize(pixels[top:top + h, left:left + w], crop.size, out, table)
-            if crop is None:
+                top, left, h, w = box = crop.box(height, width)
+                pixels = pixels[top:top + h, left:left + w]
+            elif crop is None:
                 return self._decode(value, min_height=self.min_size[0],
                                     min_width=self.min_size[1])
-            box = crop.box(height, width)
-            pixels = crops.decode_box(value, box, crop.size, height, width, self._decode)
+            else:
+                box = crop.box(height, width)
+                pixels = crops.decode_box(value, box, crop.size, height, width, self._decode)
+            if isinstance(crop, crops.CenterCrop) and crop.pads(height, width):
+                pixels = crops.center_crop_padded(pixels, crop.size)
             return crops.resize(pixels, crop.size, out, table)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is this record's
             raise self._error(index, str(exc)) from None
 
-    def _decodes_in_place(self) -> bool:
-        """Whether every image of a batch is a 3xHxW uint8 tensor of the crop head's size."""
-        return (self._crop is not None and self.output == "tensor"
-                and self.target_transform is None and batch.only_flips(self._rest))
+    def _prefix(self, pixels: Pixels) -> Any:
+        """What the native part of the recipe makes of a record's pixels (whole, or its crop):
+        flipped, through the tail's table, as the type the rest of the transform expects."""
+        recipe = self._recipe
+        if recipe.flips is None and recipe.table is None and recipe.prefix != recipes.UINT8:
+            return self._to_output(pixels)  # PIL or numpy, as the records reach the transform
+        image = torch.from_numpy(pixels).permute(2, 0, 1)
+        if recipe.flips is not None:
+            image = recipe.flips(image)  # the same flip objects, so the same draws
+        if recipe.table is not None:
+            return batch.apply_table(image, recipe.table)
+        if recipe.prefix == recipes.PIL:
+            return self._to_output(np.ascontiguousarray(image.permute(1, 2, 0).numpy()))
+        return image if self.output == "tensor" else image.contiguous()  # as PILToTensor's
 
-    def _natively(self) -> bool:
-        """Whether in-place batches go to the native batch decoder (batch.fill)."""
+    def _decodes_in_place(self) -> bool:
+        """Whether every image of a batch is a 3xHxW tensor of the crop head's size, all of
+        the transform native (the recipe's dtype: uint8, or its table's)."""
+        return self._recipe.in_place and self.target_transform is None
+
+    def _natively(self, rows: Table | None = None) -> bool:
+        """Whether in-place batches (of records `rows`) go to the native batch decoder
+        (batch.fill): not where a CenterCrop pads a record smaller than itself."""
+        crop = self._crop
+        if isinstance(crop, crops.CenterCrop) and rows is not None and \
+                crop.pads(int(rows["height"].min()), int(rows["width"].min())):
+            return False
         return self.imgtype == "jpeg" and batch.native_built()
 
     def _record_into(self, index: int, value: bytes | memoryview, image: torch.Tensor) -> int:
         """_record, the image written into `image`, a 3xHxW slot; returns the label."""
         self._pixels(index, value, out=image)
-        if self._rest is not None:
-            flipped = self._rest(image)  # the same transform objects and random draws
+        if self._recipe.flips is not None:
+            flipped = self._recipe.flips(image)  # the same transform objects and random draws
             if flipped is not image:
                 image.copy_(flipped)
         return int(self._labels[index])
@@ -244,16 +291,19 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
         min_size: decode JPEGs at the smallest scale whose size is at least this (h, w).
         on_error: ``"raise"`` (default) or ``"skip"``: a record that fails to decode is
             replaced by the next decodable one and counted in ``errors``.
-        decode_aware: also run torchvision's own ``RandomResizedCrop`` or ``Resize`` +
-            ``CenterCrop`` (v1 or v2, bilinear, antialiased) at the head of the transform
-            decode-aware, as fastlmdb.RandomResizedCrop / ResizeCenterCrop: the same random
-            draws, pixels within a few dB of torchvision's (crop, then resize).
+        decode_aware: accepted for older code; the default now does it (below).
         threads: threads that decode each in-place batch (below) in this process, with
             ``num_workers=0`` or inside each worker; the pixels do not depend on it.
+        exact: decode whole images and run the transform as written, pixel for pixel what
+            ImageFolder gives (only a fastlmdb crop at its head still runs on the bytes).
 
-    With ``output="tensor"`` and a transform that is a decode-aware crop (fastlmdb.crops)
-    followed at most by torchvision flips, the DataLoader's batches are decoded in place into
-    one uint8 tensor each and handed over without stacking (fastlmdb.batch).
+    By default the transform is planned (fastlmdb.loading.recipes, docs/recipes.md):
+    torchvision's or timm's crop at its head runs decode-aware on the stored bytes (the same
+    random draws, pixels within a few dB of torchvision's), then the flips, then the per-pixel
+    steps (ToTensor, ToDtype, Normalize...) as one lookup table; the first other step and all
+    after it run per sample on what they would have received. When all of it is native, the
+    DataLoader's batches are decoded in place into one tensor each, of the dtype the transform
+    gives, and handed over without stacking (fastlmdb.batch). ``pipeline()`` says which path.
     """
 
     def __init__(self, root: StrPath, split: str, transform: Transform | None = None,
@@ -261,7 +311,7 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
                  imgtype: str | None = None, *, output: str = "pil",
                  decoder: str = "simplejpeg", min_size: Size | None = None,
                  on_error: str = "raise", seed: int = 0, decode_aware: bool = False,
-                 threads: int = 1) -> None:
+                 threads: int = 1, exact: bool = False) -> None:
         threads = _checked_threads(threads)  # before the database is opened
         if remote.is_url(os.fspath(root)):
             raise DatabaseError(
@@ -271,7 +321,7 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
                 "LMDBIterDataset(..., cache_dir=..., cache_limit=...)")
         super().__init__(root, split, transform, target_transform, imgtype, output=output,
                          decoder=decoder, min_size=min_size, on_error=on_error,
-                         decode_aware=decode_aware)
+                         decode_aware=decode_aware, exact=exact)
         self.shuffle, self.threads = shuffle, threads
         # None: the identity, which costs no memory in every worker.
         self._index = np.random.default_rng(seed).permutation(self._count) if shuffle else None
@@ -296,6 +346,7 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
         return int(self._index[i])
 
     def __getitem__(self, i: int) -> Any:
+        self._announce()
         index = self._position(i)
         for attempt in range(self._count):
             probe = (index + attempt) % self._count
@@ -308,6 +359,7 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
     def __getitems__(self, positions: Sequence[int]) -> list[Any]:
         """A whole batch (the DataLoader calls this): all lookups first, then the decodes;
         in place into one batch tensor where the pipeline allows (see fastlmdb.batch)."""
+        self._announce()
         indices = [self._position(i) for i in positions]
         values = self._reader.get_many(self._keys(indices).tolist())
         if self._decodes_in_place():
@@ -324,13 +376,12 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
                         values: Sequence[Any]) -> list[batch.Sample]:
         """The samples of one batch, decoded into one images tensor (batch.Sample views):
         natively where it can be (batch.fill), else slot by slot."""
-        crop = cast(crops.DecodeCrop, self._crop)
-        images, labels = batch.empty(len(positions), crop.size, self._tail_dtype)
+        crop, rows = cast(crops.DecodeCrop, self._crop), self._rows[indices]
+        images, labels = batch.empty(len(positions), crop.size, self._recipe.dtype)
         label_list, _ = batch.fill(
-            images, values, self._rows[indices], crop, self._rest, self.threads,
-            self._natively(),
+            images, values, rows, crop, self._recipe.flips, self.threads, self._natively(rows),
             lambda n, slot: self._slot(positions[n], indices[n], values[n], slot),
-            self._tail_table)
+            self._recipe.table)
         labels.numpy()[:] = label_list
         return batch.samples(images, labels, label_list)
 
@@ -340,8 +391,8 @@ class LMDBDataset(_Records, torch.utils.data.Dataset):  # type: ignore[type-arg]
             return self._record_into(index, value, image)
         except DecodeError:
             substitute, label = self[i]  # raises, or substitutes and counts, as for one sample
-            if substitute.dtype != image.dtype and self._tail_table is not None:
-                substitute = batch.apply_table(substitute, self._tail_table)
+            if substitute.dtype != image.dtype and self._recipe.table is not None:
+                substitute = batch.apply_table(substitute, self._recipe.table)
             image.copy_(substitute)
             return int(label)
 
@@ -382,9 +433,9 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
     order, and
     ``state_dict(samples_seen=n)`` / ``load_state_dict(state)`` continue after the n samples
     this rank has consumed, with any number of workers: none twice, none missing.
-    With the batch size known and a decode-aware crop head (then at most flips), each batch is
-    decoded in place into one uint8 tensor, as LMDBDataset does (fastlmdb.batch), on
-    `threads` threads.
+    With the batch size known and a transform that runs all native (see LMDBDataset and
+    ``pipeline()``), each batch is decoded in place into one tensor, as LMDBDataset does
+    (fastlmdb.batch), on `threads` threads. ``exact=True`` as for LMDBDataset.
     """
 
     def __init__(self, root: StrPath, split: str, transform: Transform | None = None,
@@ -397,7 +448,7 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
                  threads: int = 1, cache_dir: StrPath | None = None,
                  cache_limit: int | str | None = None,
                  storage_options: Mapping[str, Any] | None = None, window_shards: int = 1,
-                 prefetch_shards: int = 2) -> None:
+                 prefetch_shards: int = 2, exact: bool = False) -> None:
         threads = _checked_threads(threads)
         stream = streaming.open_split(
             fmt.db_path(os.fspath(root), split), cache_dir=cache_dir, cache_limit=cache_limit,
@@ -405,7 +456,7 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
             prefetch_shards=prefetch_shards)
         super().__init__(root, split, transform, target_transform, imgtype, output=output,
                          decoder=decoder, min_size=min_size, on_error=on_error,
-                         decode_aware=decode_aware, stream=stream)
+                         decode_aware=decode_aware, exact=exact, stream=stream)
         self._session: Any = None  # the streamed reads of the iteration under way
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.threads = threads
@@ -533,6 +584,7 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
         return order.worker_share(share, worker.id, worker.num_workers)
 
     def __iter__(self) -> Iterator[Any]:
+        self._announce()
         self._yielded, self._skip = self._skip, 0
         indices = self._indices(*self._progress.begin())[self._yielded:]
         if self._stream is None:
@@ -566,7 +618,7 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
         (batch.Sample views, as LMDBDataset's batches); a skipped record shortens its batch."""
         for piece in order.windows(indices, self._batch_size()):
             images, labels = batch.empty(len(piece), cast(crops.DecodeCrop, self._crop).size,
-                                         self._tail_dtype)
+                                         self._recipe.dtype)
             kept, consumed = self._fill(images, piece.tolist(), self._read(piece))
             images, labels = images[:len(kept)], labels[:len(kept)]
             labels.numpy()[:] = kept
@@ -587,9 +639,10 @@ class LMDBIterDataset(_Records, torch.utils.data.IterableDataset):  # type: igno
                 self._skip_or_raise(exc)
                 return None
 
-        return batch.fill(images, values, self._rows[indices],
-                          cast(crops.DecodeCrop, self._crop), self._rest, self.threads,
-                          self._natively(), one, self._tail_table)
+        rows = self._rows[indices]
+        return batch.fill(images, values, rows, cast(crops.DecodeCrop, self._crop),
+                          self._recipe.flips, self.threads, self._natively(rows), one,
+                          self._recipe.table)
 
     def _read(self, piece: Ints) -> list[Any]:
         """Buffers of `piece`'s records, read in key order (sequential I/O), in piece order."""

@@ -18,16 +18,11 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def dataset(db, mode, size):
-    crop = fastlmdb.RandomResizedCrop(size)
-    if mode == "torch":  # per-sample float tensors, stacked by torch's collate in the worker
-        return LMDBDataset(db, "train", v2.Compose([crop, v2.ToDtype(torch.float32, scale=True),
-                                                    v2.Normalize(MEAN, STD)]), output="tensor")
-    fused = LMDBDataset(db, "train", v2.Compose([crop, v2.RandomHorizontalFlip()]),
-                        output="tensor")
-    to_float = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
-    values = torch.arange(256, dtype=torch.uint8).expand(3, 1, 256).contiguous()
-    fused._tail_table, fused._tail_dtype = to_float(values)[:, 0, :], torch.float32
-    return fused
+    pipeline = v2.Compose([fastlmdb.RandomResizedCrop(size), v2.RandomHorizontalFlip(),
+                           v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+    # fused: the recipe runs native (fastlmdb.loading.recipes); torch: exact=True, per-sample
+    # float tensors stacked by torch's collate in the worker.
+    return LMDBDataset(db, "train", pipeline, output="tensor", exact=mode == "torch")
 
 
 def main(db, mode, batch_size, size, context):
