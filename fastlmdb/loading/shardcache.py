@@ -20,7 +20,6 @@ drops when a process dies, so a crash leaves no lock behind):
 
 import contextlib
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -29,6 +28,11 @@ import time
 
 from fastlmdb.core import files
 from fastlmdb.core.errors import DatabaseError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): the node-shared cache needs flock; local reads don't
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,10 @@ class ShardCache:
     Picklable: the locks this process holds stay with it."""
 
     def __init__(self, folder, limit):
+        if fcntl is None:
+            raise DatabaseError(f"streaming into {folder} needs POSIX file locks (flock), which "
+                                "this platform lacks: copy the database to local disk with "
+                                "`fastlmdb stage` and read the copy")
         self.folder, self.limit = os.fspath(folder), int(limit)
         self._pins, self._pid = {}, os.getpid()
 
@@ -121,8 +129,8 @@ class ShardCache:
         return fd
 
     @contextlib.contextmanager
-    def _held(self, lock_name, how=fcntl.LOCK_EX):
-        fd = self._lock(lock_name, how)
+    def _held(self, lock_name, how=None):
+        fd = self._lock(lock_name, fcntl.LOCK_EX if how is None else how)
         try:
             yield fd is not None
         finally:
