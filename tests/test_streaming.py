@@ -417,8 +417,10 @@ def _hashes(batch):
     return [(_md5(image), label) for image, label in batch]
 
 
-def _rank(url, cache_dir, limit, rank, method, results, go):
-    os.environ["LOCAL_WORLD_SIZE"] = "2"  # as torchrun says
+def _rank(url, cache_dir, limit, rank, method, results, go, aws):
+    # A forkserver started earlier in the session has the environment of then, not the test's
+    # credentials and endpoint: set them here (this rank's own workers inherit them).
+    os.environ.update(aws, LOCAL_WORLD_SIZE="2")  # as torchrun says
     stream = LMDBIterDataset(url, "train", cache_dir=cache_dir, cache_limit=limit,
                              rank=rank, world_size=2, shuffle=True, output="numpy",
                              batch_size=4, prefetch_shards=1)
@@ -437,8 +439,9 @@ def _two_ranks(url, cache_dir, limit, method, server):
     """Run ranks 0 and 1 (2 workers each) for 2 epochs: (samples, shard bytes) per epoch."""
     ctx = multiprocessing.get_context(method)
     results, go = ctx.Queue(), [ctx.Event(), ctx.Event()]
+    aws = {name: value for name, value in os.environ.items() if name.startswith("AWS_")}
     ranks = [ctx.Process(target=_rank, args=(url, os.fspath(cache_dir), limit, rank,
-                                             method, results, go)) for rank in (0, 1)]
+                                             method, results, go, aws)) for rank in (0, 1)]
     for process in ranks:
         process.start()
     epochs, before = [], server.shard_bytes()
