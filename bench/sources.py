@@ -13,7 +13,6 @@ producers and writer are reaped children: their CPU time counts).
     .venv/bin/python bench/sources.py --quick    # seconds
 """
 
-import contextlib
 import io
 import os
 import sys
@@ -144,19 +143,11 @@ def _fresh(out):
 
 
 def _convert(source, out):
-    """`fastlmdb convert` in this process; the images it converted."""
-    from fastlmdb import cli
+    """`fastlmdb convert` from `source` (its flags) in this process; the images it converted
+    (bench/convert.py's runner, default JPEG storage, 2 producers)."""
+    import convert
 
-    argv = ["convert", *source, "--to-dir", out, "--split", "train", "--procs", "2"]
-
-    def run():
-        with contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()) as err:
-            code = cli.main(argv)
-        if code:
-            raise SystemExit(f"fastlmdb {' '.join(argv)} failed ({code}):\n{err.getvalue()}")
-        return _count(out)
-    return run
+    return convert._convert(None, out, "jpeg", 2, extra=source)
 
 
 def _dataset(items, out):
