@@ -167,7 +167,12 @@ class _Records:
     def _record(self, index: int, value: bytes | memoryview) -> tuple[Any, Any]:
         """(image, target) of record `index` from its stored value."""
         label = int(self._labels[index])
-        image = self._prefix(self._pixels(index, value))
+        if self._crop is not None and self._recipe.table is not None:
+            # The tail in the resize's own pass, as in the batches (no uint8 image between).
+            image = torch.empty((3, *self._crop.size), dtype=self._recipe.dtype)
+            self._record_into(index, value, image)
+        else:
+            image = self._prefix(self._pixels(index, value))
         if self._rest is not None:
             image = self._rest(image)
         if self.target_transform is not None:
