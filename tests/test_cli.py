@@ -146,8 +146,23 @@ def test_ctrl_c_says_how_to_resume(tree, dst, monkeypatch, capsys):
     assert "interrupted" in err and "run the same command again to resume" in err
 
 
+def test_a_short_epoch_is_timed_on_clocks_that_see_it():
+    """An epoch of a few milliseconds reads more than 0 CPU seconds (os.times counted 10 ms
+    ticks: the demo divided by 0), and a tiny loader is repeated for at least min_seconds."""
+    from fastlmdb.cli.demo import time_epoch
+
+    def loader():
+        return [(None, list(range(8)))]
+
+    once = time_epoch(loader)
+    assert once.images == 8 and once.cpu >= 0
+    repeated = time_epoch(loader, min_seconds=0.05)
+    assert repeated.images > 8 and repeated.images % 8 == 0 and repeated.wall >= 0.05
+    assert repeated.cpu > 0 and repeated.per_cpu_second > 0
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(300)  # 4 recipes x 2 loaders x 2 epochs
+@pytest.mark.timeout(300)  # 4 recipes x 2 loaders x (1 warm epoch + >= 1 s)
 def test_demo_runs_end_to_end(tmp_path, capsys):
     assert main(["demo", "--dir", os.fspath(tmp_path), "--classes", "2", "--per-class", "4",
                  "--workers", "0"]) == 0

@@ -9,6 +9,7 @@ import tempfile
 import time
 
 BATCH = 64
+MIN_SECONDS = 1.0  # per timed row: whole epochs, repeated while a tiny tree is faster
 
 
 def add_command(commands):
@@ -58,7 +59,7 @@ def _compare(src, dst, workers):
                                                    num_workers=workers)
 
             time_epoch(loader)  # warm the page cache and imports
-            timing = time_epoch(loader)
+            timing = time_epoch(loader, MIN_SECONDS)
             baseline = baseline or timing.per_cpu_second
             print(f"  {recipe:18} {name:12} {timing.per_second:8.0f} "
                   f"{timing.per_cpu_second:10.0f} {timing.per_cpu_second / baseline:14.2f}x")
@@ -90,9 +91,15 @@ def recipes():
 # counted once they have exited and been reaped, so whole epochs without persistent workers.
 def cpu_seconds():
     """User + system CPU seconds of this process and its reaped children so far (Windows
-    counts no children)."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
+    counts no children). process_time and getrusage read in microseconds; os.times counts
+    clock ticks (10 ms), which reads 0 for a short epoch."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        t = os.times()
+        return time.process_time() + t.children_user + t.children_system
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,19 +110,23 @@ class Timing:
 
     @property
     def per_second(self):
-        return self.images / self.wall
+        return self.images / self.wall if self.wall > 0 else float("nan")
 
     @property
     def per_cpu_second(self):
-        return self.images / self.cpu
+        return self.images / self.cpu if self.cpu > 0 else float("nan")
 
 
-def time_epoch(make_loader):
-    """Run one epoch of `make_loader()` (workers started and reaped inside) and time it."""
+def time_epoch(make_loader, min_seconds=0.0):
+    """Run epochs of `make_loader()` (workers started and reaped inside each) until at least
+    `min_seconds` have passed (one epoch at least), and time them together: a tiny tree's one
+    epoch is too short for a clock to tell loaders apart."""
     wall0, cpu0 = time.perf_counter(), cpu_seconds()
-    images = 0
-    loader = make_loader()
-    for batch in loader:
-        images += len(batch[1])
-    del loader  # shuts the workers down, so their CPU time is counted
+    images = epochs = 0
+    while epochs == 0 or time.perf_counter() - wall0 < min_seconds:
+        epochs += 1
+        loader = make_loader()
+        for batch in loader:
+            images += len(batch[1])
+        del loader  # shuts the workers down, so their CPU time is counted
     return Timing(images, time.perf_counter() - wall0, cpu_seconds() - cpu0)
