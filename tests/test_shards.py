@@ -247,6 +247,37 @@ def test_shard_size_sets_the_number_of_shards(source, single, dst):
     assert_same_as_single(db(dst), single)
 
 
+def test_shard_size_in_bytes_counts_the_source_bytes(source, single, dst):
+    """--shard-size with a unit: shards of about that many bytes of source images (every file
+    measured here: fewer than the sample), and the database is the one-file one."""
+    paths = [os.path.join(folder, name) for folder, _, names in os.walk(source) for name in names]
+    total = sum(os.path.getsize(path) for path in paths)
+    run_convert(source, dst, on_error="skip", shard_size=f"{total // 3}B")
+    assert catalog.read_catalog(db(dst))[0]["shards"] == 3
+    assert_same_as_single(db(dst), single)
+
+
+def test_shard_size_in_bytes_needs_sizes_and_a_known_unit(tmp_path):
+    from fastlmdb.converter import conversion
+    from fastlmdb.sources.refs import Ref
+
+    class Unsized:
+        paths = [Ref(f"item {i}") for i in range(10)]
+
+        def __len__(self):
+            return len(self.paths)
+
+    with pytest.raises(ConversionError, match="does not tell its images' sizes"):
+        conversion.shard_count("512MB", Unsized())
+    assert conversion.shard_count("4", Unsized()) == 3 and conversion.shard_count(4, Unsized()) == 3
+    for bad in ("12QB", "-5", "1.5"):
+        with pytest.raises(ValueError, match="--shard-size"):
+            run_convert(tmp_path, tmp_path / "out", shard_size=bad)
+    with pytest.raises(SystemExit):
+        cli.main(["convert", "--from_dir", os.fspath(tmp_path), "--to_dir",
+                  os.fspath(tmp_path / "out"), "--split", "train", "--shard-size", "12QB"])
+
+
 def test_merge_of_one_file_says_so(single):
     with pytest.raises(DatabaseError, match="not a folder of shards"):
         merge.merge(single, single + ".out")

@@ -25,7 +25,7 @@ from moto import server as moto_server  # noqa: E402
 from werkzeug.serving import make_server  # noqa: E402
 
 from fastlmdb import LMDBDataset, LMDBIterDataset, cli  # noqa: E402
-from fastlmdb.core import remote  # noqa: E402
+from fastlmdb.core import remote, sizes  # noqa: E402
 from fastlmdb.core.errors import DatabaseError  # noqa: E402
 from fastlmdb.loading import order, shardcache  # noqa: E402
 from fastlmdb.tools import upload  # noqa: E402
@@ -148,13 +148,13 @@ def _stats(cache_dir):
 
 
 def test_cache_limit_takes_bytes_or_a_size_string():
-    assert shardcache.parse_size(1000) == 1000
-    assert shardcache.parse_size("500MB") == 500 * 10**6
-    assert shardcache.parse_size("20GB") == 20 * 10**9
-    assert shardcache.parse_size("1.5GiB") == 3 * 2**29
+    assert sizes.parse_size(1000) == 1000
+    assert sizes.parse_size("500MB") == 500 * 10**6
+    assert sizes.parse_size("20GB") == 20 * 10**9
+    assert sizes.parse_size("1.5GiB") == 3 * 2**29
     for bad in ("20 parsecs", "-1GB", 0, True, None, "GB"):
         with pytest.raises(ValueError, match="cache_limit must be a positive number of bytes"):
-            shardcache.parse_size(bad)
+            sizes.parse_size(bad)
 
 
 def test_shard_order_is_a_pure_function_mixing_within_windows():

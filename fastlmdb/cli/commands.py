@@ -10,7 +10,7 @@ from fastlmdb import converter
 from fastlmdb.version import __version__
 from fastlmdb.cli import terminal
 from fastlmdb.converter import prepare, shards
-from fastlmdb.core import catalog, errors, files
+from fastlmdb.core import catalog, errors, files, sizes
 from fastlmdb.core.errors import FastLMDBError
 
 
@@ -62,6 +62,17 @@ def _parser():
     for command in commands.choices.values():
         command.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     return parser
+
+
+def _shard_size(text):
+    """Images per shard ("4500") or bytes with a unit ("512MB", kept as written)."""
+    if not sizes.has_unit(text):
+        return _positive(text)
+    try:
+        sizes.parse_size(text, "--shard-size")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _positive(text):
@@ -132,10 +143,10 @@ def _add_convert(commands):
     p.add_argument("--shards", type=_positive, default=1, metavar="K",
                    help="write each split as K shard files in the folder DST/<split>.lmdb, "
                         "one writer each (default 1: one file)")
-    p.add_argument("--shard-size", "--shard_size", type=_positive, default=0, metavar="N",
-                   help="instead of --shards: as many shards as give about N images each; "
-                        "for streaming (docs/streaming.md) pick N for 256 MB-1 GB shards: "
-                        "N = 512 MB / the mean image size (about 4,500 ImageNet JPEGs)")
+    p.add_argument("--shard-size", "--shard_size", type=_shard_size, default=0, metavar="N",
+                   help="instead of --shards: as many shards as give about N images each, "
+                        "or N bytes of source images each when N has a unit (512MB, 1GB); "
+                        "for streaming (docs/streaming.md) 256MB-1GB")
     p.add_argument("--backend", default="local", choices=shards.BACKENDS,
                    help="where shards are made: local (one after another, each with --procs "
                         "processes; default), loky (shards side by side in local processes), "

@@ -14,11 +14,14 @@ import os
 import time
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from fastlmdb.converter import pipeline, prepare, shards
-from fastlmdb.core import catalog, files
+from fastlmdb.core import catalog, files, sizes
 from fastlmdb.sources import archive
 from fastlmdb.sources import dataset as dataset_source
 from fastlmdb.sources import listing, patterns
+from fastlmdb.sources.refs import source_size
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import ON_ERROR, ConversionError
 
@@ -52,7 +55,9 @@ class Options:
     batch_bytes: int = 64 << 20
     map_size: int = 16 << 30  # virtual reservation only; grows by doubling when full
     shards: int = 1  # 1: one file; K: K shard files in a folder, one writer each
-    shard_size: int = 0  # if set, as many shards as make about this many files each
+    # if set, as many shards as give about this many images each (an int), or this many
+    # bytes of source images each (a string with a unit, "512MB")
+    shard_size: int | str = 0
     backend: str = "local"  # how shards are run: see shards.BACKENDS
     scheduler: str | None = None  # the dask scheduler's address (backend "dask"); None: local
     # instead of from_dir: a tar or zip holding the split, or parquet or WebDataset shards
@@ -117,7 +122,7 @@ def convert_listing(options: Options, inputs: Any,
                     on_progress: Callable[[int, int, int], object] | None = None) -> Stats:
     """Convert the Listing `inputs` (sources/) with `options` (its source fields unused)."""
     if options.shard_size:
-        options = dataclasses.replace(options, shards=max(1, -(-len(inputs) // options.shard_size)))
+        options = dataclasses.replace(options, shards=shard_count(options.shard_size, inputs))
     if archive.in_order_only(inputs.paths):
         options = _in_archive_order(options)
     elif pipeline.task_bounds(inputs.paths[:1]) is not None and options.order == "shuffled":
@@ -220,14 +225,39 @@ def _validate(o: Options) -> None:
         raise ValueError(f"--order-seed must be a whole number >= 0, got {o.order_seed!r}")
     if not isinstance(o.shards, int) or o.shards < 1:
         raise ValueError(f"--shards must be a whole number >= 1, got {o.shards!r}")
-    if o.shard_size < 0 or (o.shard_size and o.shards != 1):
-        raise ValueError("give --shards K or --shard-size N (files per shard, >= 1), not both")
+    if o.shard_size and o.shards != 1:
+        raise ValueError("give --shards K or --shard-size N (images or bytes per shard), "
+                         "not both")
+    if sizes.has_unit(o.shard_size):
+        sizes.parse_size(o.shard_size, "--shard-size")
+    elif not str(o.shard_size).isdigit():
+        raise ValueError(f"--shard-size must be a number of images per shard (e.g. 4500) or of "
+                         f"bytes with a unit (e.g. 512MB), got {o.shard_size!r}")
     if o.backend not in shards.BACKENDS:
         raise ValueError(f"--backend must be one of {', '.join(shards.BACKENDS)}, "
                          f"got {o.backend!r}")
     if o.backend != "local" and o.shards == 1 and not o.shard_size:
         raise ValueError(f"--backend {o.backend} runs shards as tasks: pass --shards K "
                          "(K > 1, e.g. a few per worker)")
+
+
+def shard_count(shard_size: int | str, inputs: Any, sample: int = 2000) -> int:
+    """The shards that give about `shard_size` per shard: images (a number) or bytes of the
+    source's images ("512MB"), the latter from the sizes of `sample` evenly spread inputs."""
+    if not sizes.has_unit(shard_size):
+        return max(1, -(-len(inputs) // int(shard_size)))
+    target = sizes.parse_size(shard_size, "--shard-size")
+    picked = np.unique(np.linspace(0, len(inputs) - 1, min(sample, len(inputs))).astype(int))
+    mean = sum(source_size(inputs.paths[i]) for i in picked) / max(1, len(picked))
+    if mean == 0:
+        raise ConversionError(f"--shard-size {shard_size}: this source does not tell its "
+                              "images' sizes (a Python dataset); give a number of images per "
+                              "shard instead, e.g. --shard-size 4500")
+    count = max(1, int(round(len(inputs) * mean / target)))
+    log.info("--shard-size %s: %d images of about %.0f KB (%d sampled) -> %d shards of about "
+             "%d images", shard_size, len(inputs), mean / 1e3, len(picked), count,
+             -(-len(inputs) // count))
+    return count
 
 
 def settings_of(options: Options) -> prepare.Settings:

@@ -8,7 +8,6 @@ Everything it has to say travels to the coordinator as messages on `status`.
 """
 
 import dataclasses
-import os
 import time
 import traceback
 import zlib
@@ -20,7 +19,7 @@ import numpy as np
 from fastlmdb.version import __version__
 from fastlmdb.converter import children, prepare
 from fastlmdb.core import store
-from fastlmdb.sources.refs import Ref
+from fastlmdb.sources.refs import source_size
 from fastlmdb.core import format as fmt
 from fastlmdb.core.errors import DatabaseError, ImageError
 
@@ -295,7 +294,7 @@ def storage_message(report, paths):
     much more space the rest needs: the source bytes still to write (`paths` are the source
     files of the database, in order), times the file bytes each source byte became so far."""
     remaining = paths[report["next_file"]:]
-    source = sum(_size_or_zero(path) for path in remaining)
+    source = sum(source_size(path) for path in remaining)
     more = source * report["file_bytes_per_source_byte"]
     return (f"writing {report['partial']} failed: {report['error']}. The {report['committed']} "
             f"records committed ({_megabytes(report['written'])}) are intact; about "
@@ -311,15 +310,6 @@ def _file_bytes(nbytes, page_size):
     nbytes = nbytes.astype(np.int64)
     pages = -(-(nbytes + 16) // page_size)
     return int(np.where(nbytes > page_size // 2, pages * page_size, nbytes + 16).sum())
-
-
-def _size_or_zero(path):
-    if isinstance(path, Ref):
-        return path.size()
-    try:
-        return os.stat(path).st_size
-    except OSError:  # gone since it was listed: it will be reported when its turn comes
-        return 0
 
 
 def _megabytes(size):

@@ -23,7 +23,6 @@ import errno
 import json
 import logging
 import os
-import re
 import time
 
 from fastlmdb.core import files
@@ -41,22 +40,6 @@ LOCKS = "locks"
 STATS = "stats.json"
 WAIT_S = 600.0  # a process waits this long for space that others hold before it says so
 _POLL_S = 0.05  # space freed by another process has no event to wait on: poll for it
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(value, name="cache_limit"):
-    """Bytes of `value`: an int, or a string such as "500MB", "20GB", "1.5GiB"."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value) \
-        if isinstance(value, str) else None
-    if match is None or match.group(2).upper() not in _UNITS or float(match.group(1)) <= 0:
-        raise ValueError(f"{name} must be a positive number of bytes or a string such as "
-                         f"'500MB' or '20GB' (KB, MB, GB, TB, KiB, MiB, GiB, TiB), got {value!r}")
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
-
 
 class ShardMismatch(DatabaseError):
     """A downloaded shard whose bytes do not match their checks."""

@@ -24,6 +24,7 @@ import numpy as np
 
 from fastlmdb.core import format as fmt
 from fastlmdb.core import catalog, remote, store
+from fastlmdb.core.sizes import parse_size
 from fastlmdb.core.errors import DatabaseError
 from fastlmdb.loading import order, shardcache
 
@@ -68,7 +69,7 @@ class StreamedSplit:
                  prefetch=2):
         self.window = _count_arg("window_shards", window, 1)
         self.prefetch = _count_arg("prefetch_shards", prefetch, 0)
-        limit = shardcache.parse_size(cache_limit)
+        limit = parse_size(cache_limit)
         self.url = url.rstrip("/")
         self.remote = remote.RemoteFolder(self.url, storage_options)
         name = f"{os.path.basename(self.url)}-{hashlib.sha1(self.url.encode()).hexdigest()[:12]}"

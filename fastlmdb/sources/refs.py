@@ -8,6 +8,7 @@ dataset.Item) and a list function that listing.py dispatches to.
 """
 
 
+import os
 import typing
 
 import numpy as np
@@ -61,3 +62,14 @@ class Ref(str):
 def describe(path):
     """`path` as messages name it: "<name> in <container>" for a ref, the path itself else."""
     return f"{path} in {path.container}" if isinstance(path, Ref) and path.container else path
+
+
+def source_size(path):
+    """The bytes of `path` (a file or a Ref) at its source; 0 if unknown or gone since it was
+    listed (it is reported when its turn comes)."""
+    if isinstance(path, Ref):
+        return path.size()
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
