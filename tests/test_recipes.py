@@ -299,7 +299,7 @@ def test_native_head_hands_float_tensors_to_random_erasing(db):
 def test_the_path_is_logged_once_per_process(db, caplog):
     _, dst = db
     dataset = fastlmdb.LMDBDataset(dst, "train", recipe("v1 train"))
-    with caplog.at_level(logging.INFO, logger="fastlmdb.loading.dataset"):
+    with caplog.at_level(logging.INFO, logger="fastlmdb.loading.records"):
         for _ in DataLoader(dataset, batch_size=4):
             pass
         dataset[0]
@@ -316,7 +316,7 @@ def test_a_missing_extension_is_warned_with_the_fix(db, caplog, monkeypatch):
     _, dst = db
     monkeypatch.setattr(crops, "_jpegcrop", None)
     dataset = fastlmdb.LMDBDataset(dst, "train", recipe("v2 uint8"))
-    with caplog.at_level(logging.WARNING, logger="fastlmdb.loading.dataset"):
+    with caplog.at_level(logging.WARNING, logger="fastlmdb.loading.records"):
         images, _ = next(iter(DataLoader(dataset, batch_size=2)))
     assert images.shape == (2, 3, SIZE, SIZE)
     text = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
