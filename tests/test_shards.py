@@ -257,7 +257,7 @@ def test_shard_size_in_bytes_counts_the_source_bytes(source, single, dst):
     assert_same_as_single(db(dst), single)
 
 
-def test_shard_size_in_bytes_needs_sizes_and_a_known_unit(tmp_path):
+def test_shard_size_in_bytes_needs_sizes_and_a_known_unit(source, tmp_path):
     from fastlmdb.converter import conversion
     from fastlmdb.sources.refs import Ref
 
@@ -270,9 +270,13 @@ def test_shard_size_in_bytes_needs_sizes_and_a_known_unit(tmp_path):
     with pytest.raises(ConversionError, match="does not tell its images' sizes"):
         conversion.shard_count("512MB", Unsized())
     assert conversion.shard_count("4", Unsized()) == 3 and conversion.shard_count(4, Unsized()) == 3
-    for bad in ("12QB", "-5", "1.5"):
+    for bad in ("12QB", "-5", "1.5", True):
         with pytest.raises(ValueError, match="--shard-size"):
             run_convert(tmp_path, tmp_path / "out", shard_size=bad)
+    with pytest.raises(ValueError, match="not both"):
+        run_convert(tmp_path, tmp_path / "out", shards=2, shard_size="1GB")
+    run_convert(source, tmp_path / "out", on_error="skip", shard_size="0", shards=2)  # "0": unset
+    assert catalog.read_catalog(db(tmp_path / "out"))[0]["shards"] == 2
     with pytest.raises(SystemExit):
         cli.main(["convert", "--from_dir", os.fspath(tmp_path), "--to_dir",
                   os.fspath(tmp_path / "out"), "--split", "train", "--shard-size", "12QB"])

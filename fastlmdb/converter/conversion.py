@@ -121,7 +121,7 @@ def convert_dataset(dataset: Any, to_dir: str, split: str, *, classes: Sequence[
 def convert_listing(options: Options, inputs: Any,
                     on_progress: Callable[[int, int, int], object] | None = None) -> Stats:
     """Convert the Listing `inputs` (sources/) with `options` (its source fields unused)."""
-    if options.shard_size:
+    if _shard_size_given(options.shard_size):
         options = dataclasses.replace(options, shards=shard_count(options.shard_size, inputs))
     if archive.in_order_only(inputs.paths):
         options = _in_archive_order(options)
@@ -225,20 +225,25 @@ def _validate(o: Options) -> None:
         raise ValueError(f"--order-seed must be a whole number >= 0, got {o.order_seed!r}")
     if not isinstance(o.shards, int) or o.shards < 1:
         raise ValueError(f"--shards must be a whole number >= 1, got {o.shards!r}")
-    if o.shard_size and o.shards != 1:
-        raise ValueError("give --shards K or --shard-size N (images or bytes per shard), "
-                         "not both")
     if sizes.has_unit(o.shard_size):
         sizes.parse_size(o.shard_size, "--shard-size")
-    elif not str(o.shard_size).isdigit():
+    elif isinstance(o.shard_size, bool) or not str(o.shard_size).isdigit():
         raise ValueError(f"--shard-size must be a number of images per shard (e.g. 4500) or of "
                          f"bytes with a unit (e.g. 512MB), got {o.shard_size!r}")
+    if _shard_size_given(o.shard_size) and o.shards != 1:
+        raise ValueError("give --shards K or --shard-size N (images or bytes per shard), "
+                         "not both")
     if o.backend not in shards.BACKENDS:
         raise ValueError(f"--backend must be one of {', '.join(shards.BACKENDS)}, "
                          f"got {o.backend!r}")
-    if o.backend != "local" and o.shards == 1 and not o.shard_size:
+    if o.backend != "local" and o.shards == 1 and not _shard_size_given(o.shard_size):
         raise ValueError(f"--backend {o.backend} runs shards as tasks: pass --shards K "
                          "(K > 1, e.g. a few per worker)")
+
+
+def _shard_size_given(shard_size: int | str) -> bool:
+    """Whether a (validated) --shard-size asks for shards: 0 or "0" is the default, none."""
+    return sizes.has_unit(shard_size) or int(shard_size) > 0
 
 
 def shard_count(shard_size: int | str, inputs: Any, sample: int = 2000) -> int:
