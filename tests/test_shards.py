@@ -2,6 +2,7 @@
 file, resumed, refused when asked differently, and made on a real dask cluster."""
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -280,6 +281,13 @@ def test_shard_size_in_bytes_needs_sizes_and_a_known_unit(source, tmp_path):
     with pytest.raises(SystemExit):
         cli.main(["convert", "--from_dir", os.fspath(tmp_path), "--to_dir",
                   os.fspath(tmp_path / "out"), "--split", "train", "--shard-size", "12QB"])
+
+
+def test_shard_size_in_bytes_warns_where_records_differ_from_the_source(source, tmp_path,
+                                                                      caplog):
+    with caplog.at_level(logging.WARNING, logger="fastlmdb.converter.conversion"):
+        run_convert(source, tmp_path, on_error="skip", save_as="numpy", shard_size="1MB")
+    assert "counts the source's bytes; with --save-as numpy" in caplog.text
 
 
 def test_merge_of_one_file_says_so(single):

@@ -123,6 +123,11 @@ def convert_listing(options: Options, inputs: Any,
     """Convert the Listing `inputs` (sources/) with `options` (its source fields unused)."""
     if _shard_size_given(options.shard_size):
         options = dataclasses.replace(options, shards=shard_count(options.shard_size, inputs))
+        if sizes.has_unit(options.shard_size) and (options.save_as != "jpeg" or options.max_size):
+            log.warning("--shard-size %s counts the source's bytes; with --save-as %s%s the "
+                        "records differ in size from the source, and so will the shards",
+                        options.shard_size, options.save_as,
+                        f" --max-size {options.max_size}" if options.max_size else "")
     if archive.in_order_only(inputs.paths):
         options = _in_archive_order(options)
     elif pipeline.task_bounds(inputs.paths[:1]) is not None and options.order == "shuffled":
